@@ -1,0 +1,119 @@
+"""Images per second on one CPU core: our train transform vs the original's per-image float pipeline.
+
+Generates 12-megapixel (4000x3000) and ~0.5-megapixel (800x600) JPEGs of random smooth content in a
+temporary folder, then times, on the same files and one thread:
+  ours:     ImageDataset(train, augment) -> uint8 BGR crops (draft-mode decoding), stacked, then
+            BatchTransform (float, PCA lighting, normalisation) on whole batches, amortised per image;
+  baseline: as the original: PIL full decode, RGB->BGR through numpy, torchvision RandomResizedCrop,
+            RandomHorizontalFlip, ToTensor, PCA lighting and Normalize per image in float, then stacked.
+Last line: speedup_12mp=<x> speedup_small=<y>.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import helpers  # noqa: E402  (the repository root is put on the path just above)
+
+
+def write_smooth_jpeg(path: str, width: int, height: int, generator: np.random.Generator):
+    """Random smooth colour field (two octaves of upsampled noise), JPEG quality 90."""
+    field = np.zeros((height, width, 3), dtype=np.float32)
+    for cells, amplitude in ((8, 90.0), (96, 25.0)):
+        noise = generator.uniform(-1, 1, size=(max(cells * height // width, 2), cells, 3)).astype(np.float32)
+        for channel in range(3):
+            layer = Image.fromarray(noise[:, :, channel], mode='F').resize((width, height), Image.Resampling.BICUBIC)
+            field[:, :, channel] += amplitude * np.asarray(layer)
+    pixels = np.clip(field + 128, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+class OriginalLighting:
+    """The original's per-image AlexNet PCA lighting on a float (3, H, W) tensor."""
+
+    def __init__(self):
+        self.eigenvalues = torch.tensor(helpers.LIGHTING_EIGENVALUES)
+        self.eigenvectors = torch.tensor(helpers.LIGHTING_EIGENVECTORS)
+
+    def __call__(self, image):
+        alpha = torch.randn(3) * helpers.LIGHTING_STD
+        noise = self.eigenvectors @ (alpha * self.eigenvalues)
+        return image + noise.view(3, 1, 1)
+
+
+def baseline_images_per_second(paths, count, img_size, batch_size):
+    pipeline = transforms.Compose([
+        transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        OriginalLighting(), transforms.Normalize(helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR)])
+    start = time.perf_counter()
+    batch = []
+    for number in range(count):
+        with Image.open(paths[number % len(paths)]) as image:
+            rgb = np.asarray(image.convert('RGB'))
+        batch.append(pipeline(Image.fromarray(rgb[:, :, ::-1].copy())))
+        if len(batch) == batch_size or number == count - 1:
+            torch.stack(batch)
+            batch = []
+    return count / (time.perf_counter() - start)
+
+
+def ours_images_per_second(paths, count, img_size, batch_size):
+    samples = [helpers.Sample(path, 0, 0) for path in paths]
+    dataset = helpers.ImageDataset(samples, img_size, train=True, augment=True)
+    batch_transform = helpers.BatchTransform(augment=True)
+    start = time.perf_counter()
+    batch = []
+    for number in range(count):
+        batch.append(dataset[number % len(dataset)]['image'])
+        if len(batch) == batch_size or number == count - 1:
+            batch_transform(torch.stack(batch), train=True)
+            batch = []
+    return count / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--img_size', type=int, default=384)
+    parser.add_argument('--batch_size', type=int, default=32)
+    parser.add_argument('--count_12mp', type=int, default=48, help='images timed per method, 12 MP')
+    parser.add_argument('--count_small', type=int, default=320, help='images timed per method, 0.5 MP')
+    parser.add_argument('--rounds', type=int, default=3, help='alternating timing rounds (median taken)')
+    parser.add_argument('--seed', type=int, default=0)
+    arguments = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(arguments.seed)
+    generator = np.random.default_rng(arguments.seed)
+    speedups = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (width, height), files, count in (
+                ('12mp', (4000, 3000), 4, arguments.count_12mp),
+                ('small', (800, 600), 16, arguments.count_small)):
+            paths = [os.path.join(folder, f"{name}_{number}.jpg") for number in range(files)]
+            for path in paths:
+                write_smooth_jpeg(path, width, height, generator)
+            bytes_per_pixel = np.mean([os.path.getsize(path) for path in paths]) / (width * height)
+            baseline_images_per_second(paths, 2, arguments.img_size, arguments.batch_size)
+            ours_images_per_second(paths, 2, arguments.img_size, arguments.batch_size)
+            # Alternating rounds and medians, because a shared machine's speed drifts during the run.
+            baseline_rates, our_rates = [], []
+            for _ in range(arguments.rounds):
+                baseline_rates.append(baseline_images_per_second(paths, count // arguments.rounds,
+                                                                 arguments.img_size, arguments.batch_size))
+                our_rates.append(ours_images_per_second(paths, count // arguments.rounds,
+                                                        arguments.img_size, arguments.batch_size))
+            baseline, ours = float(np.median(baseline_rates)), float(np.median(our_rates))
+            speedups[name] = ours / baseline
+            print(f"{name}: {width}x{height} JPEG, {bytes_per_pixel:.2f} bytes/pixel, {count} images: "
+                  f"baseline {baseline:.1f} img/s, ours {ours:.1f} img/s, speedup {speedups[name]:.2f}x")
+    print(f"speedup_12mp={speedups['12mp']:.2f} speedup_small={speedups['small']:.2f}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,130 @@
+"""Seconds per distillation step and peak memory: this project's step, or the original's way of doing it.
+
+    python bench/train_step.py --backbone_class Swin_tiny --batch 2 --img_size 384 --num_classes 252903 --amp bf16
+    python bench/train_step.py ... --original      # fp32, two copies of the head, a dense one-hot margin matrix
+    python bench/train_step.py ... --compare       # both, each in its own process, and their ratios
+
+Last line: `step_s=<x> peak_gb=<y>` (median of 3 steps after a warm-up step; peak resident memory).
+"""
+import argparse
+import copy
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as models  # noqa: E402
+import trainer  # noqa: E402
+
+
+class OriginalCosFace(nn.Module):
+    """The original head: normalises its weight every call and subtracts the margin through a dense one-hot."""
+
+    def __init__(self, num_classes: int, feature_dim: int, scale: float = 32.0, margin: float = 0.1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, feature_dim) * 0.01)
+        self.scale, self.margin = scale, margin
+
+    def forward(self, features, labels):
+        cosine = F.linear(F.normalize(features), F.normalize(self.weight))
+        one_hot = torch.zeros_like(cosine).scatter_(1, labels.view(-1, 1), 1.0)
+        return self.scale * (cosine - one_hot * self.margin)
+
+
+def original_step_function(args):
+    teacher = models.create_backbone('Swin_base', args.img_size).eval().requires_grad_(False)
+    student = models.create_backbone(args.backbone_class, args.img_size).train()
+    teacher_head = OriginalCosFace(args.num_classes, 1024).requires_grad_(False)
+    student_head = copy.deepcopy(teacher_head)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=5e-4)
+
+    def step(images, labels):
+        with torch.no_grad():
+            teacher_logits = teacher_head(teacher(images), labels)
+        student_logits = student_head(student(images), labels)
+        teacher_probs = F.softmax(teacher_logits, dim=1)
+        kd = (teacher_probs * (torch.log(teacher_probs + 1e-12) - F.log_softmax(student_logits / 4, dim=1))).sum()
+        loss = F.cross_entropy(student_logits, labels) + kd
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def project_step_function(args):
+    teacher_backbone = models.create_backbone('Swin_base', args.img_size)
+    head = models.CosFaceHead(args.num_classes, teacher_backbone.feature_dim)
+    distiller = models.DistillationModel(
+        models.Classifier(models.create_backbone(args.backbone_class, args.img_size), head),
+        models.Classifier(teacher_backbone, head)).train()
+    optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=1e-4, weight_decay=5e-4)
+    criterion = trainer.DistillationLoss('KD')
+    device = torch.device('cpu')
+
+    def step(images, labels):
+        with trainer.autocast_context(device, args.amp):
+            student_features, student_logits = distiller.student(images, labels)
+            teacher_features, teacher_logits = distiller.teacher_outputs(images, labels)
+        loss, _, _ = criterion(student_features, student_logits, teacher_features, teacher_logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def measure(args):
+    torch.manual_seed(0)
+    step = original_step_function(args) if args.original else project_step_function(args)
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    labels = torch.randint(0, args.num_classes, (args.batch,))
+    step(images, labels)
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        step(images, labels)
+        seconds.append(time.perf_counter() - start)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    mode = 'original' if args.original else f'project amp={args.amp}'
+    print(f'{mode}: {args.backbone_class} batch {args.batch} img {args.img_size} classes {args.num_classes} '
+          f'threads {torch.get_num_threads()}: steps {", ".join(f"{s:.3f}" for s in seconds)} s')
+    print(f'step_s={statistics.median(seconds):.3f} peak_gb={peak_gb:.2f}')
+
+
+def compare(args):
+    """Each mode in its own process, so that each peak memory is its own."""
+    common = [sys.executable, os.path.abspath(__file__), '--backbone_class', args.backbone_class,
+              '--batch', str(args.batch), '--img_size', str(args.img_size), '--num_classes', str(args.num_classes)]
+    results = {}
+    for name, extra in (('original', ['--original']), ('project', ['--amp', args.amp])):
+        output = subprocess.run(common + extra, check=True, capture_output=True, text=True).stdout
+        print(output, end='')
+        last = dict(field.split('=') for field in output.strip().splitlines()[-1].split())
+        results[name] = {key: float(value) for key, value in last.items()}
+    speedup = results['original']['step_s'] / results['project']['step_s']
+    memory_ratio = results['project']['peak_gb'] / results['original']['peak_gb']
+    print(f'speedup={speedup:.2f} memory_ratio={memory_ratio:.2f}')
+    print(f'step_s={results["project"]["step_s"]:.3f} peak_gb={results["project"]["peak_gb"]:.2f}')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--backbone_class', default='Swin_tiny', choices=('Swin_tiny', 'Resnet12'))
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--img_size', type=int, default=384)
+    parser.add_argument('--num_classes', type=int, default=252903)
+    parser.add_argument('--amp', default='bf16', choices=('bf16', 'none'))
+    parser.add_argument('--original', action='store_true', help="the original's fp32 step with two heads")
+    parser.add_argument('--compare', action='store_true', help='run both, each in its own process')
+    args = parser.parse_args()
+    compare(args) if args.compare else measure(args)
+
+
+if __name__ == '__main__':
+    main()

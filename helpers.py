@@ -1,0 +1,501 @@
+"""Shared helpers of LandMark_distill.
+
+Sections: data (file lists, images, loaders, batch transforms, distributed gathering); the model and
+optimizer section follows at the end of the file.
+"""
+import copy
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.transforms import RandomResizedCrop
+
+import model as models
+
+
+# ============================================================================================ data
+
+# SPEC §4 constants, in BGR channel order (the images are reversed to BGR before any float work).
+PIXEL_MEAN_BGR = (0.406, 0.456, 0.485)
+PIXEL_STD_BGR = (0.225, 0.224, 0.229)
+LIGHTING_STD = 0.1
+LIGHTING_EIGENVALUES = (0.2175, 0.0188, 0.0045)
+LIGHTING_EIGENVECTORS = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+DCT_SCALES = (8, 4, 2)
+# A train sample whose image (and this many following ones) cannot be read stops the epoch.
+MAX_REPLACEMENT_ATTEMPTS = 32
+# Exceptions that mean "this file is not a readable image" rather than a bug in our code.
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass(slots=True)
+class Sample:
+    """One image of a file list: absolute path, (combined/mapped) label, fine-grained label.
+
+    `origin` is 'list_file:line' of the line it came from, used in error messages.
+    """
+    path: str
+    label: int
+    fine_label: int
+    origin: str = ''
+
+
+class ImageReadError(RuntimeError):
+    """An evaluation image that cannot be read (missing, empty, truncated or undecodable)."""
+
+
+def _parse_integer(text: str, origin: str, what: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{origin}: {what} {text!r} is not an integer") from None
+
+
+def read_list_file(list_path: str) -> list[tuple[str, int, int | None, str]]:
+    """Parse a tab-separated list `relative_path<TAB>name<TAB>label[<TAB>fine_label]`.
+
+    Returns (relative_path, label, fine_label or None, 'file:line') per non-blank line; raises
+    ValueError 'file:line: reason' on a malformed line.
+    """
+    with open(list_path, 'rb') as handle:
+        raw_lines = handle.read().split(b'\n')
+    entries = []
+    for line_number, raw_line in enumerate(raw_lines, start=1):
+        origin = f"{list_path}:{line_number}"
+        try:
+            line = raw_line.decode('utf-8').rstrip('\r')
+        except UnicodeDecodeError:
+            raise ValueError(f"{origin}: line is not valid UTF-8; save the list as UTF-8") from None
+        if not line.strip():
+            continue
+        fields = line.split('\t')
+        if len(fields) not in (3, 4):
+            raise ValueError(f"{origin}: expected 3 or 4 tab-separated fields "
+                             f"(relative_path, name, label[, fine_label]), found {len(fields)}")
+        if not fields[0].strip():
+            raise ValueError(f"{origin}: empty image path")
+        label = _parse_integer(fields[2], origin, 'label')
+        fine_label = _parse_integer(fields[3], origin, 'fine label') if len(fields) == 4 else None
+        entries.append((fields[0], label, fine_label, origin))
+    return entries
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickler for plain python data (dict, tuple, int, float, str) and numpy scalars/arrays only."""
+    ALLOWED_GLOBALS = {
+        ('numpy', 'dtype'), ('numpy', 'ndarray'),
+        ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+        ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a label map holds plain data only")
+        return super().find_class(module, name)
+
+
+def _load_plain_object(path: str):
+    if zipfile.is_zipfile(path):
+        return torch.load(path, map_location='cpu', weights_only=True)
+    with open(path, 'rb') as handle:
+        if handle.read(6) != b'\x93NUMPY':
+            handle.seek(0)
+            return _PlainDataUnpickler(handle).load()
+        handle.seek(0)
+        version = np.lib.format.read_magic(handle)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        _, _, dtype = read_header(handle)
+        if dtype.hasobject:
+            loaded = _PlainDataUnpickler(handle).load()
+        else:
+            handle.seek(0)
+            loaded = np.load(handle, allow_pickle=False)
+        return loaded.item() if isinstance(loaded, np.ndarray) and loaded.shape == () else loaded
+
+
+def load_label_map(path: str) -> dict[int, int]:
+    """Read a saved dict `label -> (final_label, score)` and return `label -> final_label`.
+
+    Accepted files, none of which can run code when read: `torch.save` (read with weights_only=True),
+    a plain `pickle.dump`, or `numpy.save` of the dict; the pickled ones are read by an unpickler that
+    refuses every class except numpy's scalar/array reconstruction. A bare `label -> final_label` value is
+    also accepted.
+    """
+    try:
+        loaded = _load_plain_object(path)
+    except Exception as error:  # any unreadable file becomes one clear message
+        raise ValueError(f"{path}: cannot read the label map ({error}); save it as a dict "
+                         f"label -> (final_label, score) with torch.save or pickle") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: label map must be a dict label -> (final_label, score), "
+                         f"found {type(loaded).__name__}")
+    label_map = {}
+    for key, value in loaded.items():
+        final = value[0] if isinstance(value, (tuple, list)) and len(value) >= 1 else value
+        if isinstance(final, torch.Tensor) and final.numel() == 1:
+            final = final.item()
+        if not isinstance(key, (int, np.integer)) or not isinstance(final, (int, np.integer)):
+            raise ValueError(f"{path}: entry {key!r}: {value!r} is not integer label -> (final_label, score)")
+        label_map[int(key)] = int(final)
+    return label_map
+
+
+def read_train_samples(roots: list[str], lists: list[str], label_map: str | None = None
+                       ) -> tuple[list[Sample], int]:
+    """Read the training lists paired with their image roots; return (samples, num_classes).
+
+    The labels of list k are shifted by the number of distinct labels in lists 0..k-1; `label_map`
+    (see load_label_map) then maps combined labels to final ones, absent labels staying as they are.
+    num_classes is the largest final label + 1. A fourth column is ignored (fine_label = label).
+    """
+    if len(roots) != len(lists):
+        raise ValueError(f"got {len(roots)} train roots but {len(lists)} train lists; "
+                         f"give one --train_root per --train_list, in the same order")
+    final_label_of = load_label_map(label_map) if label_map else {}
+    samples = []
+    offset = 0
+    for root, list_path in zip(roots, lists):
+        entries = read_list_file(list_path)
+        for relative_path, label, _, origin in entries:
+            final_label = final_label_of.get(label + offset, label + offset)
+            samples.append(Sample(os.path.join(root, relative_path), final_label, final_label, origin))
+        offset += len({label for _, label, _, _ in entries})
+    if not samples:
+        raise ValueError(f"no training images in {', '.join(lists)}")
+    num_classes = max(sample.label for sample in samples) + 1
+    return samples, num_classes
+
+
+def read_eval_samples(root: str, list_path: str) -> list[Sample]:
+    """Read a val/test list; column 3 is the (coarse) label, optional column 4 the fine label."""
+    samples = []
+    for relative_path, label, fine_label, origin in read_list_file(list_path):
+        samples.append(Sample(os.path.join(root, relative_path), label,
+                              label if fine_label is None else fine_label, origin))
+    if not samples:
+        raise ValueError(f"{list_path}: the list has no images")
+    return samples
+
+
+def check_labels(samples, num_classes: int, source: str):
+    """Raise ValueError 'file:line: label 7 outside [0, 5)' for the first label outside [0, num_classes)."""
+    for position, sample in enumerate(samples):
+        if not 0 <= sample.label < num_classes:
+            origin = sample.origin or f"{source}:{position + 1}"
+            raise ValueError(f"{origin}: label {sample.label} outside [0, {num_classes}); "
+                             f"{source} must use labels 0..{num_classes - 1} (check --num_classes and the list)")
+
+
+def draft_scale(crop_width: int, crop_height: int, img_size: int) -> int:
+    """Largest JPEG DCT scale (8, 4, 2, else 1) keeping the crop at least img_size on both sides."""
+    for scale in DCT_SCALES:
+        if crop_width >= scale * img_size and crop_height >= scale * img_size:
+            return scale
+    return 1
+
+
+def _bgr_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W) BGR tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)[::-1]))
+
+
+def decode_eval_image(path: str, img_size: int) -> torch.Tensor:
+    """Full decode, RGB, bilinear (antialiased) resize to img_size x img_size, as uint8 BGR."""
+    with Image.open(path) as image:
+        resized = image.convert('RGB').resize((img_size, img_size), Image.Resampling.BILINEAR)
+    return _bgr_tensor(resized)
+
+
+def decode_train_crop(path: str, img_size: int) -> torch.Tensor:
+    """Random resized crop (torchvision's geometry and random draws) + horizontal flip, as uint8 BGR.
+
+    A JPEG whose crop is at least 2x img_size on both sides is decoded at a reduced DCT scale
+    (PIL draft mode), the crop box mapped into the reduced image.
+    """
+    with Image.open(path) as image:
+        top, left, height, width = RandomResizedCrop.get_params(image, list(CROP_SCALE), list(CROP_RATIO))
+        box = (left, top, left + width, top + height)
+        full_width = image.width
+        scale = draft_scale(width, height, img_size)
+        drafted = image.draft('RGB', (image.width // scale, image.height // scale)) if scale > 1 else None
+        image.load()
+        rgb = image if image.mode == 'RGB' else image.convert('RGB')
+        if drafted is None:
+            # crop then resize, exactly as torchvision's RandomResizedCrop does on a PIL image
+            crop = rgb.crop(box).resize((img_size, img_size), Image.Resampling.BILINEAR)
+        else:
+            # the reduced image's pixel k covers original pixels [k * reduction, (k + 1) * reduction)
+            reduction = full_width / drafted[1][2]
+            reduced_box = tuple(coordinate / reduction for coordinate in box)
+            crop = rgb.resize((img_size, img_size), Image.Resampling.BILINEAR, box=reduced_box)
+    if torch.rand(1).item() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _bgr_tensor(crop)
+
+
+def image_problem(path: str, error: BaseException) -> str:
+    """Short reason why `path` could not be read."""
+    if isinstance(error, FileNotFoundError):
+        return 'missing file'
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return 'empty file'
+    if isinstance(error, Image.UnidentifiedImageError):
+        return 'not a decodable image'
+    return f"cannot decode ({error})"
+
+
+class PackedStrings:
+    """Read-only list of strings held in one bytes buffer.
+
+    DataLoader workers forked from the main process copy every memory page whose Python objects they
+    touch (reference counts); millions of path strings in a list would be copied into every worker.
+    """
+
+    def __init__(self, strings):
+        encoded = [string.encode('utf-8') for string in strings]
+        self.buffer = b''.join(encoded)
+        self.ends = np.cumsum([len(item) for item in encoded], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.ends)
+
+    def __getitem__(self, index: int) -> str:
+        start = int(self.ends[index - 1]) if index > 0 else 0
+        return self.buffer[start:int(self.ends[index])].decode('utf-8')
+
+
+class ImageDataset(Dataset):
+    """Images of a list as uint8 BGR tensors; float work is left to BatchTransform on the batch.
+
+    Item: dict(image=uint8 (3, img_size, img_size) BGR, label, fine_label, index, bad).
+    train=True: an unreadable image is replaced by the next readable sample in list order (its image,
+    labels and index are returned) and 'bad' lists each skipped 'path: reason', joined by '; '.
+    train=False: an unreadable image raises ImageReadError naming the path.
+    augment (train only): random resized crop + flip; otherwise the evaluation resize.
+    The samples are stored packed (see PackedStrings); `sample(index)` gives one back.
+    """
+
+    def __init__(self, samples, img_size: int, train: bool, augment: bool):
+        self.paths = PackedStrings([sample.path for sample in samples])
+        self.origins = PackedStrings([sample.origin for sample in samples])
+        self.labels = np.array([sample.label for sample in samples], dtype=np.int64)
+        self.fine_labels = np.array([sample.fine_label for sample in samples], dtype=np.int64)
+        self.img_size = img_size
+        self.train = train
+        self.augment = augment and train
+
+    def __len__(self):
+        return len(self.labels)
+
+    def sample(self, index: int) -> Sample:
+        """The Sample at `index` (path, label, fine label, origin)."""
+        return Sample(self.paths[index], int(self.labels[index]), int(self.fine_labels[index]),
+                      self.origins[index])
+
+    def _decode(self, path: str) -> torch.Tensor:
+        if self.augment:
+            return decode_train_crop(path, self.img_size)
+        return decode_eval_image(path, self.img_size)
+
+    def _item(self, index: int, image: torch.Tensor, bad: str) -> dict:
+        return dict(image=image, label=int(self.labels[index]), fine_label=int(self.fine_labels[index]),
+                    index=index, bad=bad)
+
+    def __getitem__(self, index: int) -> dict:
+        if not self.train:
+            path = self.paths[index]
+            try:
+                return self._item(index, self._decode(path), '')
+            except IMAGE_READ_ERRORS as error:
+                raise ImageReadError(f"{path}: {image_problem(path, error)} ({self.origins[index]}); "
+                                     f"fix the file or remove it from the list") from None
+        problems = []
+        for attempt in range(min(MAX_REPLACEMENT_ATTEMPTS, len(self))):
+            candidate = (index + attempt) % len(self)
+            path = self.paths[candidate]
+            try:
+                return self._item(candidate, self._decode(path), '; '.join(problems))
+            except IMAGE_READ_ERRORS as error:
+                problems.append(f"{path}: {image_problem(path, error)}")
+        raise RuntimeError(f"{len(problems)} consecutive training images are unreadable, starting at "
+                           f"{self.origins[index]}: {'; '.join(problems[:3])}; check --train_root")
+
+
+class ContiguousShardSampler(Sampler):
+    """Indices [start, end) of this rank's contiguous shard: every index exactly once over all ranks."""
+
+    def __init__(self, total: int, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.start = total * rank // world_size
+        self.end = total * (rank + 1) // world_size
+
+    def __iter__(self):
+        return iter(range(self.start, self.end))
+
+    def __len__(self):
+        return self.end - self.start
+
+
+def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int
+                       ) -> DataLoader:
+    """Shuffled, seeded loader over this rank's part (DistributedSampler; call loader.sampler.set_epoch).
+
+    Augmentation draws use the workers' torch RNG, which the DataLoader seeds from the main process's
+    torch RNG at each epoch's start, so a run seeded (per rank) in the main process is reproducible.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=True)
+
+
+def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, world_size: int) -> DataLoader:
+    """Loader over this rank's contiguous shard, in list order, no padding (see gather_in_order)."""
+    sampler = ContiguousShardSampler(len(dataset), rank, world_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=False)
+
+
+class BatchTransform:
+    """uint8 BGR batch (B, 3, H, W) -> normalised float32 on the batch's device.
+
+    to [0, 1], PCA lighting noise (SPEC §4) when augment and train, then (x - mean) / std.
+    """
+
+    def __init__(self, augment: bool):
+        self.augment = augment
+        self._constants = {}
+
+    def _on(self, device: torch.device):
+        if device not in self._constants:
+            self._constants[device] = tuple(
+                torch.tensor(values, dtype=torch.float32, device=device)
+                for values in (PIXEL_MEAN_BGR, PIXEL_STD_BGR, LIGHTING_EIGENVALUES, LIGHTING_EIGENVECTORS))
+        return self._constants[device]
+
+    def lighting_noise(self, batch_size: int, device: torch.device, generator=None) -> torch.Tensor:
+        """(B, 3) per-image noise V @ (alpha * eigenvalues), alpha ~ N(0, LIGHTING_STD)."""
+        _, _, eigenvalues, eigenvectors = self._on(device)
+        alpha = torch.randn(batch_size, 3, device=device, generator=generator) * LIGHTING_STD
+        return (alpha * eigenvalues) @ eigenvectors.T
+
+    def __call__(self, images_uint8: torch.Tensor, train: bool, generator=None) -> torch.Tensor:
+        mean, std, _, _ = self._on(images_uint8.device)
+        images = images_uint8.float().div_(255)
+        if self.augment and train:
+            images.add_(self.lighting_noise(images.shape[0], images.device, generator)[:, :, None, None])
+        return images.sub_(mean[:, None, None]).div_(std[:, None, None])
+
+
+def gather_in_order(local_values: torch.Tensor, local_indices: torch.Tensor, total: int) -> torch.Tensor:
+    """Collect every process's rows (all_gather when distributed) into a (total, ...) tensor in list order.
+
+    Raises RuntimeError unless the indices over all processes are exactly 0..total-1 once each.
+    """
+    local_indices = local_indices.to(device=local_values.device, dtype=torch.long)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world_size = dist.get_world_size()
+        count = torch.tensor([local_values.shape[0]], device=local_values.device)
+        counts = [torch.zeros_like(count) for _ in range(world_size)]
+        dist.all_gather(counts, count)
+        counts = [int(value) for value in counts]
+        longest = max(counts)
+        padded_values = local_values.new_zeros((longest, *local_values.shape[1:]))
+        padded_values[:local_values.shape[0]] = local_values
+        padded_indices = local_indices.new_zeros(longest)
+        padded_indices[:local_indices.shape[0]] = local_indices
+        gathered_values = [torch.empty_like(padded_values) for _ in range(world_size)]
+        gathered_indices = [torch.empty_like(padded_indices) for _ in range(world_size)]
+        dist.all_gather(gathered_values, padded_values.contiguous())
+        dist.all_gather(gathered_indices, padded_indices)
+        values = torch.cat([part[:length] for part, length in zip(gathered_values, counts)])
+        indices = torch.cat([part[:length] for part, length in zip(gathered_indices, counts)])
+    else:
+        values, indices = local_values, local_indices
+    if indices.numel() != total or (indices.numel() and (
+            indices.min() < 0 or indices.max() >= total or
+            not bool((torch.bincount(indices, minlength=total) == 1).all()))):
+        raise RuntimeError(f"gathered {indices.numel()} rows for {total} images with missing or repeated "
+                           f"indices; every process must evaluate its own contiguous shard once")
+    ordered = values.new_empty((total, *values.shape[1:]))
+    ordered[indices] = values
+    return ordered
+
+# ============================================================================ model and optimizer
+DEFAULT_NUM_CLASSES = 252903
+
+
+def build_model(student_name: str, img_size: int, num_classes: int | None, student_weights: str | None,
+                teacher_name: str | None, teacher_weights: str | None, head_fixed: bool,
+                width_divisor: int = 1, grad_checkpointing: bool = False,
+                channels_last: bool = False) -> models.DistillationModel:
+    """The student (from `student_weights` when given) with its head, and the frozen teacher when distilling.
+
+    With `head_fixed` the student's head IS the teacher's (one frozen copy in memory); distilling without it
+    starts a trainable copy from the teacher's; without a teacher the head is new and trainable.
+    """
+    teacher = None
+    if teacher_name:
+        teacher = models.load_classifier(teacher_name, teacher_weights, img_size, width_divisor)
+        teacher_classes = teacher.head.weight.shape[0]
+        if num_classes not in (None, teacher_classes):
+            raise ValueError(f'--num_classes {num_classes} but the teacher {teacher_weights} classifies '
+                             f'{teacher_classes} classes; drop --num_classes')
+        num_classes = teacher_classes
+    num_classes = num_classes or DEFAULT_NUM_CLASSES
+    if student_weights:
+        backbone = models.load_backbone(student_name, student_weights, img_size, width_divisor).train()
+    else:
+        backbone = models.create_backbone(student_name, img_size, width_divisor)
+    if grad_checkpointing:
+        if not hasattr(backbone, 'set_grad_checkpointing'):
+            raise ValueError(f'--grad_checkpointing needs a Swin student, not {student_name}')
+        backbone.set_grad_checkpointing(True)
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    if head_fixed:
+        head = teacher.head
+    elif teacher is not None:
+        head = copy.deepcopy(teacher.head).requires_grad_(True)
+    else:
+        head = models.CosFaceHead(num_classes, backbone.feature_dim)
+    return models.DistillationModel(models.Classifier(backbone, head), teacher)
+
+
+def parameter_report(distiller: models.DistillationModel) -> str:
+    """'student para trainable/sum A/B; teacher para trainable/sum C/D' as record.txt has it."""
+    def counts(module):
+        if module is None:
+            return 0, 0
+        parameters = list(module.parameters())
+        return (sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters))
+    student_trainable, student_total = counts(distiller.student)
+    teacher_trainable, teacher_total = counts(distiller.teacher)
+    return (f'student para trainable/sum {student_trainable}/{student_total}; '
+            f'teacher para trainable/sum {teacher_trainable}/{teacher_total}')
+
+
+def build_optimizer(name: str, parameters, lr: float, weight_decay: float, momentum: float = 0.0):
+    """SGD (no momentum unless given, as the original), Adam or AdamW over the given parameters only."""
+    parameters = list(parameters)
+    if name == 'SGD':
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == 'Adam':
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    if name == 'AdamW':
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f'unknown --optim {name!r}; choose SGD, Adam or AdamW')

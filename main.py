@@ -1,0 +1,344 @@
+"""Distil a landmark teacher into a student that shares its frozen classifier; train, resume, test.
+
+Single process:  python main.py --backbone_class Swin_tiny --is_distill --teacher_init_weights T.pth ...
+Several GPUs:    torchrun --nproc_per_node 8 main.py ...   (DDP; --batch_size is the global batch)
+"""
+import argparse
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import helpers
+import model as models
+import trainer
+import utils
+
+CHECKPOINT_NAME = 'checkpoint.pth.tar'
+BEST_NAME = 'max_acc.pth'
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add('--backbone_class', default='Swin_tiny', choices=models.BACKBONE_NAMES)
+    add('--dataset', default='TLD', help='only names the run directory')
+    add('--max_epoch', type=int, default=200)
+    add('--warmup_epoch', type=int, default=10)
+    add('--batch_size', type=int, default=256, help='global batch over all processes')
+    add('--lr', type=float, default=0.001)
+    add('--min_lr', type=float, default=0.0)
+    add('--optim', default='AdamW', choices=('SGD', 'Adam', 'AdamW'))
+    add('--momentum', type=float, default=0.0, help='SGD momentum (the original used none)')
+    add('--weight_decay', type=float, default=5e-4)
+    add('--lr_scheduler', default='cosine', choices=('cosine', 'step', 'multistep'))
+    add('--step_size', default='30', help='epochs between decays (step) or comma-separated epochs (multistep)')
+    add('--gamma', type=float, default=0.1)
+    add('--augment', action='store_true', help='random resized crop, flip and PCA lighting')
+    add('--multi_gpu', action='store_true', help='accepted for old scripts; launch with torchrun for DDP')
+    add('--init_weights', default=None, help='student weights to start from (or to test with --test_only)')
+    add('--num_workers', type=int, default=8, help='data loading processes per training process')
+    add('--log_interval', type=int, default=50, help='iterations between tensorboard points')
+    add('--eval_interval', type=int, default=1, help='epochs between validations')
+    add('--save_dir', default='./checkpoints')
+    add('--is_distill', action='store_true')
+    add('--teacher_backbone_class', default='Swin_base', choices=models.BACKBONE_NAMES)
+    add('--teacher_init_weights', default=None, help='teacher file with its cosine classifier')
+    add('--kd_loss', default='KD', choices=trainer.KD_LOSSES)
+    add('--kd_weight', type=float, default=1.0)
+    add('--resume', action='store_true', help='accepted for old scripts; a run with a checkpoint always resumes')
+    add('--head_fixed', action='store_true', help="the student uses the teacher's classifier, frozen")
+    add('--suffix', default='', help='appended to the run directory name')
+    add('--train_root', nargs='+', default=[], help='image roots, one per --train_list')
+    add('--train_list', nargs='+', default=[], help='tab-separated lists: path, name, label')
+    add('--label_map', default=None, help='saved dict label -> (final_label, score)')
+    add('--val_root', default=None)
+    add('--val_list', default=None)
+    add('--test_root', default=None)
+    add('--test_list', default=None, help='open-set list: path, name, coarse label[, fine label]')
+    add('--test_mask_coarse', default=None, help="the original's upper-triangle pair mask (.npy)")
+    add('--test_mask_fine', default=None)
+    add('--img_size', type=int, default=384)
+    add('--num_classes', type=int, default=None, help="default: the teacher's classifier, else 252903")
+    add('--seed', type=int, default=0)
+    add('--test_only', action='store_true', help='evaluate --init_weights or the run\'s max_acc.pth')
+    add('--max_bad_images', type=float, default=0.01, help='fraction of an epoch that may be unreadable')
+    add('--amp', default='none', choices=('none', 'bf16', 'fp16'), help='mixed precision')
+    add('--channels_last', action='store_true', help='channels-last memory format (Resnet12)')
+    add('--compile', action='store_true', help='torch.compile the student backbone')
+    add('--grad_checkpointing', action='store_true', help='recompute Swin blocks in backward to save memory')
+    add('--demo_width_divisor', type=int, default=1,
+        help='CPU demo only: divide every channel width (and the 1024-d feature) by this')
+    return parser
+
+
+def check_args(args, world_size: int):
+    """Refuse inconsistent settings before any work, with the fix in the message."""
+    problems = []
+    if args.batch_size % world_size:
+        problems.append(f'--batch_size {args.batch_size} is the global batch and must be divisible by the '
+                        f'{world_size} processes')
+    if args.is_distill and not args.teacher_init_weights:
+        problems.append('--is_distill needs --teacher_init_weights (the teacher file)')
+    if args.head_fixed and not args.is_distill:
+        problems.append("--head_fixed shares the teacher's classifier: add --is_distill and a teacher")
+    if len(args.train_root) != len(args.train_list):
+        problems.append(f'--train_root has {len(args.train_root)} entries, --train_list {len(args.train_list)}: '
+                        'give one root per list')
+    if not args.test_only and not args.train_list:
+        problems.append('training needs --train_root and --train_list (or use --test_only)')
+    if args.test_only and not args.test_list:
+        problems.append('--test_only needs --test_root and --test_list')
+    if bool(args.val_root) != bool(args.val_list) or bool(args.test_root) != bool(args.test_list):
+        problems.append('give --val_root with --val_list and --test_root with --test_list')
+    for name in ('train_list', 'val_list', 'test_list', 'label_map', 'init_weights', 'teacher_init_weights',
+                 'test_mask_coarse', 'test_mask_fine'):
+        values = getattr(args, name)
+        for path in values if isinstance(values, list) else [values]:
+            if path and not os.path.isfile(path):
+                problems.append(f'--{name} {path}: no such file')
+    try:
+        step_sizes(args.step_size)
+    except ValueError:
+        problems.append(f'--step_size {args.step_size!r}: give an integer, or comma-separated integers')
+    if problems:
+        raise SystemExit('error: ' + '\nerror: '.join(problems))
+
+
+def step_sizes(text: str) -> list[int]:
+    return [int(part) for part in str(text).split(',') if part.strip()]
+
+
+def init_distributed():
+    """(rank, world_size, device) under torchrun (nccl on GPUs, gloo on the CPU), or a single process."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), world_size, device
+
+
+def seed_epoch(seed: int, epoch: int, rank: int):
+    """Reseed every generator from (seed, epoch, rank): a resumed epoch draws what an uninterrupted one drew."""
+    value = (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 31
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def run_directory(args) -> str:
+    return utils.run_directory(
+        args.save_dir, args.dataset, args.backbone_class, args.is_distill, args.kd_loss, args.kd_weight,
+        args.init_weights, args.augment, args.lr, args.optim, args.lr_scheduler, args.step_size, args.gamma,
+        args.max_epoch, args.warmup_epoch, args.batch_size, args.head_fixed, args.suffix)
+
+
+def main(args):
+    rank, world_size, device = init_distributed()
+    try:
+        check_args(args, world_size)
+        run_dir = run_directory(args)
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+        logger = utils.Logger(run_dir, rank=rank)
+        logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())))
+        if args.test_only:
+            test_only(args, run_dir, logger, rank, world_size, device)
+        else:
+            train(args, run_dir, logger, rank, world_size, device)
+        logger.close()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, run_dir, logger, rank, world_size, device):
+    """Data, model, optimizer, resume, the epoch loop with validation and checkpoints, then the test."""
+    seed_epoch(args.seed, 0, rank)
+    train_samples, num_labels = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
+    distiller = helpers.build_model(
+        args.backbone_class, args.img_size, args.num_classes, args.init_weights,
+        args.teacher_backbone_class if args.is_distill else None, args.teacher_init_weights,
+        args.head_fixed, args.demo_width_divisor, args.grad_checkpointing, args.channels_last).to(device)
+    num_classes = distiller.student.head.weight.shape[0]
+    helpers.check_labels(train_samples, num_classes, 'the training lists')
+    logger.info(helpers.parameter_report(distiller))
+
+    per_process_batch = args.batch_size // world_size
+    train_loader = helpers.build_train_loader(
+        helpers.ImageDataset(train_samples, args.img_size, train=True, augment=args.augment),
+        per_process_batch, args.num_workers, args.seed, rank, world_size)
+    val_loader = None
+    if args.val_list:
+        val_samples = helpers.read_eval_samples(args.val_root, args.val_list)
+        helpers.check_labels(val_samples, num_classes, args.val_list)
+        val_loader = helpers.build_eval_loader(
+            helpers.ImageDataset(val_samples, args.img_size, train=False, augment=False),
+            per_process_batch, args.num_workers, rank, world_size)
+    batch_transform = helpers.BatchTransform(augment=args.augment)
+
+    optimizer = helpers.build_optimizer(args.optim, distiller.trainable_parameters(), args.lr,
+                                        args.weight_decay, args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    student = distiller.student
+    if args.compile:
+        student.backbone.compile()  # in place, so that state_dict keys keep their names
+    if world_size > 1:
+        student = DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
+    criterion = trainer.DistillationLoss(args.kd_loss if args.is_distill else None, args.kd_weight,
+                                         world_size=world_size)
+    milestones = step_sizes(args.step_size)
+
+    def schedule(epoch_progress, epoch):
+        return trainer.learning_rate(epoch_progress, epoch, args.lr, args.min_lr, args.warmup_epoch,
+                                     args.max_epoch, args.lr_scheduler, milestones, args.gamma)
+
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
+    best_path = os.path.join(run_dir, BEST_NAME)
+    progress = {'epoch': 0, 'best_accuracy': -1.0, 'best_epoch': 0}
+    if os.path.exists(checkpoint_path):
+        progress = resume(checkpoint_path, distiller, optimizer, scaler, args.seed, args.head_fixed)
+        logger.info(f'resumed from {checkpoint_path} after epoch {progress["epoch"]}')
+
+    for epoch in range(progress['epoch'] + 1, args.max_epoch + 1):
+        seed_epoch(args.seed, epoch, rank)
+        train_loader.sampler.set_epoch(epoch)
+        stats = trainer.train_one_epoch(distiller, student, criterion, optimizer, scaler, train_loader,
+                                        batch_transform, epoch, schedule, device, args.amp, logger,
+                                        args.log_interval, show_progress=rank == 0)
+        check_bad_images(stats, args.max_bad_images, epoch, logger)
+        validation = (0.0, 0.0, 0.0)
+        if val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch):
+            validation = trainer.validate(distiller.student, val_loader, batch_transform, device, args.amp)
+        log_epoch(logger, epoch, stats, validation)
+        improved = val_loader is None or validation[1] > progress['best_accuracy']
+        if improved:
+            progress.update(best_accuracy=validation[1], best_epoch=epoch)
+        progress['epoch'] = epoch
+        if rank == 0:
+            if improved:
+                utils.save_atomically(models.student_weights(distiller.student, include_head=not args.head_fixed),
+                                      best_path)
+            utils.save_atomically(training_state(distiller, optimizer, scaler, progress, args), checkpoint_path)
+        if world_size > 1:
+            dist.barrier()
+    logger.info(f'best epoch {progress["best_epoch"]}: eval_acc={progress["best_accuracy"]:.4f}')
+
+    if args.test_list:
+        student_backbone = models.load_backbone(args.backbone_class, best_path, args.img_size,
+                                                args.demo_width_divisor).to(device)
+        teacher_backbone = distiller.teacher.backbone if distiller.teacher is not None else None
+        run_test(args, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device)
+
+
+def test_only(args, run_dir, logger, rank, world_size, device):
+    """Evaluate --init_weights (original or own format) or the run's max_acc.pth; no teacher needed."""
+    weights = args.init_weights or os.path.join(run_dir, BEST_NAME)
+    if not os.path.isfile(weights):
+        raise SystemExit(f'error: --test_only found no {weights}; give --init_weights or train this run first')
+    student_backbone = models.load_backbone(args.backbone_class, weights, args.img_size,
+                                            args.demo_width_divisor).to(device)
+    logger.info(f'test only: {weights}')
+    teacher_backbone = None
+    if args.teacher_init_weights:
+        teacher_backbone = models.load_backbone(args.teacher_backbone_class, args.teacher_init_weights,
+                                                args.img_size, args.demo_width_divisor).to(device)
+    run_test(args, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device)
+
+
+def run_test(args, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device):
+    """Open-set features, TAR@FAR (coarse, fine, cross), nearest-neighbour accuracy, opensetFeat.npy, roc.png."""
+    samples = helpers.read_eval_samples(args.test_root, args.test_list)
+    loader = helpers.build_eval_loader(helpers.ImageDataset(samples, args.img_size, train=False, augment=False),
+                                       max(1, args.batch_size // world_size), args.num_workers, rank, world_size)
+    batch_transform = helpers.BatchTransform(augment=False)
+
+    def features_of(backbone):
+        return trainer.extract_features(backbone, loader, batch_transform, device, args.amp, len(samples),
+                                        helpers.gather_in_order, show_progress=rank == 0)
+
+    student_features = features_of(student_backbone)
+    teacher_features = features_of(teacher_backbone) if teacher_backbone is not None else None
+    if rank != 0:
+        return
+    np.save(os.path.join(run_dir, 'opensetFeat.npy'), student_features.numpy().astype(np.float32))
+    coarse = np.array([sample.label for sample in samples])
+    fine = np.array([sample.fine_label for sample in samples])
+    report = trainer.test_report(student_features, teacher_features, coarse, fine,
+                                 args.test_mask_coarse, args.test_mask_fine)
+    log_test(logger, report, os.path.join(run_dir, 'roc.png'))
+
+
+def log_test(logger, report, roc_path):
+    names = {'student': 'test acc', 'teacher': 'teacher acc', 'cross': 'cross acc'}
+    curves = {}
+    for name, result in report.items():
+        logger.info(utils.format_tar_line(names[name], result['coarse'], result['fine']))
+        logger.info(f'{name} nearest-neighbour top-1: coarse={result["coarse_nn_accuracy"]:.5f}, '
+                    f'fine={result["fine_nn_accuracy"]:.5f}')
+        for grain in ('coarse', 'fine'):
+            for far, tar in zip(utils.DEFAULT_FARS, result[grain]):
+                logger.scalar(f'test/{name}_{grain}_tar@far{far:.0e}', tar, 0)
+            curves[f'{name} {grain}'] = result[f'{grain}_curve']
+    utils.plot_roc(curves, roc_path)
+
+
+def check_bad_images(stats, max_fraction: float, epoch: int, logger):
+    bad = stats['bad_images']
+    for message in sorted(set(bad)):
+        logger.info(f'bad image (replaced): {message}')
+    if bad:
+        logger.info(f'epoch {epoch}: {len(bad)} bad images replaced')
+    if len(bad) > max_fraction * max(stats['samples'], 1):
+        raise SystemExit(f'error: epoch {epoch}: {len(bad)} of {int(stats["samples"])} images were unreadable, '
+                         f'more than --max_bad_images {max_fraction}; fix the data (see record.txt)')
+
+
+def log_epoch(logger, epoch, stats, validation):
+    eval_loss, eval_accuracy, eval_interval = validation
+    logger.info(f'epoch {epoch}  lr {stats["lr"]:.6g}: train_acc={stats["accuracy"]:.4f}, '
+                f'eval_loss={eval_loss:.4f}, eval_acc={eval_accuracy:.4f}+{eval_interval:.4f}, '
+                f'avg_ce_loss={stats["ce"]:.4f}, avg_kd_loss={stats["kd"]:.4f}')
+    for tag, value in (('train/accuracy', stats['accuracy']), ('train/epoch_ce_loss', stats['ce']),
+                       ('train/epoch_kd_loss', stats['kd']), ('val/loss', eval_loss),
+                       ('val/accuracy', eval_accuracy)):
+        logger.scalar(tag, value, epoch)
+
+
+def training_state(distiller, optimizer, scaler, progress, args) -> dict:
+    """Everything an exact resume needs; the frozen shared head is not stored (it comes from the teacher)."""
+    student_state = {key: value for key, value in distiller.student.state_dict().items()
+                     if not (args.head_fixed and key.startswith('head.'))}
+    return {'student': student_state, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+            'progress': dict(progress), 'seed': args.seed,
+            'batches_seen': getattr(distiller.student.backbone, 'batches_seen', 0),
+            'sampler': {'seed': args.seed, 'epoch': progress['epoch']}}
+
+
+def resume(path, distiller, optimizer, scaler, seed: int, head_fixed: bool) -> dict:
+    """Load the student, optimizer, scaler and DropBlock progress; return the progress dict."""
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    if state.get('seed') != seed:
+        raise SystemExit(f'error: {path} was written with --seed {state.get("seed")}; rerun with that seed or '
+                         'another --suffix')
+    missing, unexpected = distiller.student.load_state_dict(state['student'], strict=False)
+    missing = [key for key in missing if not (head_fixed and key.startswith('head.'))]
+    if missing or unexpected:
+        raise SystemExit(f'error: {path} does not fit the student: missing {missing[:5]}, '
+                         f'unexpected {unexpected[:5]}; was it written by another configuration?')
+    optimizer.load_state_dict(state['optimizer'])
+    scaler.load_state_dict(state['scaler'])
+    if hasattr(distiller.student.backbone, 'batches_seen'):
+        distiller.student.backbone.batches_seen = int(state['batches_seen'])
+    return dict(state['progress'])
+
+
+if __name__ == '__main__':
+    main(get_parser().parse_args())

@@ -1,0 +1,289 @@
+"""Backbones, the CosFace head, the distillation model, and loading of every supported weights file (SPEC 1, 6)."""
+import pickle
+import zipfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import swin_transformer
+from resnet12 import ResNet12
+
+FEATURE_DIM = 1024
+BACKBONE_NAMES = ('Swin_base', 'Swin_tiny', 'Resnet12')
+HEAD_KEY = 'head.weight'
+# classifier keys of timm / official Swin files (a linear head with bias); never part of a backbone
+LINEAR_CLASSIFIER_KEYS = ('head.weight', 'head.bias', 'head.fc.weight', 'head.fc.bias')
+# wrappers the original and common trainers put in front of backbone keys
+KEY_PREFIXES = ('encoder.', 'module.', 'backbone.')
+IGNORED_KEY_PREFIXES = ('distill_layer',)
+STATE_DICT_CONTAINERS = ('model_state', 'params', 'model', 'state_dict')
+_LISTED_KEYS = 6
+
+
+def create_backbone(name: str, img_size: int = 384, width_divisor: int = 1) -> nn.Module:
+    """Feature extractor (B, 3, img_size, img_size) -> (B, 1024 // width_divisor), with attribute `feature_dim`.
+
+    width_divisor > 1 narrows every stage (CPU demo only); 1 gives the exact SPEC architectures. ResNet12 is fully
+    convolutional and accepts any image size; Swin needs token grids that fit its 12x12 windows (96, 192, 384...).
+    """
+    if name in swin_transformer.SWIN_CONFIGS:
+        return swin_transformer.create_swin(name, img_size=img_size, width_divisor=width_divisor)
+    if name == 'Resnet12':
+        return ResNet12(width_divisor=width_divisor)
+    raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(BACKBONE_NAMES)}')
+
+
+class CosFaceHead(nn.Module):
+    """Large-margin cosine classifier without bias: logits = s * (cos(x, W_c) - m * [c == label])."""
+
+    def __init__(self, num_classes: int, feature_dim: int = FEATURE_DIM, scale: float = 32.0, margin: float = 0.1):
+        super().__init__()
+        self.scale = scale
+        self.margin = margin
+        self.weight = nn.Parameter(torch.empty(num_classes, feature_dim))
+        nn.init.xavier_uniform_(self.weight)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits (B, num_classes); the margin is subtracted at `labels` when they are given."""
+        # float32 outside autocast: bf16 cosines would move logits by ~0.1 at s=32, and casting the 1 GB weight
+        # to bf16 on every step costs more memory traffic than the float32 product itself
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            unit_features = F.normalize(features.float(), dim=1)
+            weight = self.weight.float()
+            # divide by the class norms after the product instead of normalising a copy of the whole weight
+            inverse_class_norms = torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12).reciprocal()
+            logits = (unit_features @ weight.t()) * (inverse_class_norms * self.scale)
+            if labels is not None:
+                rows = torch.arange(logits.shape[0], device=logits.device)
+                logits[rows, labels] -= self.scale * self.margin
+        return logits
+
+    def extra_repr(self) -> str:
+        return f'num_classes={self.weight.shape[0]}, feature_dim={self.weight.shape[1]}, ' \
+               f'scale={self.scale}, margin={self.margin}'
+
+
+class Classifier(nn.Module):
+    """A backbone followed by a CosFace head."""
+
+    def __init__(self, backbone: nn.Module, head: CosFaceHead):
+        super().__init__()
+        feature_dim = getattr(backbone, 'feature_dim', head.weight.shape[1])
+        if head.weight.shape[1] != feature_dim:
+            raise ValueError(f'head expects {head.weight.shape[1]}-d features, backbone gives {feature_dim}')
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, float32 logits)."""
+        features = self.backbone(images)
+        return features, self.head(features, labels)
+
+
+class DistillationModel(nn.Module):
+    """Student classifier and an optional frozen teacher; a head shared by both is frozen and held once.
+
+    The teacher never trains: its parameters do not require grad and it stays in eval mode whatever `train()` is
+    called with. When the student's head IS the teacher's head object (the head-fixed method), that head is frozen
+    with the teacher and, being one module, is held once in memory.
+    """
+
+    def __init__(self, student: Classifier, teacher: Classifier | None = None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    @property
+    def head_is_shared(self) -> bool:
+        return self.teacher is not None and self.student.head is self.teacher.head
+
+    def train(self, mode: bool = True) -> 'DistillationModel':
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_outputs(self, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher (features, logits), the margin applied at `labels` as for the student."""
+        if self.teacher is None:
+            raise RuntimeError('this DistillationModel has no teacher')
+        return self.teacher(images, labels)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        """(student features, student logits, teacher features, teacher logits); teacher ones None without one."""
+        student_features, student_logits = self.student(images, labels)
+        if self.teacher is None:
+            return student_features, student_logits, None, None
+        teacher_features, teacher_logits = self.teacher_outputs(images, labels)
+        return student_features, student_logits, teacher_features, teacher_logits
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student's parameters that require grad (never the teacher's, nor a shared head)."""
+        return [parameter for parameter in self.student.parameters() if parameter.requires_grad]
+
+
+def _load_file(path: str):
+    """torch.load with weights_only=True; every failure becomes one line naming the file."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{path}: no such weights file') from None
+    except pickle.UnpicklingError as error:
+        if 'weights only' in str(error).lower():
+            raise RuntimeError(
+                f'{path}: refused to load: the file holds pickled objects other than tensors and plain containers '
+                f'(nothing in it was run); re-save its state dict with torch.save') from None
+        raise RuntimeError(f'{path}: corrupt or truncated weights file ({_first_line(error)})') from None
+    except OSError as error:
+        raise RuntimeError(f'{path}: cannot read the weights file ({_first_line(error)})') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        raise RuntimeError(f'{path}: corrupt or truncated weights file ({_first_line(error)})') from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    # torch appends paragraphs of advice after the first sentence; the first sentence names the problem
+    return f'{type(error).__name__}: {lines[0].split(". ")[0]}' if lines else type(error).__name__
+
+
+def _extract_state_dict(loaded, path: str) -> dict:
+    if not isinstance(loaded, dict):
+        raise ValueError(f'{path}: expected a dict of tensors, found {type(loaded).__name__}')
+    for container in STATE_DICT_CONTAINERS:
+        if isinstance(loaded.get(container), dict):
+            loaded = loaded[container]
+            break
+    not_tensors = [key for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f'{path}: not a state dict: entries {_list_keys(not_tensors)} are not tensors '
+                         f'(expected a bare state dict or one under {"/".join(STATE_DICT_CONTAINERS)})')
+    return loaded
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in KEY_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def _list_keys(keys) -> str:
+    keys = sorted(map(str, keys))
+    listed = ', '.join(keys[:_LISTED_KEYS])
+    return listed + (f' and {len(keys) - _LISTED_KEYS} more' if len(keys) > _LISTED_KEYS else '')
+
+
+def read_weights(path: str, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Any supported file -> (backbone state dict in this project's key layout, cosine head weight or None).
+
+    Reads original teacher files ('model_state', 'encoder.' keys, older timm Swin layout, 'encoder.head.weight'),
+    original students ('params' with 'encoder.module.' / 'encoder.' keys; 'distill_layer*' keys are ignored),
+    this project's files ({'params': {backbone keys, optional 'head.weight'}}) and official / timm Swin files
+    ({'model': ...} or bare, whose linear classifier is dropped). Only tensors are unpickled (weights_only=True).
+    """
+    if name not in BACKBONE_NAMES:
+        raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(BACKBONE_NAMES)}')
+    raw_state = _extract_state_dict(_load_file(path), path)
+    state = {}
+    for key, value in raw_state.items():
+        if key.startswith(IGNORED_KEY_PREFIXES):
+            continue
+        stripped = _strip_prefixes(key)
+        if stripped in state:
+            raise ValueError(f'{path}: key {stripped!r} appears twice once prefixes are removed')
+        state[stripped] = value
+    head_weight = None
+    has_linear_bias = 'head.bias' in state or 'head.fc.bias' in state
+    if HEAD_KEY in state and not has_linear_bias and state[HEAD_KEY].ndim == 2:
+        head_weight = state[HEAD_KEY]
+    state = {key: value for key, value in state.items() if key not in LINEAR_CLASSIFIER_KEYS}
+    if name in swin_transformer.SWIN_CONFIGS:
+        state = swin_transformer.convert_old_layout(state)
+    return state, head_weight
+
+
+def _backbone_mismatch(backbone: nn.Module, state: dict) -> tuple[list, list, list]:
+    expected = backbone.state_dict()
+    # BatchNorm counters are absent from files written by old PyTorch versions and are not weights
+    missing = [key for key in expected if key not in state and not key.endswith('num_batches_tracked')]
+    unexpected = [key for key in state if key not in expected]
+    misshaped = [f'{key} (file {tuple(state[key].shape)}, model {tuple(expected[key].shape)})'
+                 for key in state if key in expected and state[key].shape != expected[key].shape]
+    return missing, unexpected, misshaped
+
+
+def _fitting_backbones(state: dict, name: str) -> list[str]:
+    fitting = []
+    for other in BACKBONE_NAMES:
+        if other == name:
+            continue
+        with torch.device('meta'):
+            candidate = create_backbone(other)
+        other_state = swin_transformer.convert_old_layout(state) if other in swin_transformer.SWIN_CONFIGS else state
+        if not any(_backbone_mismatch(candidate, other_state)):
+            fitting.append(other)
+    return fitting
+
+
+def _load_state_into(backbone: nn.Module, state: dict, name: str, path: str) -> None:
+    missing, unexpected, misshaped = _backbone_mismatch(backbone, state)
+    if missing or unexpected or misshaped:
+        problems = [f'{label} keys: {_list_keys(keys)}' for label, keys in
+                    (('missing', missing), ('unexpected', unexpected), ('misshaped', misshaped)) if keys]
+        fitting = _fitting_backbones(state, name) if missing or unexpected else []
+        hint = f' (it fits {" / ".join(fitting)})' if fitting else ''
+        raise ValueError(f'{path} does not fit backbone {name}{hint}: ' + '; '.join(problems))
+    backbone.load_state_dict(state, strict=False)
+
+
+def load_backbone(name: str, path: str, img_size: int = 384, width_divisor: int = 1) -> nn.Module:
+    """Backbone with weights from any supported file (see read_weights), in eval mode.
+
+    A cosine or linear head, Swin's fixed buffers and 'distill_layer*' keys are skipped; any other missing,
+    unexpected or misshaped key raises ValueError naming the file and the keys.
+    """
+    state, _ = read_weights(path, name)
+    backbone = create_backbone(name, img_size=img_size, width_divisor=width_divisor)
+    _load_state_into(backbone, state, name, path)
+    return backbone.eval()
+
+
+def load_classifier(name: str, path: str, img_size: int = 384, width_divisor: int = 1) -> Classifier:
+    """Backbone and CosFace head from one file (e.g. the teacher); the file must hold the head weight."""
+    state, head_weight = read_weights(path, name)
+    if head_weight is None:
+        raise ValueError(f'{path} holds no cosine head weight ({HEAD_KEY!r}, no bias) to build a {name} classifier')
+    backbone = create_backbone(name, img_size=img_size, width_divisor=width_divisor)
+    _load_state_into(backbone, state, name, path)
+    if head_weight.shape[1] != backbone.feature_dim:
+        raise ValueError(f'{path}: head weight {tuple(head_weight.shape)} does not match the '
+                         f'{backbone.feature_dim}-d features of {name}')
+    # build the head without allocating and initialising a second num_classes x feature_dim matrix
+    with torch.device('meta'):
+        head = CosFaceHead(head_weight.shape[0], head_weight.shape[1])
+    head.weight = nn.Parameter(head_weight.float())
+    return Classifier(backbone, head).eval()
+
+
+def student_weights(classifier: Classifier, include_head: bool) -> dict:
+    """{'params': {backbone keys..., 'head.weight' if include_head}} (this project's format; read_weights reads it).
+
+    The tensors share storage with the model, like a state_dict.
+    """
+    classifier = getattr(classifier, 'module', classifier)
+    params = dict(classifier.backbone.state_dict())
+    if include_head:
+        params[HEAD_KEY] = classifier.head.weight.detach()
+    return {'params': params}

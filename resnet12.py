@@ -1,0 +1,137 @@
+"""Widened ResNet12 student of SPEC section 1, with the original's annealed DropBlock.
+
+State-dict keys: `stem.conv`, `stem.bn`, then `layer1`..`layer4`, each with `conv1`..`conv3`, `bn1`..`bn3` and
+`shortcut.conv` / `shortcut.bn` (BatchNorm buffers included). The training-batch counter `batches_seen` that drives
+the keep-rate schedule is a plain attribute, not part of the state dict; the trainer restores it on resume.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WIDTHS = (128, 256, 512, 1024)
+DROP_RATE = 0.1
+DROP_BLOCK_SIZE = 5
+KEEP_RATE_ANNEAL_BATCHES = 40000
+LEAKY_SLOPE = 0.1
+
+
+def keep_rate_after(batches_seen: int, drop_rate: float = DROP_RATE,
+                    anneal_batches: int = KEEP_RATE_ANNEAL_BATCHES) -> float:
+    """DropBlock keep rate after `batches_seen` training batches: 1 annealed linearly to 1 - drop_rate."""
+    return max(1.0 - drop_rate * batches_seen / anneal_batches, 1.0 - drop_rate)
+
+
+def drop_block_seed_probability(keep_rate: float, height: int, width: int, block_size: int) -> float:
+    """The original's gamma: (1 - keep) / block^2 * map area / number of valid seed positions."""
+    valid_positions = (height - block_size + 1) * (width - block_size + 1)
+    return (1.0 - keep_rate) / block_size ** 2 * height * width / valid_positions
+
+
+class DropBlock(nn.Module):
+    """DropBlock as the original computed it.
+
+    Seeds are drawn independently per sample and channel on the (H - b + 1) x (W - b + 1) positions where a whole
+    b x b block fits; each seed zeroes the block below and right of it; kept activations are rescaled by
+    (number of elements) / (number kept) over the whole batch. Identity in eval mode, at keep rate 1, and on maps
+    smaller than one block (no valid seed position).
+    """
+
+    def __init__(self, block_size: int = DROP_BLOCK_SIZE):
+        super().__init__()
+        self.block_size = block_size
+
+    def forward(self, features: torch.Tensor, keep_rate: float) -> torch.Tensor:
+        batch, channels, height, width = features.shape
+        if not self.training or keep_rate >= 1.0 or min(height, width) < self.block_size:
+            return features
+        gamma = drop_block_seed_probability(keep_rate, height, width, self.block_size)
+        with torch.no_grad():
+            seeds = features.new_empty(
+                batch, channels, height - self.block_size + 1, width - self.block_size + 1, dtype=torch.float32
+            ).bernoulli_(min(gamma, 1.0))
+            # a max-pool over the zero-padded seeds spreads each seed over the block below and right of it
+            border = self.block_size - 1
+            dropped = F.max_pool2d(F.pad(seeds, (border, border, border, border)), self.block_size, stride=1)
+            keep_mask = 1.0 - dropped
+            kept = keep_mask.sum().clamp_min(1.0)
+            keep_mask *= keep_mask.numel() / kept
+        return features * keep_mask.to(features.dtype)
+
+    def extra_repr(self) -> str:
+        return f'block_size={self.block_size}'
+
+
+class ResidualBlock(nn.Module):
+    """Three 3x3 conv-BN (LeakyReLU after the first two), 1x1 conv-BN shortcut, add, LeakyReLU, 2x2 max-pool."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            bn=nn.BatchNorm2d(out_channels),
+        ))
+        self.activation = nn.LeakyReLU(LEAKY_SLOPE)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.activation(self.bn1(self.conv1(features)))
+        out = self.activation(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.pool(self.activation(out + self.shortcut(features)))
+
+
+class ResNet12(nn.Module):
+    """(B, 3, H, W) -> (B, feature_dim); 384 px input ends in a 12x12 map before the average pool."""
+
+    def __init__(self, width_divisor: int = 1, drop_rate: float = DROP_RATE,
+                 keep_rate_anneal_batches: int = KEEP_RATE_ANNEAL_BATCHES):
+        super().__init__()
+        if width_divisor < 1 or any(width % width_divisor for width in WIDTHS):
+            raise ValueError(f'width_divisor {width_divisor} must be a positive divisor of {WIDTHS[0]}')
+        widths = [width // width_divisor for width in WIDTHS]
+        self.stem = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(3, widths[0], 5, stride=2, padding=2, bias=False),
+            bn=nn.BatchNorm2d(widths[0]),
+            relu=nn.ReLU(inplace=True),
+        ))
+        self.layer1 = ResidualBlock(widths[0], widths[0])
+        self.layer2 = ResidualBlock(widths[0], widths[1])
+        self.layer3 = ResidualBlock(widths[1], widths[2])
+        self.layer4 = ResidualBlock(widths[2], widths[3])
+        self.dropout = nn.Dropout(drop_rate)
+        self.drop_block = DropBlock(DROP_BLOCK_SIZE)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop_rate = drop_rate
+        self.keep_rate_anneal_batches = keep_rate_anneal_batches
+        self.feature_dim = widths[-1]
+        self.batches_seen = 0
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='leaky_relu')
+
+    def keep_rate(self) -> float:
+        """DropBlock keep rate for the current value of `batches_seen`."""
+        return keep_rate_after(self.batches_seen, self.drop_rate, self.keep_rate_anneal_batches)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            # the original counted the current batch before computing its keep rate
+            self.batches_seen += 1
+        keep_rate = self.keep_rate()
+        features = self.stem(images)
+        features = self.dropout(self.layer1(features))
+        features = self.dropout(self.layer2(features))
+        features = self.drop_block(self.layer3(features), keep_rate)
+        features = self.drop_block(self.layer4(features), keep_rate)
+        return self.pool(features).flatten(1)

@@ -1,0 +1,383 @@
+"""utils.py: TAR@FAR against a full-matrix reference of SPEC §5, edge cases, nearest neighbours, run names,
+logging."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+FARS = (0.5, 0.3, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5, 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Independent reference: the whole score matrix, written straight from SPEC §5
+# ----------------------------------------------------------------------------------------------------------------------
+
+def reference_curve(features, positive_pairs, gallery=None, num_thresholds=2000):
+    """FAR and TAR per threshold over the pairs i < j, using every score at once (float64)."""
+    features = np.asarray(features, dtype=np.float64)
+    features = features / np.linalg.norm(features, axis=1, keepdims=True)
+    other = features if gallery is None else np.asarray(gallery, dtype=np.float64)
+    other = other / np.linalg.norm(other, axis=1, keepdims=True)
+    upper_rows, upper_columns = np.triu_indices(len(features), 1)
+    scores = (features @ other.T)[upper_rows, upper_columns]
+    positive = np.asarray(positive_pairs, dtype=bool)
+    low, high = scores.min(), scores.max()
+    thresholds = np.linspace(low, high, num_thresholds)
+    unit = (high - low) / num_thresholds
+    accepted = scores[:, None] >= (thresholds - unit / 2 + 2e-6)[None, :]
+    far = accepted[~positive].sum(axis=0) / (~positive).sum()
+    tar = accepted[positive].sum(axis=0) / positive.sum()
+    return far, tar
+
+
+def reference_tars(far, tar, fars):
+    """Scan the curve for the last threshold with FAR >= target; average it with the next (FAR = TAR = 0 past
+    the end); 0 when that FAR is 8x the target or more."""
+    results = []
+    for target in fars:
+        lower = None
+        for index, value in enumerate(far):
+            if value >= target:
+                lower = index
+        if lower is None:
+            results.append(round(float(tar[0]), 5))
+            continue
+        next_tar = tar[lower + 1] if lower + 1 < len(tar) else 0.0
+        if far[lower] >= 8 * target:
+            results.append(0.0)
+        else:
+            results.append(round(float((tar[lower] + next_tar) / 2), 5))
+    return results
+
+
+def pairs_from_labels(labels):
+    labels = np.asarray(labels)
+    upper_rows, upper_columns = np.triu_indices(len(labels), 1)
+    return labels[upper_rows] == labels[upper_columns]
+
+
+def sign_features(labels, dimension=64, flip=0.2, seed=0):
+    """Entries +-1/8 (unit norm exactly, so every score is an exact multiple of 1/32 in float32 and float64):
+    per label a random sign prototype, per image each sign flipped with probability `flip`."""
+    generator = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    prototypes = {label: generator.choice([-1.0, 1.0], size=dimension) for label in classes}
+    features = np.stack([prototypes[label] for label in labels])
+    flips = generator.random(features.shape) < flip
+    features[flips] *= -1
+    return (features / np.sqrt(dimension)).astype(np.float32)
+
+
+LABEL_PATTERNS = {
+    'ten_per_label': np.repeat(np.arange(12), 10),
+    'uneven_sizes': np.concatenate([np.full(size, label) for label, size in enumerate([1, 2, 3, 5, 8, 13, 21, 34])]),
+    'shuffled_with_singletons': np.random.default_rng(3).permutation(np.concatenate([np.repeat(np.arange(20), 4),
+                                                                                     np.arange(100, 130)])),
+    'one_big_class': np.concatenate([np.zeros(60, dtype=int), np.arange(1, 41)]),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# TAR@FAR against the reference
+# ----------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('pattern', sorted(LABEL_PATTERNS))
+def test_tar_at_far_equals_full_matrix_reference(pattern, tmp_path):
+    labels = LABEL_PATTERNS[pattern]
+    features = sign_features(labels, seed=len(labels))
+    positive = pairs_from_labels(labels)
+    far, tar = reference_curve(features, positive)
+    expected = reference_tars(far, tar, FARS)
+    assert expected[0] > 0  # the clusters make the curve informative
+
+    assert utils.tar_at_far(features, labels=labels, fars=FARS, device='cpu') == expected
+    mask_path = os.path.join(tmp_path, 'mask.npy')
+    np.save(mask_path, positive)
+    # Tiny tiles: many row blocks, one or two rows each, read block by block from the memory-mapped file.
+    assert utils.tar_at_far(features, mask=positive, fars=FARS, tile_elements=150) == expected
+    assert utils.tar_at_far(torch.from_numpy(features), mask=mask_path, fars=FARS, tile_elements=700) == expected
+    curve_far, curve_tar = utils.far_tar_curve(features, labels=labels, tile_elements=400)
+    np.testing.assert_array_equal(curve_far, far)
+    np.testing.assert_array_equal(curve_tar, tar)
+
+
+def test_targets_on_curve_values_and_at_eight_times():
+    labels = LABEL_PATTERNS['ten_per_label']
+    features = sign_features(labels, seed=len(labels))
+    far, tar = reference_curve(features, pairs_from_labels(labels))
+    values = np.unique(far[far > 0])[::-1]
+    # A target equal to a FAR of the curve keeps that threshold as the lower bracket.
+    on_curve = tuple(float(value) for value in values[1:8])
+    # A FAR followed by one under an eighth of it (here the smallest, then 0): the target FAR / 8 gives 0 (the
+    # lower FAR is not under 8x the target), a hair more does not.
+    following_values = np.append(values[1:], 0.0)
+    jump = next(value for value, following in zip(values, following_values) if following < value / 8)
+    at_eight = (float(jump) / 8, float(jump) / 8 * (1 + 1e-9))
+    targets = on_curve + at_eight
+    got = utils.tar_at_far(features, labels=labels, fars=targets)
+    assert got == reference_tars(far, tar, targets)
+    assert got[-2] == 0.0 and got[-1] > 0
+
+
+def test_label_comparison_and_small_chunks_give_the_same_answer(monkeypatch):
+    labels = LABEL_PATTERNS['one_big_class']
+    features = sign_features(labels, seed=21)
+    far, tar = reference_curve(features, pairs_from_labels(labels))
+    # Too many positive pairs to list: each tile compares labels; chunks of a few scores each.
+    monkeypatch.setattr(utils, 'SPARSE_POSITIVE_LIMIT', 10)
+    monkeypatch.setattr(utils, 'CHUNK_ELEMENTS', 64)
+    assert utils.tar_at_far(features, labels=labels, fars=FARS, tile_elements=900) == reference_tars(far, tar, FARS)
+
+
+def test_string_labels_and_default_fars():
+    labels = LABEL_PATTERNS['ten_per_label']
+    features = sign_features(labels, flip=0.25, seed=5)
+    far, tar = reference_curve(features, pairs_from_labels(labels))
+    expected = reference_tars(far, tar, utils.DEFAULT_FARS)
+    names = np.array([f'landmark_{label}' for label in labels])
+    assert utils.tar_at_far(features, labels=names) == expected
+    assert len(expected) == 8
+
+
+def test_gaussian_clusters_match_reference_within_float32():
+    generator = np.random.default_rng(7)
+    labels = np.repeat(np.arange(30), 5)
+    centres = generator.normal(size=(30, 24))
+    features = (centres[labels] + 0.9 * generator.normal(size=(150, 24))).astype(np.float32)
+    far, tar = reference_curve(features, pairs_from_labels(labels))
+    got = utils.tar_at_far(features, labels=labels, fars=FARS, tile_elements=1000)
+    # float32 against float64 scores may move a pair across an edge; one pair is 1/300 of the positives.
+    np.testing.assert_allclose(got, reference_tars(far, tar, FARS), atol=4e-3)
+    assert got[2] > 0.5
+
+
+def test_fast_binning_equals_binary_search_on_float32_scores(monkeypatch):
+    generator = np.random.default_rng(8)
+    labels = np.repeat(np.arange(300), 5)
+    features = generator.normal(size=(1500, 48)).astype(np.float32)
+    features[::7] = features[1::7][:len(features[::7])]  # exact duplicate scores as well
+    monkeypatch.setattr(utils, 'CHUNK_ELEMENTS', 5000)
+    fast = utils.far_tar_curve(features, labels=labels, tile_elements=1 << 18)
+    monkeypatch.setattr(utils, 'MIN_ARITHMETIC_STEP', np.inf)  # every score through torch.searchsorted
+    exact = utils.far_tar_curve(features, labels=labels, tile_elements=1 << 18)
+    np.testing.assert_array_equal(fast[0], exact[0])
+    np.testing.assert_array_equal(fast[1], exact[1])
+    assert 0 < fast[0][1000] < 1
+
+
+def test_score_range_is_the_exact_float32_range():
+    generator = np.random.default_rng(9)
+    features = torch.nn.functional.normalize(torch.from_numpy(generator.normal(size=(700, 64))).float(), dim=1)
+    scores = features @ features.T
+    upper = torch.triu(torch.ones(700, 700, dtype=torch.bool), diagonal=1)
+    expected = (scores[upper].min().item(), scores[upper].max().item())
+    np.testing.assert_allclose(utils._score_range(features, features, tile_elements=20000), expected, atol=1e-6)
+
+
+def test_cross_scores_use_gallery_for_the_second_image():
+    labels = LABEL_PATTERNS['uneven_sizes']
+    features = sign_features(labels, seed=11)
+    gallery = sign_features(labels, flip=0.3, seed=11)  # same prototypes, other flips
+    positive = pairs_from_labels(labels)
+    far, tar = reference_curve(features, positive, gallery=gallery)
+    expected = reference_tars(far, tar, FARS)
+    assert utils.tar_at_far(features, labels=labels, fars=FARS, gallery_features=gallery,
+                            tile_elements=300) == expected
+    # Swapping the roles scores the other triangle: in general a different answer.
+    far_swapped, tar_swapped = reference_curve(gallery, positive, gallery=features)
+    assert utils.tar_at_far(gallery, labels=labels, fars=FARS, gallery_features=features) == \
+        reference_tars(far_swapped, tar_swapped, FARS)
+    assert not np.array_equal(far, far_swapped)
+
+
+def test_evaluate_features_shares_one_pass_for_coarse_and_fine(tmp_path):
+    coarse = LABEL_PATTERNS['ten_per_label']
+    fine = coarse * 2 + (np.arange(len(coarse)) % 2)
+    features = sign_features(fine, flip=0.15, seed=2)
+    result = utils.evaluate_features(features, coarse, fine, fars=FARS, tile_elements=500)
+    for level, labels in (('coarse', coarse), ('fine', fine)):
+        far, tar = reference_curve(features, pairs_from_labels(labels))
+        assert result[level] == reference_tars(far, tar, FARS)
+        np.testing.assert_array_equal(result[f'{level}_curve'][0], far)
+        assert result[f'{level}_nn_accuracy'] == pytest.approx(brute_force_nearest_neighbour(features, labels))
+    assert result['coarse'] != result['fine']
+
+    fine_mask = os.path.join(tmp_path, 'fine.npy')
+    np.save(fine_mask, pairs_from_labels(fine))
+    masked = utils.evaluate_features(features, coarse, None, coarse_mask=pairs_from_labels(coarse),
+                                     fine_mask=fine_mask, fars=FARS)
+    assert masked['coarse'] == result['coarse'] and masked['fine'] == result['fine']
+    assert masked['fine_nn_accuracy'] is None
+
+    gallery = sign_features(fine, flip=0.3, seed=2)
+    cross = utils.evaluate_features(features, coarse, fine, gallery_features=gallery, fars=FARS)
+    far, tar = reference_curve(features, pairs_from_labels(fine), gallery=gallery)
+    assert cross['fine'] == reference_tars(far, tar, FARS)
+    assert cross['coarse_nn_accuracy'] == pytest.approx(brute_force_nearest_neighbour(features, coarse, gallery))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Edge cases
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_no_positive_pair_is_an_error():
+    with pytest.raises(ValueError, match='no positive pair'):
+        utils.tar_at_far(sign_features(np.arange(20)), labels=np.arange(20))
+
+
+def test_all_pairs_positive_is_an_error():
+    with pytest.raises(ValueError, match='every pair is positive'):
+        utils.tar_at_far(sign_features(np.zeros(20, dtype=int)), labels=np.zeros(20))
+
+
+def test_duplicate_features_accept_everything_at_the_single_score():
+    labels = np.repeat(np.arange(5), 4)
+    features = np.tile(sign_features([0])[0], (20, 1))
+    far, tar = utils.far_tar_curve(features, labels=labels)
+    # min == max: the lowest threshold accepts every pair, the others none.
+    assert far[0] == 1 and tar[0] == 1 and not far[1:].any() and not tar[1:].any()
+    assert utils.tar_at_far(features, labels=labels) == [0.0] * 8
+    # FAR 1 at the lower bracket is under 8 x 0.5: the mean of TAR 1 and the next TAR 0.
+    assert utils.tar_at_far(features, labels=labels, fars=(0.5,)) == [0.5]
+
+
+@pytest.mark.parametrize('count', [0, 1])
+def test_fewer_than_two_features_is_an_error(count):
+    with pytest.raises(ValueError, match='at least 2'):
+        utils.tar_at_far(np.ones((count, 8), dtype=np.float32), labels=np.zeros(count))
+
+
+def test_labels_and_mask_both_or_neither_is_an_error():
+    labels = np.repeat(np.arange(3), 3)
+    features = sign_features(labels)
+    with pytest.raises(ValueError, match='not both'):
+        utils.tar_at_far(features, labels=labels, mask=pairs_from_labels(labels))
+    with pytest.raises(ValueError, match='give labels'):
+        utils.tar_at_far(features)
+
+
+def test_mask_of_wrong_length_is_an_error(tmp_path):
+    labels = np.repeat(np.arange(3), 3)
+    features = sign_features(labels)
+    with pytest.raises(ValueError, match='36 pairs'):
+        utils.tar_at_far(features, mask=np.ones(35, dtype=bool))
+    path = os.path.join(tmp_path, 'short.npy')
+    np.save(path, np.ones(45, dtype=bool))
+    with pytest.raises(ValueError, match='short.npy'):
+        utils.tar_at_far(features, mask=path)
+    with pytest.raises(ValueError, match='labels has 8 entries'):
+        utils.tar_at_far(features, labels=labels[:8])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Nearest neighbours
+# ----------------------------------------------------------------------------------------------------------------------
+
+def brute_force_nearest_neighbour(features, labels, gallery=None):
+    features = np.asarray(features, dtype=np.float64)
+    features = features / np.linalg.norm(features, axis=1, keepdims=True)
+    other = features if gallery is None else np.asarray(gallery, dtype=np.float64)
+    other = other / np.linalg.norm(other, axis=1, keepdims=True)
+    scores = features @ other.T
+    np.fill_diagonal(scores, -np.inf)
+    labels = np.asarray(labels)
+    return float(np.mean(labels[scores.argmax(axis=1)] == labels))  # argmax: first index among ties
+
+
+def test_nearest_neighbour_accuracy_matches_brute_force():
+    labels = LABEL_PATTERNS['shuffled_with_singletons']
+    features = sign_features(labels, flip=0.3, seed=4)  # many exactly tied scores
+    expected = brute_force_nearest_neighbour(features, labels)
+    assert 0.2 < expected < 1
+    assert utils.nearest_neighbor_accuracy(features, labels, tile_elements=300) == pytest.approx(expected)
+    result = utils.evaluate_features(features, labels, None, tile_elements=300)
+    assert result['coarse_nn_accuracy'] == pytest.approx(expected)
+    gallery = sign_features(labels, flip=0.1, seed=4)
+    assert utils.nearest_neighbor_accuracy(features, labels, gallery_features=gallery) == \
+        pytest.approx(brute_force_nearest_neighbour(features, labels, gallery))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run directory, logging, formatting
+# ----------------------------------------------------------------------------------------------------------------------
+
+RECIPE = dict(save_dir='runs', dataset='TLD', backbone_class='Swin_tiny', is_distill=True, kd_loss='KD',
+              kd_weight=1.0, init_weights=None, augment=True, lr=0.001, optim='AdamW', lr_scheduler='cosine',
+              step_size=20, gamma=0.1, max_epoch=200, warmup_epoch=10, batch_size=256, head_fixed=True, suffix='')
+
+
+@pytest.mark.parametrize('changes, expected', [
+    ({}, 'TLD-Swin_tiny-KD-1.0/lr0.001_AdamW_cosine_epoch200_warmup10_bs256-head_fixed'),
+    ({'is_distill': False, 'head_fixed': False},
+     'TLD-Swin_tiny-no_distill/lr0.001_AdamW_cosine_epoch200_warmup10_bs256'),
+    ({'init_weights': 'teacher.pth', 'augment': False, 'suffix': '_try2'},
+     'TLD-Swin_tiny-KD-1.0-Pre-NoAug/lr0.001_AdamW_cosine_epoch200_warmup10_bs256-head_fixed_try2'),
+    ({'backbone_class': 'Resnet12', 'lr': 0.01, 'optim': 'SGD', 'lr_scheduler': 'step', 'max_epoch': 40,
+      'warmup_epoch': 0, 'kd_loss': 'global_KD', 'kd_weight': 0.5},
+     'TLD-Resnet12-global_KD-0.5/lr0.01_SGD-step20-gamma0.1_step_epoch40_warmup0_bs256-head_fixed'),
+    ({'lr_scheduler': 'multistep', 'step_size': '30,60', 'gamma': 0.2, 'lr': 0.00012345},
+     'TLD-Swin_tiny-KD-1.0/lr0.00012_AdamW-step30,60-gamma0.2_multistep_epoch200_warmup10_bs256-head_fixed'),
+])
+def test_run_directory_names(changes, expected):
+    assert utils.run_directory(**{**RECIPE, **changes}) == os.path.join('runs', expected)
+
+
+def test_logger_appends_and_is_silent_off_rank_zero(tmp_path, capsys):
+    run_dir = os.path.join(tmp_path, 'run')
+    for line in ('first', 'second'):
+        logger = utils.Logger(run_dir)
+        logger.info(line)
+        logger.scalar('test/coarse_tar', 0.5, 3)
+        logger.close()
+    with open(os.path.join(run_dir, 'record.txt'), encoding='utf-8') as record:
+        assert record.read() == 'first\nsecond\n'
+    assert capsys.readouterr().out == 'first\nsecond\n'
+    assert any(name.startswith('events.out.tfevents') for name in os.listdir(run_dir))
+
+    silent_dir = os.path.join(tmp_path, 'silent')
+    logger = utils.Logger(silent_dir, rank=1)
+    logger.info('hidden')
+    logger.scalar('x', 1.0, 0)
+    logger.close()
+    assert not os.path.exists(silent_dir)
+    assert capsys.readouterr().out == ''
+
+
+def test_save_atomically_replaces_whole_files_only(tmp_path, monkeypatch):
+    path = os.path.join(tmp_path, 'checkpoint.pth.tar')
+    utils.save_atomically({'epoch': 1}, path)
+    utils.save_atomically({'epoch': 2}, path)
+    assert torch.load(path, weights_only=True) == {'epoch': 2}
+
+    def interrupted(obj, file, *arguments, **keywords):
+        file.write(b'half')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_atomically({'epoch': 3}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'epoch': 2}
+    assert os.listdir(tmp_path) == ['checkpoint.pth.tar']
+
+
+def test_average_meter_weights_by_count():
+    meter = utils.AverageMeter()
+    assert meter.avg == 0
+    meter.update(1.0, n=3)
+    meter.update(3.0)
+    assert meter.avg == pytest.approx(1.5) and meter.count == 4
+
+
+def test_format_tar_line_and_roc_plot(tmp_path):
+    line = utils.format_tar_line('test acc', [0.917654, 0.5], [0.1, 0.0])
+    assert line == 'test acc: coarsegrained:[0.91765, 0.5]--finegrained:[0.1, 0.0]'
+    labels = np.repeat(np.arange(6), 5)
+    curve = utils.far_tar_curve(sign_features(labels), labels=labels)
+    path = os.path.join(tmp_path, 'roc.png')
+    utils.plot_roc({'student coarse': curve, 'student fine': curve}, path)
+    with open(path, 'rb') as image:
+        assert image.read(8) == b'\x89PNG\r\n\x1a\n'

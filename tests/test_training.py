@@ -1,0 +1,344 @@
+"""main.py and trainer.py: losses, schedule, run directory outputs, DDP equivalence, exact resume, test-only."""
+import glob
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+import main
+import model as models
+import trainer
+import utils
+from conftest import ROOT, data_args, run_main
+
+SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
+         '--log_interval', '1']
+
+
+def make_teacher_file(path: str, backbone: str = 'Resnet12', num_classes: int = 40, seed: int = 0) -> str:
+    """A teacher in this project's own format (backbone and cosine head) at the test size."""
+    torch.manual_seed(seed)
+    network = models.create_backbone(backbone, 96, 8)
+    classifier = models.Classifier(network, models.CosFaceHead(num_classes, network.feature_dim))
+    torch.save(models.student_weights(classifier, include_head=True), path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def teacher_file(tmp_path_factory):
+    return make_teacher_file(str(tmp_path_factory.mktemp('teacher') / 'teacher.pth'))
+
+
+def record_of(run_dir: str) -> str:
+    with open(os.path.join(run_dir, 'record.txt'), encoding='utf-8') as handle:
+        return handle.read()
+
+
+def only_run_dir(save_dir) -> str:
+    records = glob.glob(os.path.join(str(save_dir), '*', '*', 'record.txt'))
+    assert len(records) == 1, records
+    return os.path.dirname(records[0])
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def reference_kd(student_logits, teacher_logits, temperature):
+    total = 0.0
+    for student_row, teacher_row in zip(student_logits.tolist(), teacher_logits.tolist()):
+        teacher_probs = [math.exp(v) / sum(math.exp(w) for w in teacher_row) for v in teacher_row]
+        scaled = [v / temperature for v in student_row]
+        log_norm = math.log(sum(math.exp(v) for v in scaled))
+        total += sum(p * (math.log(p) - (s - log_norm)) for p, s in zip(teacher_probs, scaled))
+    return total
+
+
+def test_kd_loss_is_the_original_untempered_teacher_sum_over_batch():
+    torch.manual_seed(0)
+    student_logits, teacher_logits = torch.randn(3, 5) * 4, torch.randn(3, 5) * 4
+    labels = torch.tensor([0, 3, 4])
+    features = torch.zeros(3, 2)
+    loss, cross_entropy, distillation = trainer.DistillationLoss('KD', weight=0.5)(
+        features, student_logits, features, teacher_logits, labels)
+    expected_ce = -sum(math.log(math.exp(row[label]) / sum(math.exp(v) for v in row))
+                       for row, label in zip(student_logits.tolist(), labels.tolist())) / 3
+    expected_kd = reference_kd(student_logits, teacher_logits, 4.0)
+    assert cross_entropy.item() == pytest.approx(expected_ce, rel=1e-5)
+    assert distillation.item() == pytest.approx(expected_kd, rel=1e-5)
+    assert loss.item() == pytest.approx(expected_ce + 0.5 * expected_kd, rel=1e-5)
+
+
+def test_kd_is_scaled_by_world_size_so_ddp_averaging_gives_the_global_sum():
+    torch.manual_seed(1)
+    student_logits, teacher_logits = torch.randn(2, 4), torch.randn(2, 4)
+    features, labels = torch.zeros(2, 2), torch.tensor([1, 2])
+    one = trainer.DistillationLoss('KD', world_size=1)(features, student_logits, features, teacher_logits, labels)
+    two = trainer.DistillationLoss('KD', world_size=2)(features, student_logits, features, teacher_logits, labels)
+    assert two[2].item() == pytest.approx(2 * one[2].item(), rel=1e-6)
+    assert two[1].item() == pytest.approx(one[1].item(), rel=1e-6)
+
+
+def test_global_kd_tempered_kd_and_ce_only():
+    torch.manual_seed(2)
+    student_features, teacher_features = torch.randn(3, 4), torch.randn(3, 4)
+    student_logits, teacher_logits = torch.randn(3, 6), torch.randn(3, 6)
+    labels = torch.tensor([5, 0, 2])
+    arguments = (student_features, student_logits, teacher_features, teacher_logits, labels)
+    _, _, squared = trainer.DistillationLoss('global_KD')(*arguments)
+    assert squared.item() == pytest.approx(((student_features - teacher_features) ** 2).sum().item(), rel=1e-6)
+    _, _, tempered = trainer.DistillationLoss('tempered_KD')(*arguments)
+    expected = 16 * sum(
+        sum(p * (math.log(p) - math.log(q)) for p, q in zip(F.softmax(t / 4, 0).tolist(), F.softmax(s / 4, 0).tolist()))
+        for s, t in zip(student_logits, teacher_logits)) / 3
+    assert tempered.item() == pytest.approx(expected, rel=1e-5)
+    loss, cross_entropy, distillation = trainer.DistillationLoss(None)(None, student_logits, None, None, labels)
+    assert loss.item() == pytest.approx(F.cross_entropy(student_logits, labels).item()) and distillation.item() == 0
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def schedule(progress, epoch, scheduler='cosine', warmup=10, steps=(30,)):
+    return trainer.learning_rate(progress, epoch, 0.001, 1e-5, warmup, 200, scheduler, list(steps), 0.1)
+
+
+def test_warmup_then_cosine_at_chosen_iterations():
+    assert schedule(1.0, 1) == pytest.approx(0.001 * 1 / 10)
+    assert schedule(5.5, 5) == pytest.approx(0.001 * 5.5 / 10)
+    assert schedule(10.0, 10) == pytest.approx(0.001)
+    assert schedule(110.0, 110) == pytest.approx(1e-5 + (0.001 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 100 / 200)))
+    assert trainer.learning_rate(1.25, 1, 0.01, 0.0, 0, 40, 'cosine', [30], 0.1) == pytest.approx(
+        0.01 * 0.5 * (1 + math.cos(math.pi * 1.25 / 40)))
+
+
+def test_step_and_multistep_really_decay():
+    assert schedule(30.9, 30, 'step', warmup=0) == pytest.approx(0.001)
+    assert schedule(31.0, 31, 'step', warmup=0) == pytest.approx(0.0001)
+    assert schedule(61.5, 61, 'step', warmup=0) == pytest.approx(0.00001)
+    assert schedule(20.0, 20, 'multistep', warmup=0, steps=(20, 50)) == pytest.approx(0.001)
+    assert schedule(21.0, 21, 'multistep', warmup=0, steps=(20, 50)) == pytest.approx(0.0001)
+    assert schedule(51.0, 51, 'multistep', warmup=0, steps=(20, 50)) == pytest.approx(0.00001)
+    assert schedule(2.0, 2, 'step', warmup=5) == pytest.approx(0.001 * 2 / 5)
+
+
+# --------------------------------------------------------------------------------------- argument checks
+@pytest.mark.parametrize('extra, message', [
+    (['--is_distill'], '--is_distill needs --teacher_init_weights'),
+    (['--head_fixed'], '--head_fixed shares'),
+    (['--train_list', '/nonexistent/train.txt'], 'no such file'),
+    (['--step_size', 'ten'], '--step_size'),
+])
+def test_bad_arguments_are_refused_with_the_fix(tiny_data, tmp_path, extra, message):
+    argv = SMALL + data_args(tiny_data) + ['--save_dir', str(tmp_path)]
+    if extra[0] == '--train_list':
+        argv += ['--train_root', tiny_data['root']]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run_main(argv + extra)
+
+
+def test_global_batch_must_divide_among_processes():
+    args = main.get_parser().parse_args(['--batch_size', '5', '--test_only', '--test_root', '.', '--test_list',
+                                         __file__])
+    with pytest.raises(SystemExit, match='divisible by the 2 processes'):
+        main.check_args(args, world_size=2)
+
+
+# -------------------------------------------------------------------------------------------- end to end
+def test_distillation_run_writes_the_specified_outputs(tiny_data, teacher_file, tmp_path):
+    argv = SMALL + data_args(tiny_data) + [
+        '--backbone_class', 'Resnet12', '--is_distill', '--teacher_backbone_class', 'Resnet12',
+        '--teacher_init_weights', teacher_file, '--head_fixed', '--max_epoch', '2', '--warmup_epoch', '1',
+        '--lr', '0.01', '--optim', 'SGD', '--save_dir', str(tmp_path), '--augment']
+    run_main(argv)
+    run_dir = os.path.join(str(tmp_path), 'TLD-Resnet12-KD-1.0', 'lr0.01_SGD_cosine_epoch2_warmup1_bs4-head_fixed')
+    record = record_of(run_dir)
+    feature_dim = 1024 // 8
+    backbone_parameters = sum(p.numel() for p in models.create_backbone('Resnet12', 96, 8).parameters())
+    head_parameters = 40 * feature_dim
+    assert (f'student para trainable/sum {backbone_parameters}/{backbone_parameters + head_parameters}; '
+            f'teacher para trainable/sum 0/{backbone_parameters + head_parameters}') in record
+    epoch_lines = re.findall(r'^epoch (\d+)  lr [0-9.e-]+: train_acc=[0-9.]+, eval_loss=[0-9.]+, '
+                             r'eval_acc=[0-9.]+\+[0-9.]+, avg_ce_loss=[0-9.]+, avg_kd_loss=[0-9.]+$', record, re.M)
+    assert epoch_lines == ['1', '2']
+    assert re.search(r'^test acc: coarsegrained:\[.*\]--finegrained:\[.*\]$', record, re.M)
+    assert re.search(r'^cross acc: coarsegrained:\[.*\]--finegrained:\[.*\]$', record, re.M)
+    features = np.load(os.path.join(run_dir, 'opensetFeat.npy'))
+    assert features.shape == (12, feature_dim) and features.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
+    best = torch.load(os.path.join(run_dir, 'max_acc.pth'), weights_only=True)
+    assert not any(key.startswith('head') for key in best['params'])
+    assert os.path.isfile(os.path.join(run_dir, 'roc.png'))
+    assert glob.glob(os.path.join(run_dir, '**', 'events.out.tfevents.*'), recursive=True)
+
+
+def test_teacher_training_without_distillation_keeps_its_head(tiny_data, tmp_path):
+    run_main(SMALL + data_args(tiny_data) + ['--backbone_class', 'Resnet12', '--num_classes', '4',
+                                             '--max_epoch', '1', '--warmup_epoch', '0', '--optim', 'SGD',
+                                             '--lr', '0.05', '--save_dir', str(tmp_path)])
+    run_dir = only_run_dir(tmp_path)
+    assert os.path.basename(os.path.dirname(run_dir)) == 'TLD-Resnet12-no_distill-NoAug'
+    best = torch.load(os.path.join(run_dir, 'max_acc.pth'), weights_only=True)
+    assert best['params']['head.weight'].shape == (4, 128)
+    teacher = models.load_classifier('Resnet12', os.path.join(run_dir, 'max_acc.pth'), 96, 8)
+    assert teacher.head.weight.shape == (4, 128)
+
+
+def test_test_only_on_an_original_format_student(tiny_data, tmp_path):
+    torch.manual_seed(3)
+    backbone = models.create_backbone('Resnet12', 96, 8)
+    original = {f'encoder.module.{key}': value for key, value in backbone.state_dict().items()}
+    original['distill_layer.encoder.some.weight'] = torch.zeros(3)
+    path = str(tmp_path / 'original_max_acc.pth')
+    torch.save({'params': original}, path)
+    run_main(SMALL + ['--backbone_class', 'Resnet12', '--test_only', '--init_weights', path,
+                      '--test_root', tiny_data['root'], '--test_list', tiny_data['test'],
+                      '--save_dir', str(tmp_path / 'runs')])
+    run_dir = only_run_dir(tmp_path / 'runs')
+    record = record_of(run_dir)
+    line = re.search(r'^test acc: coarsegrained:\[(.*)\]--finegrained:\[(.*)\]$', record, re.M)
+    coarse = [float(value) for value in line.group(1).split(',')]
+    features = np.load(os.path.join(run_dir, 'opensetFeat.npy'))
+    assert features.shape == (12, 128)
+    with torch.no_grad():
+        reference = F.normalize(models.load_backbone('Resnet12', path, 96, 8)(evaluation_batch(tiny_data)), dim=1)
+    np.testing.assert_allclose(features, reference.numpy(), atol=1e-4)
+    coarse_labels = np.array([10 + label for label in range(3) for _ in range(4)])
+    assert coarse == pytest.approx(utils.tar_at_far(torch.from_numpy(features), coarse_labels), abs=1e-5)
+
+
+def evaluation_batch(tiny_data) -> torch.Tensor:
+    """The test images through the evaluation transform, written out independently of helpers.py."""
+    from PIL import Image
+    mean, std = torch.tensor([0.406, 0.456, 0.485]), torch.tensor([0.225, 0.224, 0.229])
+    images = []
+    with open(tiny_data['test'], encoding='utf-8') as handle:
+        for line in handle:
+            image = Image.open(os.path.join(tiny_data['root'], line.split('\t')[0])).convert('RGB')
+            pixels = np.asarray(image.resize((96, 96), Image.BILINEAR))[:, :, ::-1].copy()
+            tensor = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+            images.append((tensor - mean[:, None, None]) / std[:, None, None])
+    return torch.stack(images)
+
+
+def test_non_finite_loss_stops_with_epoch_and_iteration_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
+    original_forward = trainer.DistillationLoss.forward
+    calls = []
+
+    def forward_turning_nan_in_epoch_two(self, *arguments):
+        loss, cross_entropy, distillation = original_forward(self, *arguments)
+        calls.append(1)
+        return (loss * float('nan') if len(calls) > 6 else loss), cross_entropy, distillation
+    monkeypatch.setattr(trainer.DistillationLoss, 'forward', forward_turning_nan_in_epoch_two)
+    argv = SMALL + data_args(tiny_data) + ['--backbone_class', 'Resnet12', '--num_classes', '4',
+                                           '--max_epoch', '3', '--save_dir', str(tmp_path)]
+    with pytest.raises(trainer.NonFiniteLossError, match='epoch 2 iteration 0'):
+        run_main(argv)
+    state = torch.load(os.path.join(only_run_dir(tmp_path), 'checkpoint.pth.tar'), weights_only=True)
+    assert state['progress']['epoch'] == 1
+    assert all(torch.isfinite(value).all() for value in state['student'].values() if value.is_floating_point())
+
+
+def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
+    path = str(tmp_path / 'checkpoint.pth.tar')
+    utils.save_atomically({'epoch': 1, 'weight': torch.ones(3)}, path)
+    real_save = torch.save
+
+    def save_then_crash(obj, file, *arguments, **keywords):
+        real_save({'partial': torch.zeros(1)}, file)
+        raise KeyboardInterrupt('killed while writing')
+    monkeypatch.setattr(torch, 'save', save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_atomically({'epoch': 2, 'weight': torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, 'save', real_save)
+    state = torch.load(path, weights_only=True)
+    assert state['epoch'] == 1 and torch.equal(state['weight'], torch.ones(3))
+    assert os.listdir(str(tmp_path)) == ['checkpoint.pth.tar']
+
+
+# ------------------------------------------------------------------------------------ processes and resume
+def subprocess_env():
+    environment = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        environment.pop(name, None)
+    return environment
+
+
+def test_sigkill_after_epoch_one_then_rerun_equals_an_uninterrupted_run(tiny_data, tmp_path):
+    argv = [sys.executable, os.path.join(ROOT, 'main.py')] + SMALL + data_args(tiny_data)[:8] + [
+        '--backbone_class', 'Resnet12', '--num_classes', '4', '--max_epoch', '3', '--warmup_epoch', '1',
+        '--optim', 'AdamW', '--lr', '0.003', '--augment', '--seed', '7']
+    subprocess.run(argv + ['--save_dir', str(tmp_path / 'straight')], check=True, env=subprocess_env(),
+                   capture_output=True)
+    crashed = tmp_path / 'crashed'
+    process = subprocess.Popen(argv + ['--save_dir', str(crashed)], env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not glob.glob(str(crashed / '*' / '*' / 'checkpoint.pth.tar')) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    run_dir = only_run_dir(crashed)
+    assert torch.load(os.path.join(run_dir, 'checkpoint.pth.tar'), weights_only=True)['progress']['epoch'] < 3
+    subprocess.run(argv + ['--save_dir', str(crashed)], check=True, env=subprocess_env(), capture_output=True)
+    assert 'resumed from' in record_of(run_dir)
+    for name in ('max_acc.pth', 'checkpoint.pth.tar'):
+        straight = torch.load(os.path.join(only_run_dir(tmp_path / 'straight'), name), weights_only=True)
+        resumed = torch.load(os.path.join(run_dir, name), weights_only=True)
+        key = 'params' if name == 'max_acc.pth' else 'student'
+        assert straight[key].keys() == resumed[key].keys()
+        for tensor_name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][tensor_name]), tensor_name
+
+
+DDP_RUNNER = '''
+import sys
+import torch
+sys.path.insert(0, {root!r})
+import main, model
+from timm.layers import DropPath
+
+create_backbone = model.create_backbone
+
+def without_regularisers(*arguments, **keywords):
+    backbone = create_backbone(*arguments, **keywords)
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, DropPath):
+            module.drop_prob = 0.0
+    return backbone
+
+model.create_backbone = without_regularisers
+main.main(main.get_parser().parse_args(sys.argv[1:]))
+'''
+
+
+def test_two_processes_take_the_same_steps_as_one_with_the_same_global_batch(tiny_data, teacher_file, tmp_path):
+    runner = tmp_path / 'runner.py'
+    runner.write_text(DDP_RUNNER.format(root=ROOT))
+    teacher = make_teacher_file(str(tmp_path / 'swin_teacher.pth'), 'Swin_tiny', num_classes=40)
+    argv = SMALL + data_args(tiny_data)[:4] + [
+        '--backbone_class', 'Swin_tiny', '--is_distill', '--teacher_backbone_class', 'Swin_tiny',
+        '--teacher_init_weights', teacher, '--head_fixed', '--max_epoch', '1', '--warmup_epoch', '0',
+        '--optim', 'SGD', '--lr', '0.5', '--batch_size', '8']
+    single = subprocess.run([sys.executable, str(runner)] + argv + ['--save_dir', str(tmp_path / 'one')],
+                            env=subprocess_env(), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             str(runner)] + argv + ['--save_dir', str(tmp_path / 'two')],
+                            env=subprocess_env(), capture_output=True, text=True)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = torch.load(os.path.join(only_run_dir(tmp_path / 'one'), 'max_acc.pth'), weights_only=True)['params']
+    two = torch.load(os.path.join(only_run_dir(tmp_path / 'two'), 'max_acc.pth'), weights_only=True)['params']
+    main.seed_epoch(0, 0, 0)
+    initial = helpers.build_model('Swin_tiny', 96, None, None, 'Swin_tiny', teacher, True, 8).student.backbone.state_dict()
+    changed = 0
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5)
+        changed += not torch.equal(value, initial[key])
+    assert changed > 10

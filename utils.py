@@ -1,0 +1,709 @@
+"""Run directories, logging, files, and the feature-matching evaluation (SPEC sections 5 and 6)."""
+import argparse
+import glob
+import math
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as functional
+
+DEFAULT_FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+
+# Scores per tile of the pair matrix: bounds working memory independently of N.
+DEFAULT_TILE_ELEMENTS = 1 << 23
+# The FAR at the lower bracketing threshold must be below this multiple of the target (SPEC §5).
+FAR_BRACKET_FACTOR = 8.0
+# Offset of the histogram edges above t - unit/2 (SPEC §5).
+EDGE_OFFSET = 2e-6
+# Positive pairs listed explicitly up to this many (two int64 arrays); beyond, tiles compare labels.
+SPARSE_POSITIVE_LIMIT = 1 << 23
+# Scores binned together in one cache-sized chunk of a tile.
+CHUNK_ELEMENTS = 1 << 18
+# Below this threshold spacing the arithmetic bin guess may be far off, so bins come from a binary search.
+MIN_ARITHMETIC_STEP = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run directory and logging
+# ----------------------------------------------------------------------------------------------------------------------
+
+def run_directory(save_dir, dataset, backbone_class, is_distill, kd_loss, kd_weight, init_weights, augment,
+                  lr, optim, lr_scheduler, step_size, gamma, max_epoch, warmup_epoch, batch_size,
+                  head_fixed, suffix) -> str:
+    """Return `save_dir/<first>/<second>` named exactly as SPEC §6.
+
+    `<first>` = `{dataset}-{backbone_class}` + `-{kd_loss}-{kd_weight}` (distillation) or `-no_distill`,
+    + `-Pre` when `init_weights` is set, + `-NoAug` unless `augment`.
+    `<second>` = `lr{lr:.2g}_{optim}_{lr_scheduler}_epoch{max_epoch}_warmup{warmup_epoch}_bs{batch_size}`
+    + `-head_fixed` when `head_fixed`, + `suffix`; for `step`/`multistep` schedules the optimizer part is
+    `{optim}-step{step_size}-gamma{gamma}`.
+    """
+    first = f'{dataset}-{backbone_class}'
+    first += f'-{kd_loss}-{kd_weight}' if is_distill else '-no_distill'
+    if init_weights:
+        first += '-Pre'
+    if not augment:
+        first += '-NoAug'
+    optimizer_part = optim
+    if lr_scheduler in ('step', 'multistep'):
+        optimizer_part = f'{optim}-step{step_size}-gamma{gamma}'
+    second = (f'lr{lr:.2g}_{optimizer_part}_{lr_scheduler}_epoch{max_epoch}_warmup{warmup_epoch}'
+              f'_bs{batch_size}')
+    if head_fixed:
+        second += '-head_fixed'
+    second += suffix or ''
+    return os.path.join(save_dir, first, second)
+
+
+class Logger:
+    """Append-only `record.txt` + console + tensorboardX scalars; every method does nothing when rank != 0."""
+
+    def __init__(self, run_dir: str, rank: int = 0, tensorboard: bool = True):
+        self.run_dir = run_dir
+        self.active = rank == 0
+        self.record_path = os.path.join(run_dir, 'record.txt')
+        self.writer = None
+        if not self.active:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(logdir=run_dir)
+
+    def info(self, message: str):
+        """Append `message` as a line of record.txt and echo it on the console."""
+        if not self.active:
+            return
+        with open(self.record_path, 'a', encoding='utf-8') as record:
+            record.write(f'{message}\n')
+        sys.stdout.write(f'{message}\n')
+        sys.stdout.flush()
+
+    def scalar(self, tag, value, step):
+        """Write one tensorboard scalar (nothing when tensorboard is off)."""
+        if not self.active or self.writer is None:
+            return
+        self.writer.add_scalar(tag, float(value), step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def save_atomically(obj, path: str):
+    """torch.save `obj` to a temporary file beside `path`, then rename it over `path`: an interrupted save
+    leaves the previous file intact and no temporary behind."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(handle, 'wb') as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+class AverageMeter:
+    """Running weighted mean: `update(value, n)` adds `n` samples of mean `value`; `.avg` (0 before any update)."""
+
+    def __init__(self):
+        self.sum = 0.0
+        self.count = 0
+        self.val = 0.0
+        self.avg = 0.0
+
+    def update(self, value, n=1):
+        self.val = float(value)
+        self.sum += float(value) * n
+        self.count += n
+        self.avg = self.sum / self.count if self.count else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Feature-matching evaluation (SPEC §5)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _default_device():
+    return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
+
+
+def _normalized_features(features, device, name):
+    """(N, d) array or tensor -> float32 L2-normalised tensor on `device`."""
+    tensor = features if torch.is_tensor(features) else torch.as_tensor(np.asarray(features))
+    if tensor.ndim != 2:
+        raise ValueError(f'{name} must be a 2-d (N, d) array, got shape {tuple(tensor.shape)}')
+    tensor = tensor.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f'{name} contain NaN or infinite values; check the model outputs')
+    return functional.normalize(tensor, dim=1)
+
+
+def _query_and_gallery(features, gallery_features, device):
+    queries = _normalized_features(features, device, 'features')
+    if queries.shape[0] < 2:
+        raise ValueError(f'TAR@FAR needs at least 2 features to form a pair, got {queries.shape[0]}')
+    if gallery_features is None:
+        return queries, queries
+    gallery = _normalized_features(gallery_features, device, 'gallery_features')
+    if gallery.shape != queries.shape:
+        raise ValueError(f'gallery_features shape {tuple(gallery.shape)} differs from features shape '
+                         f'{tuple(queries.shape)}; cross scoring pairs image i with image j of the same list')
+    return queries, gallery
+
+
+def _label_tensor(labels, num_items, device):
+    """Any labels (ints, strings, tensor) -> int64 tensor of class ids."""
+    array = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+    array = array.reshape(-1)
+    if array.shape[0] != num_items:
+        raise ValueError(f'labels has {array.shape[0]} entries but there are {num_items} features')
+    class_ids = np.unique(array, return_inverse=True)[1].reshape(-1)
+    return torch.as_tensor(class_ids, dtype=torch.int64, device=device)
+
+
+def _triangle_offset(row, num_items):
+    """Position of pair (row, row + 1) in numpy.triu_indices(num_items, 1) order."""
+    return row * (2 * num_items - row - 1) // 2
+
+
+class _PairMask:
+    """Upper-triangle boolean pair mask held in memory or read block by block from a memory-mapped .npy."""
+
+    def __init__(self, mask, num_items):
+        self.num_items = num_items
+        self.expected = num_items * (num_items - 1) // 2
+        self.path = None
+        if isinstance(mask, (str, os.PathLike)):
+            self.path = os.fspath(mask)
+            if not os.path.isfile(self.path):
+                raise ValueError(f'mask file {self.path} does not exist')
+            mapped = np.load(self.path, mmap_mode='r')
+            self._check(mapped, self.path)
+            del mapped
+            self.array = None
+        else:
+            self.array = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+            self._check(self.array, 'mask')
+            self.array = self.array.reshape(-1)
+
+    def _check(self, array, source):
+        if array.dtype != np.bool_ and not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f'{source}: mask dtype {array.dtype} is not boolean')
+        if array.size != self.expected:
+            raise ValueError(f'{source}: mask has {array.size} entries but {self.num_items} features have '
+                             f'{self.expected} pairs (numpy.triu_indices(N, 1) order); was it built for another '
+                             f'test list?')
+
+    def rows(self, first_row, end_row):
+        """Mask entries of pairs (i, j > i) for first_row <= i < end_row, in triangle order, as a bool array."""
+        start = _triangle_offset(first_row, self.num_items)
+        stop = _triangle_offset(end_row, self.num_items)
+        if self.array is not None:
+            return np.asarray(self.array[start:stop] != 0)
+        # A fresh map per block drops the pages read before, so resident memory stays at one block.
+        mapped = np.load(self.path, mmap_mode='r').reshape(-1)
+        block = np.asarray(mapped[start:stop] != 0)
+        del mapped
+        return block
+
+
+class _PairLabelSet:
+    """Which pairs are positive, given per tile as flat indices into the (rows, N - first_row) score tile.
+
+    From labels, the positive pairs (i < j, same class) are listed once, sorted by i, when there are at most
+    SPARSE_POSITIVE_LIMIT of them; otherwise each tile compares labels. From a mask, each block of the mask
+    is read and its True entries located."""
+
+    def __init__(self, class_ids=None, mask=None):
+        self.class_ids = class_ids
+        self.mask = mask
+        self.first = self.second = None
+        if class_ids is not None:
+            classes = class_ids.cpu().numpy()
+            sizes = np.bincount(classes)
+            if int((sizes * (sizes - 1) // 2).sum()) <= SPARSE_POSITIVE_LIMIT:
+                self.first, self.second = _same_class_pairs(classes)
+
+    def positive_index(self, first_row, end_row, valid_square):
+        rows = end_row - first_row
+        device = valid_square.device
+        if self.mask is not None:
+            num_columns = self.mask.num_items - first_row
+            offsets = np.flatnonzero(self.mask.rows(first_row, end_row))
+            # Row a of the block starts at row_starts[a] in the block's stretch of the triangle.
+            row_lengths = self.mask.num_items - 1 - np.arange(first_row, end_row)
+            row_starts = np.concatenate([[0], np.cumsum(row_lengths)[:-1]])
+            local_rows = np.searchsorted(row_starts, offsets, side='right') - 1
+            local_columns = local_rows + 1 + (offsets - row_starts[local_rows])
+            return torch.from_numpy(local_rows * num_columns + local_columns).to(device)
+        num_columns = len(self.class_ids) - first_row
+        if self.first is not None:
+            start, stop = np.searchsorted(self.first, [first_row, end_row])
+            local_rows = self.first[start:stop] - first_row
+            local_columns = self.second[start:stop] - first_row
+            return torch.from_numpy(local_rows * num_columns + local_columns).to(device)
+        tile = self.class_ids[first_row:end_row, None] == self.class_ids[None, first_row:]
+        tile[:, :rows] &= valid_square
+        return torch.nonzero(tile.view(-1)).squeeze(1)
+
+
+def _same_class_pairs(classes):
+    """All pairs (i < j) with classes[i] == classes[j], as two int64 arrays sorted by i then j."""
+    order = np.argsort(classes, kind='stable')
+    boundaries = np.flatnonzero(np.diff(classes[order])) + 1
+    firsts, seconds = [], []
+    for members in np.split(order, boundaries):
+        if len(members) > 1:
+            upper_rows, upper_columns = np.triu_indices(len(members), 1)
+            firsts.append(members[upper_rows])
+            seconds.append(members[upper_columns])
+    if not firsts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    first, second = np.concatenate(firsts).astype(np.int64), np.concatenate(seconds).astype(np.int64)
+    order = np.lexsort((second, first))
+    return first[order], second[order]
+
+
+def _pair_label_set(labels, mask, num_items, device):
+    if labels is not None and mask is not None:
+        raise ValueError('give either labels or mask, not both: they define the positive pairs twice')
+    if labels is None and mask is None:
+        raise ValueError('give labels (one per feature) or mask (upper-triangle pair mask) to define positive '
+                         'pairs')
+    if mask is not None:
+        return _PairLabelSet(mask=_PairMask(mask, num_items))
+    return _PairLabelSet(class_ids=_label_tensor(labels, num_items, device))
+
+
+def _row_blocks(num_items, tile_elements):
+    """Row ranges whose tiles (rows x columns from the first row on) hold at most about tile_elements scores."""
+    # Per-tile float32 histogram counts stay exact below 2**24.
+    rows_per_block = max(1, min(int(tile_elements), 1 << 24) // num_items)
+    return [(first, min(first + rows_per_block, num_items)) for first in range(0, num_items - 1, rows_per_block)]
+
+
+def _score_tiles(queries, gallery, tile_elements):
+    """Yield (first_row, end_row, scores, valid_square): scores[a, b] = queries[first_row + a] .
+    gallery[first_row + b] for b from 0 to N - first_row; the pairs i < j are b > a. Only the leading
+    (rows x rows) square holds pairs i >= j; valid_square marks its entries with b > a. The same block always
+    gives bit-identical scores (same shapes, same kernel)."""
+    num_items = queries.shape[0]
+    for first_row, end_row in _row_blocks(num_items, tile_elements):
+        scores = queries[first_row:end_row] @ gallery[first_row:].T
+        index = torch.arange(end_row - first_row, device=queries.device)
+        yield first_row, end_row, scores, index[None, :] > index[:, None]
+
+
+def _tile_range(scores, valid_square):
+    """(min, max) over the pairs of a tile; its entries i >= j are overwritten by a valid score."""
+    rows = valid_square.shape[0]
+    scores[:, :rows].masked_fill_(~valid_square, scores[0, -1])
+    low, high = torch.aminmax(scores)
+    return float(low), float(high)
+
+
+def _score_range(queries, gallery, tile_elements):
+    """Exact smallest and largest float32 score over pairs i < j."""
+    ranges = [_tile_range(scores, valid_square) for _, _, scores, valid_square in
+              _score_tiles(queries, gallery, tile_elements)]
+    return min(low for low, _ in ranges), max(high for _, high in ranges)
+
+
+def _threshold_edges(smallest, largest, num_thresholds):
+    """Histogram edges in float64 and as float32 rounded up, so that for a float32 score s,
+    s >= edges32[k] exactly when s >= thresholds[k] - unit/2 + 2e-6 in real arithmetic."""
+    thresholds = np.linspace(smallest, largest, num_thresholds)
+    unit = (largest - smallest) / num_thresholds
+    edges = thresholds - unit / 2 + EDGE_OFFSET
+    edges32 = edges.astype(np.float32)
+    below = edges32.astype(np.float64) < edges
+    edges32[below] = np.nextafter(edges32[below], np.float32(np.inf))
+    # The lowest threshold accepts every pair (FAR = TAR = 1); the SPEC edges already do so unless
+    # max - min < 4e-6, where the +2e-6 offset would otherwise reject every pair.
+    edges32[0] = -np.inf
+    return edges, edges32
+
+
+class _TileHistogram:
+    """Per tile, how many scores have exactly b + 1 edges at or below them (b = 0..T-1), for all pairs and
+    for the positive pairs.
+
+    Scores become positions g = (s - edge_0) / step, so edge k sits at g = k. Where g is farther than
+    `margin` from an integer (a bound on the float32 rounding of g and of the edges, doubled), floor(g)
+    decides every comparison, and torch.histc counts it; the few scores near an edge, and the sparse
+    positive pairs, are placed by an exact binary search on the float32 edges. The tile is processed in
+    chunks that stay in cache."""
+
+    def __init__(self, edges, edges32, device):
+        self.count = len(edges32)
+        self.edges32 = torch.from_numpy(edges32).to(device)
+        self.step = (edges[-1] - edges[0]) / (self.count - 1)
+        self.arithmetic = self.count >= 3 and self.step >= MIN_ARITHMETIC_STEP
+        if self.arithmetic:
+            self.inverse_step = 1.0 / self.step
+            self.margin = 1e-3 + 8.4e-7 * self.inverse_step
+            self.shift = torch.tensor(-float(edges[0]) * self.inverse_step, dtype=torch.float32, device=device)
+            self.one = torch.ones((), dtype=torch.float32, device=device)
+
+    def exact_counts(self, scores):
+        """Histogram (length T, int64) of any float32 scores, by binary search."""
+        bins = torch.searchsorted(self.edges32, scores.contiguous(), right=True) - 1
+        return torch.bincount(bins.view(-1), minlength=self.count)[:self.count]
+
+    def __call__(self, scores, valid_square, positive_index):
+        """scores: (rows, columns) float32 tile; its leading (rows x rows) square holds pairs only where
+        valid_square. Returns (all-pair counts, positive counts), int64 tensors of length T."""
+        if scores.device.type != 'cpu':
+            return self._tile_counts(scores, valid_square, positive_index)
+        # Many small cache-resident operations: on CPU one thread avoids a thread-pool handshake per operation,
+        # which costs milliseconds each on a busy machine.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._tile_counts(scores, valid_square, positive_index)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _tile_counts(self, scores, valid_square, positive_index):
+        rows = valid_square.shape[0]
+        positive_counts = self.exact_counts(scores.view(-1).index_select(0, positive_index))
+        if not self.arithmetic:
+            return self.exact_counts(scores[:, rows:]) + self.exact_counts(scores[:, :rows][valid_square]), \
+                positive_counts
+        histogram = torch.zeros(self.count, dtype=torch.float32, device=scores.device)
+        near_edge_scores = []
+        chunk_rows = max(1, CHUNK_ELEMENTS // scores.shape[1])
+        for first in range(0, rows, chunk_rows):
+            chunk = scores[first:first + chunk_rows]
+            positions = torch.addcmul(self.shift, chunk, self.one, value=self.inverse_step)
+            distance = torch.round(positions).sub_(positions).abs_()
+            near_edge = distance < self.margin
+            chunk_valid = valid_square[first:first + chunk_rows]
+            near_edge[:, :rows] &= chunk_valid
+            positions[:, :rows].masked_fill_(~chunk_valid, -1.0)
+            near_edge_scores.append(chunk[near_edge])
+            # Outside [0, T] histc ignores a value: scores near an edge are counted by the exact search.
+            positions.masked_fill_(near_edge, -1.0)
+            # float32 counts stay exact below 2**24 per bin, which the tile size guarantees.
+            histogram += torch.histc(positions, bins=self.count, min=0, max=self.count)
+        all_counts = histogram.round_().to(torch.int64) + self.exact_counts(torch.cat(near_edge_scores))
+        return all_counts, positive_counts
+
+
+def _pair_histograms(queries, gallery, label_sets, edges, edges32, tile_elements, neighbours=None):
+    """Counts per threshold of the positive pairs (one array per label set) and of all pairs at or above it,
+    as int64 numpy arrays of length T; optionally updates leave-one-out nearest neighbours (symmetric
+    scoring only) from the same tiles."""
+    device = queries.device
+    tile_histogram = _TileHistogram(edges, edges32, device)
+    all_histogram = torch.zeros(len(edges32), dtype=torch.int64, device=device)
+    positive_histograms = [torch.zeros_like(all_histogram) for _ in label_sets]
+    for first_row, end_row, scores, valid_square in _score_tiles(queries, gallery, tile_elements):
+        for index, label_set in enumerate(label_sets):
+            positive_index = label_set.positive_index(first_row, end_row, valid_square)
+            if index == 0:
+                all_counts, positive_counts = tile_histogram(scores, valid_square, positive_index)
+                all_histogram += all_counts
+            else:
+                positive_counts = tile_histogram.exact_counts(scores.view(-1).index_select(0, positive_index))
+            positive_histograms[index] += positive_counts
+        if neighbours is not None:
+            scores[:, :end_row - first_row].masked_fill_(~valid_square, -math.inf)
+            neighbours.update(first_row, scores)
+
+    # Histogram bin b holds scores with exactly b + 1 edges at or below them: count at or above threshold k
+    # is the sum over b >= k.
+    def at_or_above(histogram):
+        return np.cumsum(histogram.cpu().numpy()[::-1])[::-1].copy()
+    return [at_or_above(histogram) for histogram in positive_histograms], at_or_above(all_histogram)
+
+
+def _curves(positive_counts, all_counts, total_pairs, description):
+    """FAR and TAR per threshold from counts at or above each threshold."""
+    total_positive = int(positive_counts[0])
+    total_negative = total_pairs - total_positive
+    if total_positive == 0:
+        raise ValueError(f'{description}: no positive pair (no two images share a label), so TAR is undefined')
+    if total_negative == 0:
+        raise ValueError(f'{description}: every pair is positive (all images share one label), so FAR is '
+                         f'undefined')
+    negative_counts = all_counts - positive_counts
+    return negative_counts / total_negative, positive_counts / total_positive
+
+
+def _check_fars(fars):
+    if not len(fars) or any(not target > 0 for target in fars):
+        raise ValueError(f'target FARs must be a non-empty list of positive rates, got {list(fars)}')
+
+
+def _tars_from_curve(far, tar, fars):
+    """TAR at each target FAR, by the bracketing rule documented in tar_at_far."""
+    # Past the highest threshold nothing is accepted: FAR = TAR = 0.
+    far_extended = np.append(far, 0.0)
+    tar_extended = np.append(tar, 0.0)
+    # np.searchsorted needs ascending order: the reversed FAR curve is non-decreasing.
+    ascending = far_extended[::-1]
+    results = []
+    for target in fars:
+        at_least_target = len(ascending) - int(np.searchsorted(ascending, target, side='left'))
+        if at_least_target == 0:
+            lower = upper = 0
+        else:
+            lower = at_least_target - 1
+            upper = lower + 1
+            if far_extended[lower] >= FAR_BRACKET_FACTOR * target:
+                results.append(0.0)
+                continue
+        results.append(round(float((tar_extended[lower] + tar_extended[upper]) / 2), 5))
+    return results
+
+
+def _check_thresholds(num_thresholds):
+    if int(num_thresholds) < 2:
+        raise ValueError(f'num_thresholds must be at least 2, got {num_thresholds}')
+    return int(num_thresholds)
+
+
+def _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device, tile_elements,
+                    with_neighbours=False):
+    """Shared machinery: returns a (far, tar) curve per label set given as (labels, mask, description)."""
+    device = torch.device(device) if device is not None else _default_device()
+    num_thresholds = _check_thresholds(num_thresholds)
+    queries, gallery = _query_and_gallery(features, gallery_features, device)
+    num_items = queries.shape[0]
+    label_sets = [_pair_label_set(labels, mask, num_items, device) for labels, mask, _ in label_pairs]
+    neighbours = None
+    if with_neighbours and gallery is queries:
+        neighbours = _NearestNeighbours(num_items, device)
+    smallest, largest = _score_range(queries, gallery, tile_elements)
+    edges, edges32 = _threshold_edges(smallest, largest, num_thresholds)
+    positive_counts, all_counts = _pair_histograms(queries, gallery, label_sets, edges, edges32, tile_elements,
+                                                   neighbours)
+    total_pairs = num_items * (num_items - 1) // 2
+    curves = [_curves(counts, all_counts, total_pairs, description)
+              for counts, (_, _, description) in zip(positive_counts, label_pairs)]
+    return curves, neighbours
+
+
+def tar_at_far(features, labels=None, mask=None, fars=DEFAULT_FARS, num_thresholds=2000,
+               gallery_features=None, device=None, tile_elements=DEFAULT_TILE_ELEMENTS) -> list[float]:
+    """TAR at each target FAR over all unordered pairs i < j of `features` (SPEC §5), one float per FAR.
+
+    Positive pairs come from `labels` (one per feature: same label = positive) or from `mask` (boolean array
+    over numpy.triu_indices(N, 1) order, or the path of such a .npy, read memory-mapped block by block);
+    exactly one must be given. With `gallery_features` the pair (i, j), i < j, is scored
+    features[i] . gallery_features[j] (student query against teacher gallery).
+
+    Definition as implemented (the reading of SPEC §5):
+    - features are L2-normalised; scores are float32 dot products, computed in row tiles (never N x N);
+    - thresholds t_k = numpy.linspace(min, max, T)[k], k = 0..T-1 (T = num_thresholds, both ends included),
+      unit = (max - min) / T; a pair is accepted at t_k when score >= t_k - unit/2 + 2e-6 (exact comparison);
+      the lowest threshold accepts every pair (this only differs from the formula when max - min < 4e-6);
+    - FAR_k = accepted negatives / negatives, TAR_k = accepted positives / positives; past the highest
+      threshold FAR = TAR = 0 (a sentinel T-th point);
+    - for target f: `lower` = the last threshold with FAR >= f (ties at exactly f stay on the lower side),
+      `upper` = lower + 1 (the first with FAR < f, possibly the sentinel). The result is 0 when
+      FAR_lower >= 8 f (the grid jumps over f), otherwise (TAR_lower + TAR_upper) / 2; when even the lowest
+      threshold has FAR < f (only possible for f > 1) it is TAR_0. Rounded to 5 decimals.
+    Errors: N < 2, labels and mask both or neither, a mask of the wrong length, no positive or no negative pair.
+    Cost: two passes over the row tiles (min/max, then the histogram), each N^2 d / 2 multiply-adds, on the GPU
+    when there is one; memory O(N d + tile_elements). The histogram pass re-scores the same tiles, so the
+    extremes it bins against are bit-identical to the first pass.
+    """
+    _check_fars(fars)
+    label_pairs = [(labels, mask, 'tar_at_far')]
+    curves, _ = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device, tile_elements)
+    far, tar = curves[0]
+    return _tars_from_curve(far, tar, fars)
+
+
+def far_tar_curve(features, labels=None, mask=None, num_thresholds=2000, gallery_features=None, device=None,
+                  tile_elements=DEFAULT_TILE_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
+    """(far, tar) float64 arrays of length num_thresholds, one point per threshold, as in tar_at_far."""
+    label_pairs = [(labels, mask, 'far_tar_curve')]
+    curves, _ = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device, tile_elements)
+    return curves[0]
+
+
+class _NearestNeighbours:
+    """Leave-one-out best match per item, accumulated from upper-triangle tiles of a symmetric score matrix.
+    Ties go to the smaller index, as argmax over a full row would."""
+
+    def __init__(self, num_items, device):
+        self.best_score = torch.full((num_items,), -math.inf, device=device)
+        self.best_index = torch.full((num_items,), num_items, dtype=torch.int64, device=device)
+
+    def _merge(self, items, scores, indices):
+        current_score, current_index = self.best_score[items], self.best_index[items]
+        better = (scores > current_score) | ((scores == current_score) & (indices < current_index))
+        self.best_score[items] = torch.where(better, scores, current_score)
+        self.best_index[items] = torch.where(better, indices, current_index)
+
+    def update(self, first_row, scores):
+        """scores: tile with pairs i >= j set to -inf; rows first_row.., columns first_row..N."""
+        device = scores.device
+        rows, columns = scores.shape
+        row_scores, row_argmax = scores.max(dim=1)
+        self._merge(torch.arange(first_row, first_row + rows, device=device), row_scores, row_argmax + first_row)
+        column_scores, column_argmax = scores.max(dim=0)
+        self._merge(torch.arange(first_row, first_row + columns, device=device), column_scores,
+                    column_argmax + first_row)
+
+    def accuracy(self, class_ids):
+        return float((class_ids[self.best_index] == class_ids).double().mean())
+
+
+def nearest_neighbor_accuracy(features, labels, gallery_features=None, device=None,
+                              tile_elements=DEFAULT_TILE_ELEMENTS) -> float:
+    """Leave-one-out top-1 accuracy: each item i is matched to the j != i of highest score
+    (features[i] . gallery_features[j] when a gallery is given, else features[i] . features[j]; ties to the
+    smaller j) and counts as correct when labels[j] == labels[i]."""
+    device = torch.device(device) if device is not None else _default_device()
+    queries, gallery = _query_and_gallery(features, gallery_features, device)
+    num_items = queries.shape[0]
+    class_ids = _label_tensor(labels, num_items, device)
+    rows_per_block = max(1, tile_elements // num_items)
+    correct = 0
+    for first_row in range(0, num_items, rows_per_block):
+        end_row = min(first_row + rows_per_block, num_items)
+        scores = queries[first_row:end_row] @ gallery.T
+        rows = torch.arange(end_row - first_row, device=device)
+        scores[rows, rows + first_row] = -math.inf
+        best = scores.argmax(dim=1)
+        correct += int((class_ids[best] == class_ids[first_row:end_row]).sum())
+    return correct / num_items
+
+
+def evaluate_features(features, coarse_labels, fine_labels, gallery_features=None, coarse_mask=None,
+                      fine_mask=None, fars=DEFAULT_FARS, num_thresholds=2000, device=None,
+                      tile_elements=DEFAULT_TILE_ELEMENTS) -> dict:
+    """Coarse and fine TAR@FAR, curves and nearest-neighbour accuracy from one pass over the scores.
+
+    A mask, when given, defines that level's positive pairs instead of its labels (labels are still used for
+    the nearest-neighbour accuracy; None there gives None). fine_labels None (and no fine_mask) means the fine
+    level equals the coarse one. Returns {'coarse': [TARs], 'fine': [TARs], 'coarse_curve': (far, tar),
+    'fine_curve': (far, tar), 'coarse_nn_accuracy': float | None, 'fine_nn_accuracy': float | None}.
+    """
+    _check_fars(fars)
+    if fine_labels is None and fine_mask is None:
+        fine_labels, fine_mask = coarse_labels, coarse_mask
+    label_pairs = [(None if coarse_mask is not None else coarse_labels, coarse_mask, 'coarse'),
+                   (None if fine_mask is not None else fine_labels, fine_mask, 'fine')]
+    curves, neighbours = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device,
+                                         tile_elements, with_neighbours=True)
+    result = {}
+    for level, (far, tar), labels in zip(('coarse', 'fine'), curves, (coarse_labels, fine_labels)):
+        result[level] = _tars_from_curve(far, tar, fars)
+        result[f'{level}_curve'] = (far, tar)
+        accuracy = None
+        if labels is not None:
+            if neighbours is not None:
+                num_items = len(neighbours.best_index)
+                accuracy = neighbours.accuracy(_label_tensor(labels, num_items, neighbours.best_index.device))
+            else:
+                accuracy = nearest_neighbor_accuracy(features, labels, gallery_features, device, tile_elements)
+        result[f'{level}_nn_accuracy'] = accuracy
+    return result
+
+
+def plot_roc(curves: dict, path: str):
+    """Save TAR against FAR (log axis) for each named (far, tar) curve as an image at `path`."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    for name, (far, tar) in curves.items():
+        far, tar = np.asarray(far), np.asarray(tar)
+        shown = far > 0  # a log axis cannot show FAR = 0
+        axes.plot(far[shown], tar[shown], label=name)
+    axes.set_xscale('log')
+    axes.set_xlabel('FAR (false accept rate)')
+    axes.set_ylabel('TAR (verification rate)')
+    axes.set_ylim(0, 1.01)
+    axes.grid(True, which='both', alpha=0.3)
+    axes.legend(loc='lower right')
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def format_tar_line(prefix: str, coarse: list, fine: list) -> str:
+    """'test acc: coarsegrained:[0.9, ...]--finegrained:[...]' (prefix 'test acc' or 'cross acc')."""
+    def listed(values):
+        return '[' + ', '.join(repr(round(float(value), 5)) for value in values) + ']'
+    return f'{prefix}: coarsegrained:{listed(coarse)}--finegrained:{listed(fine)}'
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The demo's table
+# ----------------------------------------------------------------------------------------------------------------------
+DEMO_ROWS = (('Swin-base teacher', 'Swin_base', 'test'),
+             ('Resnet12 student', 'Resnet12', 'test'),
+             ('Swin-tiny student', 'Swin_tiny', 'test'),
+             ('Swin-tiny student vs teacher gallery (cross)', 'Swin_tiny', 'cross'),
+             ('untrained Swin-tiny (floor)', 'Swin_tiny-untrained', 'test'))
+
+
+def read_record(run_dir: str) -> dict:
+    """The figures record.txt holds: parameter counts, epochs, TAR lines and nearest-neighbour lines."""
+    with open(os.path.join(run_dir, 'record.txt'), encoding='utf-8') as handle:
+        text = handle.read()
+    found = {'epochs': len(re.findall(r'^epoch \d+  lr', text, re.M))}
+    counts = re.findall(r'student para trainable/sum (\d+)/(\d+); teacher para trainable/sum (\d+)/(\d+)', text)
+    if counts:
+        found['student_parameters'], found['teacher_parameters'] = int(counts[-1][0]), int(counts[-1][3])
+    for name in ('test', 'teacher', 'cross'):
+        lines = re.findall(rf'^{name} acc: coarsegrained:\[(.*)\]--finegrained:\[(.*)\]$', text, re.M)
+        if lines:
+            coarse, fine = ([float(value) for value in part.split(',')] for part in lines[-1])
+            found[name] = {'coarse': coarse, 'fine': fine}
+    for name in ('student', 'teacher', 'cross'):
+        match = re.findall(rf'^{name} nearest-neighbour top-1: coarse=([0-9.]+), fine=([0-9.]+)$', text, re.M)
+        if match:
+            found[f'nn_{name}'] = tuple(float(value) for value in match[-1])
+    return found
+
+
+def demo_results_table(runs_dir: str) -> str:
+    """results.md: the demo's runs in the shape of the published table (TAR at FAR 1e-2, coarse and fine)."""
+    records = {}
+    for record in sorted(glob.glob(os.path.join(runs_dir, '*', '*', 'record.txt'))):
+        run_dir = os.path.dirname(record)
+        backbone = os.path.basename(os.path.dirname(run_dir)).split('-')[1]
+        untrained = os.path.basename(run_dir).endswith('-untrained')
+        records[backbone + ('-untrained' if untrained else '')] = read_record(run_dir)
+    lines = ['| model | epochs | coarse TAR@1e-2 | fine TAR@1e-2 | coarse TAR@1e-3 | NN top-1 coarse |',
+             '|---|---|---|---|---|---|']
+    for title, key, line in DEMO_ROWS:
+        record = records.get(key, {})
+        if line not in record:
+            continue
+        figures = record[line]
+        nearest = record.get({'test': 'nn_student', 'teacher': 'nn_teacher', 'cross': 'nn_cross'}[line], (0, 0))
+        lines.append(f'| {title} | {record["epochs"] if line != "teacher" else "-"} | {figures["coarse"][1]:.5f} '
+                     f'| {figures["fine"][1]:.5f} | {figures["coarse"][2]:.5f} | {nearest[0]:.5f} |')
+    return '\n'.join(lines) + '\n'
+
+
+def main():
+    parser = argparse.ArgumentParser(description='Write the demo results table from its run directories.')
+    parser.add_argument('--demo_results', required=True, help='the demo save_dir holding the runs')
+    parser.add_argument('--output', required=True, help='results.md to write')
+    args = parser.parse_args()
+    table = demo_results_table(args.demo_results)
+    with open(args.output, 'w', encoding='utf-8') as handle:
+        handle.write(table)
+    print(table, end='')
+
+
+if __name__ == '__main__':
+    main()
