@@ -24,7 +24,7 @@ run_demo() {
     data="$demo_dir/data"
     runs="$demo_dir/runs"
     echo "demo: synthetic landmarks in $data, runs in $runs"
-    "$PYTHON" helpers.py --out "$data" --seed 0
+    "$PYTHON" helpers.py "$data" --seed 0
     common="--dataset Synthetic --img_size $size --demo_width_divisor $width --num_workers 1 --amp bf16
             --save_dir $runs --augment --eval_interval 100 --log_interval 10
             --train_root $data --train_list $data/train.txt --val_root $data --val_list $data/val.txt

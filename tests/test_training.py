@@ -342,3 +342,40 @@ def test_two_processes_take_the_same_steps_as_one_with_the_same_global_batch(tin
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5)
         changed += not torch.equal(value, initial[key])
     assert changed > 10
+
+
+# ------------------------------------------------------------------------------------------- bad images
+def test_unreadable_training_image_is_logged_counted_and_replaced(tiny_data, tmp_path):
+    import shutil
+    root = str(tmp_path / 'data')
+    shutil.copytree(tiny_data['root'], root)
+    with open(os.path.join(root, 'train_0003.jpg'), 'wb') as handle:
+        handle.write(b'not a jpeg at all')
+    argv = SMALL + ['--train_root', root, '--train_list', os.path.join(root, 'train.txt'), '--num_classes', '4',
+                    '--backbone_class', 'Resnet12', '--max_epoch', '1', '--warmup_epoch', '0']
+    run_main(argv + ['--save_dir', str(tmp_path / 'tolerant'), '--max_bad_images', '0.05'])
+    record = record_of(only_run_dir(tmp_path / 'tolerant'))
+    assert re.search(r'^bad image \(replaced\): .*train_0003\.jpg: .+$', record, re.M)
+    assert 'epoch 1: 1 bad images replaced' in record
+    with pytest.raises(SystemExit, match=r'epoch 1: 1 of 24 images were unreadable, more than --max_bad_images 0.0'):
+        run_main(argv + ['--save_dir', str(tmp_path / 'strict'), '--max_bad_images', '0'])
+
+
+# ------------------------------------------------------------------------------ precision and memory switches
+@pytest.mark.parametrize('backbone, switches', [
+    ('Swin_tiny', ['--amp', 'bf16', '--grad_checkpointing']),
+    ('Resnet12', ['--amp', 'fp16', '--channels_last']),
+    ('Resnet12', ['--compile']),
+])
+def test_precision_and_memory_switches_train(tiny_data, tmp_path, backbone, switches):
+    run_main(SMALL + data_args(tiny_data)[:8] + switches + [
+        '--backbone_class', backbone, '--num_classes', '4', '--max_epoch', '1', '--warmup_epoch', '0',
+        '--optim', 'SGD', '--lr', '0.05', '--save_dir', str(tmp_path)])
+    run_dir = only_run_dir(tmp_path)
+    losses = re.search(r'avg_ce_loss=([0-9.]+)', record_of(run_dir))
+    assert losses and math.isfinite(float(losses.group(1)))
+    trained = torch.load(os.path.join(run_dir, 'max_acc.pth'), weights_only=True)['params']
+    main.seed_epoch(0, 0, 0)
+    initial = helpers.build_model(backbone, 96, 4, None, None, None, False, 8).student.backbone.state_dict()
+    assert trained.keys() - {'head.weight'} == initial.keys()
+    assert sum(not torch.equal(trained[key], initial[key]) for key in initial) > 10
