@@ -22,6 +22,7 @@ BEST_NAME = 'max_acc.pth'
 
 
 def get_parser() -> argparse.ArgumentParser:
+    """The original's flags (SPEC §6) plus this project's."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add('--backbone_class', default='Swin_tiny', choices=models.BACKBONE_NAMES)
@@ -100,15 +101,23 @@ def check_args(args, world_size: int):
         for path in values if isinstance(values, list) else [values]:
             if path and not os.path.isfile(path):
                 problems.append(f'--{name} {path}: no such file')
+    for name in ('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor'):
+        if getattr(args, name) < 1:
+            problems.append(f'--{name} must be at least 1, not {getattr(args, name)}')
+    if args.num_classes is not None and args.num_classes < 1:
+        problems.append(f'--num_classes must be at least 1, not {args.num_classes}')
     try:
-        step_sizes(args.step_size)
+        if args.lr_scheduler != 'cosine' and (not step_sizes(args.step_size) or min(step_sizes(args.step_size)) < 1):
+            raise ValueError
     except ValueError:
-        problems.append(f'--step_size {args.step_size!r}: give an integer, or comma-separated integers')
+        problems.append(f'--step_size {args.step_size!r}: give a positive integer (step) or comma-separated '
+                        'positive integers (multistep)')
     if problems:
         raise SystemExit('error: ' + '\nerror: '.join(problems))
 
 
 def step_sizes(text: str) -> list[int]:
+    """'30' -> [30]; '30,60' -> [30, 60]."""
     return [int(part) for part in str(text).split(',') if part.strip()]
 
 
@@ -154,6 +163,8 @@ def main(args):
         else:
             train(args, run_dir, logger, rank, world_size, device)
         logger.close()
+    except helpers.ImageReadError as error:
+        raise SystemExit(f'error: {error}') from None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -162,7 +173,7 @@ def main(args):
 def train(args, run_dir, logger, rank, world_size, device):
     """Data, model, optimizer, resume, the epoch loop with validation and checkpoints, then the test."""
     seed_epoch(args.seed, 0, rank)
-    train_samples, num_labels = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
+    train_samples, _ = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
     distiller = helpers.build_model(
         args.backbone_class, args.img_size, args.num_classes, args.init_weights,
         args.teacher_backbone_class if args.is_distill else None, args.teacher_init_weights,
@@ -175,6 +186,9 @@ def train(args, run_dir, logger, rank, world_size, device):
     train_loader = helpers.build_train_loader(
         helpers.ImageDataset(train_samples, args.img_size, train=True, augment=args.augment),
         per_process_batch, args.num_workers, args.seed, rank, world_size)
+    if len(train_loader) == 0:
+        raise SystemExit(f'error: the training lists hold {len(train_samples)} images, fewer than one batch of '
+                         f'--batch_size {args.batch_size}; lower --batch_size')
     val_loader = None
     if args.val_list:
         val_samples = helpers.read_eval_samples(args.val_root, args.val_list)
@@ -189,7 +203,7 @@ def train(args, run_dir, logger, rank, world_size, device):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     student = distiller.student
     if args.compile:
-        student.backbone.compile()  # in place, so that state_dict keys keep their names
+        helpers.compile_backbone(student.backbone)
     if world_size > 1:
         student = DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
     criterion = trainer.DistillationLoss(args.kd_loss if args.is_distill else None, args.kd_weight,
@@ -212,13 +226,15 @@ def train(args, run_dir, logger, rank, world_size, device):
         train_loader.sampler.set_epoch(epoch)
         stats = trainer.train_one_epoch(distiller, student, criterion, optimizer, scaler, train_loader,
                                         batch_transform, epoch, schedule, device, args.amp, logger,
-                                        args.log_interval, show_progress=rank == 0)
+                                        args.log_interval, world_size, show_progress=rank == 0)
         check_bad_images(stats, args.max_bad_images, epoch, logger)
         validation = (0.0, 0.0, 0.0)
-        if val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch):
+        validated = val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch)
+        if validated:
             validation = trainer.validate(distiller.student, val_loader, batch_transform, device, args.amp)
         log_epoch(logger, epoch, stats, validation)
-        improved = val_loader is None or validation[1] > progress['best_accuracy']
+        # without a validation list the latest epoch is the one kept
+        improved = val_loader is None or (validated and validation[1] > progress['best_accuracy'])
         if improved:
             progress.update(best_accuracy=validation[1], best_epoch=epoch)
         progress['epoch'] = epoch
@@ -229,11 +245,14 @@ def train(args, run_dir, logger, rank, world_size, device):
             utils.save_atomically(training_state(distiller, optimizer, scaler, progress, args), checkpoint_path)
         if world_size > 1:
             dist.barrier()
-    logger.info(f'best epoch {progress["best_epoch"]}: eval_acc={progress["best_accuracy"]:.4f}')
+    if val_loader is not None and progress['best_epoch']:
+        logger.info(f'best epoch {progress["best_epoch"]}: eval_acc={progress["best_accuracy"]:.4f}')
 
     if args.test_list:
-        student_backbone = models.load_backbone(args.backbone_class, best_path, args.img_size,
-                                                args.demo_width_divisor).to(device)
+        # --max_epoch 0 tests the untrained student (the demo's floor)
+        student_backbone = (models.load_backbone(args.backbone_class, best_path, args.img_size,
+                                                 args.demo_width_divisor).to(device)
+                            if os.path.exists(best_path) else distiller.student.backbone)
         teacher_backbone = distiller.teacher.backbone if distiller.teacher is not None else None
         run_test(args, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device)
 
@@ -277,6 +296,7 @@ def run_test(args, run_dir, logger, student_backbone, teacher_backbone, rank, wo
 
 
 def log_test(logger, report, roc_path):
+    """The TAR lines and nearest-neighbour lines of record.txt, tensorboard scalars and roc.png."""
     names = {'student': 'test acc', 'teacher': 'teacher acc', 'cross': 'cross acc'}
     curves = {}
     for name, result in report.items():
@@ -291,8 +311,9 @@ def log_test(logger, report, roc_path):
 
 
 def check_bad_images(stats, max_fraction: float, epoch: int, logger):
-    bad = stats['bad_images']
-    for message in sorted(set(bad)):
+    """Log each replaced image once; stop when more than `max_fraction` of the epoch was unreadable."""
+    bad = sorted(set(stats['bad_images']))
+    for message in bad:
         logger.info(f'bad image (replaced): {message}')
     if bad:
         logger.info(f'epoch {epoch}: {len(bad)} bad images replaced')
@@ -302,6 +323,7 @@ def check_bad_images(stats, max_fraction: float, epoch: int, logger):
 
 
 def log_epoch(logger, epoch, stats, validation):
+    """The epoch line of record.txt (the original's format) and its tensorboard scalars."""
     eval_loss, eval_accuracy, eval_interval = validation
     logger.info(f'epoch {epoch}  lr {stats["lr"]:.6g}: train_acc={stats["accuracy"]:.4f}, '
                 f'eval_loss={eval_loss:.4f}, eval_acc={eval_accuracy:.4f}+{eval_interval:.4f}, '
@@ -334,7 +356,8 @@ def resume(path, distiller, optimizer, scaler, seed: int, head_fixed: bool) -> d
         raise SystemExit(f'error: {path} does not fit the student: missing {missing[:5]}, '
                          f'unexpected {unexpected[:5]}; was it written by another configuration?')
     optimizer.load_state_dict(state['optimizer'])
-    scaler.load_state_dict(state['scaler'])
+    if scaler.is_enabled() and state['scaler']:
+        scaler.load_state_dict(state['scaler'])
     if hasattr(distiller.student.backbone, 'batches_seen'):
         distiller.student.backbone.batches_seen = int(state['batches_seen'])
     return dict(state['progress'])

@@ -19,35 +19,44 @@ PYTHON=${PYTHON:-python}
 
 run_demo() {
     demo_dir=${DEMO_DIR:-./demo_output}
-    size=${DEMO_IMG_SIZE:-64}
-    width=${DEMO_WIDTH_DIVISOR:-4}
+    size=${DEMO_IMG_SIZE:-32}
+    landmarks=${DEMO_LANDMARKS:-150}
     data="$demo_dir/data"
     runs="$demo_dir/runs"
     echo "demo: synthetic landmarks in $data, runs in $runs"
-    "$PYTHON" helpers.py "$data" --seed 0
-    common="--dataset Synthetic --img_size $size --demo_width_divisor $width --num_workers 1 --amp bf16
-            --save_dir $runs --augment --eval_interval 100 --log_interval 10
-            --train_root $data --train_list $data/train.txt --val_root $data --val_list $data/val.txt
-            --test_root $data --test_list $data/test.txt"
+    teacher_epochs=${DEMO_TEACHER_EPOCHS:-30}
+    "$PYTHON" helpers.py "$data" --seed 0 --num_train_landmarks "$landmarks" \
+        --num_test_landmarks "${DEMO_TEST_LANDMARKS:-50}" > /dev/null
+    # the CPU demo narrows every width by DEMO_WIDTH_DIVISOR; the architectures are otherwise the real ones
+    common="--dataset Synthetic --img_size $size --demo_width_divisor ${DEMO_WIDTH_DIVISOR:-4} --amp bf16
+            --num_workers 1 --batch_size 32 --optim AdamW --weight_decay 0.05 --warmup_epoch 1 --eval_interval 1000
+            --log_interval 10
+            --save_dir $runs --train_root $data --train_list $data/train.txt --val_root $data
+            --val_list $data/val.txt --test_root $data --test_list $data/test.txt"
+    echo "demo: Swin_base teacher trained with cross-entropy on its cosine head"
     # shellcheck disable=SC2086
-    "$PYTHON" main.py $common --backbone_class Swin_base --max_epoch "${DEMO_TEACHER_EPOCHS:-12}" \
-        --warmup_epoch 1 --batch_size 32 --lr 0.002 --optim AdamW --weight_decay 0.05
-    teacher=$(ls "$runs"/Synthetic-Swin_base-no_distill/*/max_acc.pth)
+    "$PYTHON" main.py $common --backbone_class Swin_base --num_classes "$landmarks" \
+        --max_epoch "$teacher_epochs" --lr 0.0004
+    teacher="$runs/Synthetic-Swin_base-no_distill-NoAug/lr0.0004_AdamW_cosine_epoch${teacher_epochs}_warmup1_bs32/max_acc.pth"
     distill="--is_distill --teacher_backbone_class Swin_base --teacher_init_weights $teacher --head_fixed
-             --kd_loss KD --kd_weight 1.0 --batch_size 32"
+             --kd_loss KD --kd_weight 1.0 --max_epoch ${DEMO_STUDENT_EPOCHS:-15}"
+    echo "demo: Swin_tiny student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
-    "$PYTHON" main.py $common $distill --backbone_class Swin_tiny --max_epoch "${DEMO_STUDENT_EPOCHS:-8}" \
-        --warmup_epoch 1 --lr 0.002 --optim AdamW --weight_decay 0.05
+    "$PYTHON" main.py $common $distill --backbone_class Swin_tiny --lr 0.0004
+    echo "demo: Resnet12 student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
-    "$PYTHON" main.py $common $distill --backbone_class Resnet12 --max_epoch "${DEMO_STUDENT_EPOCHS:-8}" \
-        --warmup_epoch 0 --lr 0.05 --optim SGD --momentum 0.9
+    "$PYTHON" main.py $common $distill --backbone_class Resnet12 --lr 0.001
+    echo "demo: untrained Swin_tiny student (the floor)"
     # shellcheck disable=SC2086
-    "$PYTHON" main.py $common $distill --backbone_class Swin_tiny --max_epoch 0 --warmup_epoch 0 \
-        --suffix -untrained
+    "$PYTHON" main.py $common $distill --backbone_class Swin_tiny --lr 0.0004 --max_epoch 0 --suffix=-untrained
     "$PYTHON" utils.py --demo_results "$runs" --output "$demo_dir/results.md"
 }
 
 if [ -z "${TEACHER:-}" ] && [ -z "${TRAIN_LIST:-}" ]; then
+    if [ "$#" -gt 0 ]; then
+        echo "arguments go to main.py with a recipe run: set TEACHER and TRAIN_ROOT/TRAIN_LIST (see the top of start.sh)" >&2
+        exit 2
+    fi
     run_demo
     exit 0
 fi
@@ -58,7 +67,9 @@ fi
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 NPROC=${NPROC:-${HOST_GPU_NUM:-$gpus}}
 [ "$NPROC" -ge 1 ] || NPROC=1
-if [ "$gpus" -ge 1 ]; then AMP=${AMP:-bf16}; else AMP=${AMP:-none}; fi
+# bf16 autocast where GPUs compute it natively (Ampere and newer), fp16 with a gradient scaler before
+bf16=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available() and torch.cuda.is_bf16_supported()))')
+if [ "$gpus" -lt 1 ]; then AMP=${AMP:-none}; elif [ "$bf16" = 1 ]; then AMP=${AMP:-bf16}; else AMP=${AMP:-fp16}; fi
 
 case "${STUDENT:-Swin_tiny}" in
     Swin_tiny) recipe="--backbone_class Swin_tiny --max_epoch 200 --warmup_epoch 10 --lr 0.001 --optim AdamW" ;;

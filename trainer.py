@@ -104,15 +104,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_transform, epoch: int,
-                    schedule, device: torch.device, amp: str, logger, log_interval: int, show_progress: bool):
+                    schedule, device: torch.device, amp: str, logger, log_interval: int, world_size: int,
+                    show_progress: bool):
     """One pass over `loader`; returns a dict of epoch averages (over all processes) and the bad images.
 
     `model` is the DistillationModel (its teacher gives the targets), `student` the module that is trained
     (the DDP wrapper of model.student when distributed), `schedule(epoch_progress, epoch)` the learning rate.
+    Figures stay on the device between log points, so that a GPU is not made to wait every step.
     """
     model.train()
     iterations = len(loader)
-    sums = {'loss': 0.0, 'ce': 0.0, 'kd': 0.0, 'correct': 0.0, 'samples': 0.0}
+    # loss, cross-entropy, distillation (each times the batch size), correct predictions, samples
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    first_non_finite = torch.full((), iterations, dtype=torch.long, device=device)
     bad_images = []
     progress = tqdm(loader, desc=f'epoch {epoch}', disable=not show_progress, dynamic_ncols=True)
     start = time.perf_counter()
@@ -129,41 +133,45 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
                                                 if model.teacher is not None else (None, None))
         loss, cross_entropy, distillation = criterion(student_features, student_logits, teacher_features,
                                                       teacher_logits, labels)
-        check_finite(loss, epoch, iteration, device)
+        first_non_finite = torch.where(torch.isfinite(loss) | (first_non_finite < iterations),
+                                       first_non_finite, iteration)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
         batch_size = labels.numel()
-        sums['loss'] += loss.item() * batch_size
-        sums['ce'] += cross_entropy.item() * batch_size
-        sums['kd'] += distillation.item() * batch_size
-        sums['correct'] += (student_logits.argmax(dim=1) == labels).sum().item()
-        sums['samples'] += batch_size
-        step = (epoch - 1) * iterations + iteration
-        if show_progress:
-            elapsed = time.perf_counter() - start
-            progress.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}',
-                                 img_s=f'{sums["samples"] * criterion.world_size / elapsed:.1f}')
-        if iteration % log_interval == 0:
+        correct = (student_logits.argmax(dim=1) == labels).sum()
+        sums += torch.stack([loss.detach() * batch_size, cross_entropy * batch_size, distillation * batch_size,
+                             correct.to(loss.dtype), loss.new_tensor(batch_size)]).double()
+        if (iteration + 1) % log_interval == 0 or iteration + 1 == iterations:
+            check_finite(first_non_finite, iterations, epoch)
+            step = (epoch - 1) * iterations + iteration
             logger.scalar('train/ce_loss', cross_entropy.item(), step)
             logger.scalar('train/kd_loss', distillation.item(), step)
             logger.scalar('train/lr', lr, step)
-    totals = dict(zip(sums, global_sum(list(sums.values()), device)))
+            if show_progress:
+                images_per_second = sums[4].item() * world_size / (time.perf_counter() - start)
+                progress.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}', img_s=f'{images_per_second:.1f}')
+    totals = dict(zip(('loss', 'ce', 'kd', 'correct', 'samples'), global_sum(sums.tolist(), device)))
     samples = max(totals['samples'], 1.0)
     return {'lr': lr, 'loss': totals['loss'] / samples, 'ce': totals['ce'] / samples, 'kd': totals['kd'] / samples,
             'accuracy': totals['correct'] / samples, 'samples': totals['samples'],
             'bad_images': gather_messages(bad_images)}
 
 
-def check_finite(loss: torch.Tensor, epoch: int, iteration: int, device: torch.device):
-    """Stop every process together when any of them sees a NaN or infinite loss."""
-    non_finite = global_sum([0.0 if torch.isfinite(loss).item() else 1.0], device)[0]
-    if non_finite:
-        raise NonFiniteLossError(f'epoch {epoch} iteration {iteration}: the loss is not finite '
-                                 f'({loss.item()}); the run directory keeps the last good checkpoint. '
-                                 'Lower --lr or try --amp bf16 instead of fp16.')
+def check_finite(first_non_finite: torch.Tensor, iterations: int, epoch: int):
+    """Stop every process together once any of them has seen a NaN or infinite loss.
+
+    Checkpoints are written at the end of an epoch, so the last one on disk is still the good one.
+    """
+    first = first_non_finite.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    if first.item() < iterations:
+        raise NonFiniteLossError(f'epoch {epoch} iteration {first.item()}: the loss is not finite; the run directory '
+                                 'keeps the checkpoint of the last good epoch, which a rerun would reach again: '
+                                 'start a new run (another --suffix) with a lower --lr, or --amp bf16 instead of fp16')
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ def main():
     # ru_maxrss is in KiB on Linux.
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     pairs = arguments.n * (arguments.n - 1) // 2
-    print(f'N={arguments.n} pairs={pairs} device={utils._default_device()} threads={torch.get_num_threads()}')
+    print(f'N={arguments.n} pairs={pairs} device={utils.default_device()} threads={torch.get_num_threads()}')
     # CPU seconds over the thread count tell the wall time on an otherwise idle machine.
     print(f'cpu_s={cpu_seconds:.1f} load_average={os.getloadavg()[0]:.2f}')
     print(f'TARs at {list(utils.DEFAULT_FARS)}: {tars}')

@@ -364,14 +364,6 @@ def test_save_atomically_replaces_whole_files_only(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ['checkpoint.pth.tar']
 
 
-def test_average_meter_weights_by_count():
-    meter = utils.AverageMeter()
-    assert meter.avg == 0
-    meter.update(1.0, n=3)
-    meter.update(3.0)
-    assert meter.avg == pytest.approx(1.5) and meter.count == 4
-
-
 def test_format_tar_line_and_roc_plot(tmp_path):
     line = utils.format_tar_line('test acc', [0.917654, 0.5], [0.1, 0.0])
     assert line == 'test acc: coarsegrained:[0.91765, 0.5]--finegrained:[0.1, 0.0]'

@@ -131,7 +131,11 @@ def test_step_and_multistep_really_decay():
     (['--is_distill'], '--is_distill needs --teacher_init_weights'),
     (['--head_fixed'], '--head_fixed shares'),
     (['--train_list', '/nonexistent/train.txt'], 'no such file'),
-    (['--step_size', 'ten'], '--step_size'),
+    (['--step_size', 'ten', '--lr_scheduler', 'step'], '--step_size'),
+    (['--step_size', '0', '--lr_scheduler', 'step'], '--step_size'),
+    (['--eval_interval', '0'], '--eval_interval must be at least 1'),
+    (['--batch_size', '64', '--num_classes', '4'],
+     'the training lists hold 24 images, fewer than one batch of --batch_size 64'),
 ])
 def test_bad_arguments_are_refused_with_the_fix(tiny_data, tmp_path, extra, message):
     argv = SMALL + data_args(tiny_data) + ['--save_dir', str(tmp_path)]
@@ -174,6 +178,16 @@ def test_distillation_run_writes_the_specified_outputs(tiny_data, teacher_file, 
     assert not any(key.startswith('head') for key in best['params'])
     assert os.path.isfile(os.path.join(run_dir, 'roc.png'))
     assert glob.glob(os.path.join(run_dir, '**', 'events.out.tfevents.*'), recursive=True)
+
+
+def test_only_validated_epochs_compete_for_max_acc(tiny_data, tmp_path):
+    run_main(SMALL + data_args(tiny_data)[:8] + ['--backbone_class', 'Resnet12', '--num_classes', '4',
+                                                 '--max_epoch', '2', '--eval_interval', '2', '--optim', 'SGD',
+                                                 '--save_dir', str(tmp_path)])
+    record = record_of(only_run_dir(tmp_path))
+    assert re.search(r'^best epoch 2: eval_acc=[0-9.]+$', record, re.M)
+    state = torch.load(os.path.join(only_run_dir(tmp_path), 'checkpoint.pth.tar'), weights_only=True)
+    assert state['progress']['best_epoch'] == 2
 
 
 def test_teacher_training_without_distillation_keeps_its_head(tiny_data, tmp_path):
@@ -336,7 +350,8 @@ def test_two_processes_take_the_same_steps_as_one_with_the_same_global_batch(tin
     one = torch.load(os.path.join(only_run_dir(tmp_path / 'one'), 'max_acc.pth'), weights_only=True)['params']
     two = torch.load(os.path.join(only_run_dir(tmp_path / 'two'), 'max_acc.pth'), weights_only=True)['params']
     main.seed_epoch(0, 0, 0)
-    initial = helpers.build_model('Swin_tiny', 96, None, None, 'Swin_tiny', teacher, True, 8).student.backbone.state_dict()
+    initial = helpers.build_model('Swin_tiny', 96, None, None, 'Swin_tiny', teacher, True, 8).student.backbone
+    initial = initial.state_dict()
     changed = 0
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5)

@@ -1,0 +1,91 @@
+"""The demo pipeline of start.sh end to end, at a far smaller size, and start.sh's recipe launch."""
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def demo_environment(tmp_path, **extra) -> dict:
+    environment = dict(os.environ, PYTHON=sys.executable, DEMO_DIR=str(tmp_path / 'demo'), OMP_NUM_THREADS='1')
+    for name in ('TEACHER', 'TRAIN_LIST', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        environment.pop(name, None)
+    environment.update(extra)
+    return environment
+
+
+def test_demo_runs_every_stage_and_writes_the_table(tmp_path):
+    environment = demo_environment(tmp_path, DEMO_LANDMARKS='6', DEMO_TEST_LANDMARKS='5', DEMO_WIDTH_DIVISOR='16',
+                                   DEMO_TEACHER_EPOCHS='1', DEMO_STUDENT_EPOCHS='1')
+    finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True,
+                              text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    with open(tmp_path / 'demo' / 'results.md', encoding='utf-8') as handle:
+        table = handle.read()
+    assert table in finished.stdout
+    rows = {line.split('|')[1].strip(): line for line in table.splitlines() if line.startswith('| ')}
+    for title in ('Swin-base teacher', 'Resnet12 student', 'Swin-tiny student',
+                  'Swin-tiny query vs teacher gallery (cross)', 'untrained Swin-tiny (floor)',
+                  'untrained Swin-tiny query vs teacher gallery (cross floor)'):
+        assert re.match(r'^\| .+ \| [0-9.e+]+ \| \d+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$',
+                        rows[title]), rows.get(title)
+    assert rows['untrained Swin-tiny (floor)'].split('|')[3].strip() == '0'
+    assert rows['Swin-tiny student'].split('|')[3].strip() == '1'
+    runs = tmp_path / 'demo' / 'runs'
+    assert sorted(os.listdir(runs)) == ['Synthetic-Resnet12-KD-1.0-NoAug', 'Synthetic-Swin_base-no_distill-NoAug',
+                                        'Synthetic-Swin_tiny-KD-1.0-NoAug']
+
+
+def test_recipe_launch_refuses_an_unknown_student(tmp_path):
+    environment = demo_environment(tmp_path, TEACHER='teacher.pth', TRAIN_ROOT='.', TRAIN_LIST='train.txt',
+                                   STUDENT='Resnet50')
+    finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True,
+                              text=True, timeout=120)
+    assert finished.returncode == 2
+    assert 'STUDENT must be Swin_tiny or Resnet12, not Resnet50' in finished.stderr
+
+
+FAKE_PYTHON = '''#!/bin/sh
+# stands in for python: reports 8 GPUs (bf16-capable unless FAKE_BF16=0), prints the command start.sh would run
+if [ "$1" = "-c" ]; then
+    case "$2" in *bf16*) echo "${FAKE_BF16:-1}" ;; *) echo 8 ;; esac
+else
+    echo "$@"
+fi
+'''
+
+
+def launched_command(tmp_path, **extra) -> str:
+    fake = tmp_path / 'python'
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    environment = demo_environment(tmp_path, PYTHON=str(fake), TEACHER='/t/teacher.pyth', TRAIN_ROOT='/d/train',
+                                   TRAIN_LIST='/d/train.txt', TEST_ROOT='/d/test', TEST_LIST='/d/test.txt', **extra)
+    if 'NPROC' not in extra:
+        environment.pop('NPROC', None)
+    finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh'), '--num_workers', '12'], env=environment,
+                              capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    return ' '.join(finished.stdout.split())
+
+
+def test_recipes_launch_torchrun_on_every_gpu(tmp_path):
+    swin = launched_command(tmp_path)
+    assert swin.startswith('-m torch.distributed.run --standalone --nproc_per_node 8 main.py '
+                           '--backbone_class Swin_tiny --max_epoch 200 --warmup_epoch 10 --lr 0.001 --optim AdamW')
+    for flag in ('--batch_size 256', '--lr_scheduler cosine', '--augment', '--is_distill',
+                 '--teacher_backbone_class Swin_base', '--teacher_init_weights /t/teacher.pyth', '--kd_loss KD',
+                 '--kd_weight 1.0', '--head_fixed', '--amp bf16', '--test_root /d/test --test_list /d/test.txt'):
+        assert flag in swin
+    assert swin.endswith('--num_workers 12')
+    assert '--amp fp16' in launched_command(tmp_path, FAKE_BF16='0')
+    resnet = launched_command(tmp_path, STUDENT='Resnet12', NPROC='4', AMP='none')
+    assert '--nproc_per_node 4 main.py --backbone_class Resnet12 --max_epoch 40 --warmup_epoch 0 --lr 0.01 ' \
+           '--optim SGD' in resnet and '--amp none' in resnet
+
+
+def test_cluster_variables_make_a_multi_host_launch(tmp_path):
+    command = launched_command(tmp_path, HOST_NUM='2', HOST_GPU_NUM='8', INDEX='1', CHIEF_IP='10.0.0.5')
+    assert command.startswith('-m torch.distributed.run --nnodes 2 --node_rank 1 --master_addr 10.0.0.5 '
+                              '--master_port 29500 --nproc_per_node 8 main.py')
