@@ -376,11 +376,13 @@ def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, wor
 class BatchTransform:
     """uint8 BGR batch (B, 3, H, W) -> normalised float32 on the batch's device.
 
-    to [0, 1], PCA lighting noise (SPEC §4) when augment and train, then (x - mean) / std.
+    to [0, 1], PCA lighting noise (SPEC §4) when augment and train, then (x - mean) / std, in
+    `memory_format` (channels_last for a channels-last ResNet12).
     """
 
-    def __init__(self, augment: bool):
+    def __init__(self, augment: bool, memory_format: torch.memory_format = torch.contiguous_format):
         self.augment = augment
+        self.memory_format = memory_format
         self._constants = {}
 
     def _on(self, device: torch.device):
@@ -401,7 +403,8 @@ class BatchTransform:
         images = images_uint8.float().div_(255)
         if self.augment and train:
             images.add_(self.lighting_noise(images.shape[0], images.device, generator)[:, :, None, None])
-        return images.sub_(mean[:, None, None]).div_(std[:, None, None])
+        images = images.sub_(mean[:, None, None]).div_(std[:, None, None])
+        return images.contiguous(memory_format=self.memory_format)
 
 
 def gather_in_order(local_values: torch.Tensor, local_indices: torch.Tensor, total: int) -> torch.Tensor:

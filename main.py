@@ -196,7 +196,8 @@ def train(args, run_dir, logger, rank, world_size, device):
         val_loader = helpers.build_eval_loader(
             helpers.ImageDataset(val_samples, args.img_size, train=False, augment=False),
             per_process_batch, args.num_workers, rank, world_size)
-    batch_transform = helpers.BatchTransform(augment=args.augment)
+    batch_transform = helpers.BatchTransform(
+        augment=args.augment, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
 
     optimizer = helpers.build_optimizer(args.optim, distiller.trainable_parameters(), args.lr,
                                         args.weight_decay, args.momentum)

@@ -394,3 +394,12 @@ def test_precision_and_memory_switches_train(tiny_data, tmp_path, backbone, swit
     initial = helpers.build_model(backbone, 96, 4, None, None, None, False, 8).student.backbone.state_dict()
     assert trained.keys() - {'head.weight'} == initial.keys()
     assert sum(not torch.equal(trained[key], initial[key]) for key in initial) > 10
+
+
+def test_channels_last_batches_hold_the_same_values():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    plain = helpers.BatchTransform(augment=False)(images, train=False)
+    channels_last = helpers.BatchTransform(augment=False, memory_format=torch.channels_last)(images, train=False)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(plain, channels_last)
