@@ -178,16 +178,17 @@ def check_finite(first_non_finite: torch.Tensor, iterations: int, epoch: int):
 def validate(classifier, loader, batch_transform, device: torch.device, amp: str):
     """Cross-entropy and top-1 accuracy of margin-free cosine logits; accuracy with a 95% interval."""
     classifier.eval()
-    loss_sum, correct, samples = 0.0, 0.0, 0.0
+    # summed cross-entropy, correct predictions, samples; on the device until the end
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     for batch in loader:
         images = batch_transform(batch['image'].to(device, non_blocking=True), train=False)
         labels = batch['label'].to(device, non_blocking=True)
         with autocast_context(device, amp):
             _, logits = classifier(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction='sum').item()
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-        samples += labels.numel()
-    loss_sum, correct, samples = global_sum([loss_sum, correct, samples], device)
+        sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction='sum'),
+                             (logits.argmax(dim=1) == labels).sum().float(),
+                             logits.new_tensor(labels.numel(), dtype=torch.float32)]).double()
+    loss_sum, correct, samples = global_sum(sums.tolist(), device)
     samples = max(samples, 1.0)
     accuracy = correct / samples
     interval = 1.96 * math.sqrt(accuracy * (1 - accuracy) / samples)
