@@ -101,14 +101,23 @@ def check_args(args, world_size: int):
         for path in values if isinstance(values, list) else [values]:
             if path and not os.path.isfile(path):
                 problems.append(f'--{name} {path}: no such file')
+    for name in ('train_root', 'val_root', 'test_root'):
+        values = getattr(args, name)
+        for path in values if isinstance(values, list) else [values]:
+            if path and not os.path.isdir(path):
+                problems.append(f'--{name} {path}: no such directory')
     for name in ('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor'):
         if getattr(args, name) < 1:
             problems.append(f'--{name} must be at least 1, not {getattr(args, name)}')
     if args.num_classes is not None and args.num_classes < 1:
         problems.append(f'--num_classes must be at least 1, not {args.num_classes}')
     try:
-        if args.lr_scheduler != 'cosine' and (not step_sizes(args.step_size) or min(step_sizes(args.step_size)) < 1):
+        sizes = step_sizes(args.step_size)
+        if args.lr_scheduler != 'cosine' and (not sizes or min(sizes) < 1):
             raise ValueError
+        if args.lr_scheduler == 'step' and len(sizes) > 1:
+            problems.append(f'--step_size {args.step_size}: `step` decays every N epochs; give one N, or use '
+                            '--lr_scheduler multistep for a list of epochs')
     except ValueError:
         problems.append(f'--step_size {args.step_size!r}: give a positive integer (step) or comma-separated '
                         'positive integers (multistep)')
@@ -163,7 +172,8 @@ def main(args):
         else:
             train(args, run_dir, logger, rank, world_size, device)
         logger.close()
-    except helpers.ImageReadError as error:
+    except (ValueError, FileNotFoundError, helpers.ImageReadError, trainer.NonFiniteLossError) as error:
+        # bad lists, labels, weights files, images or a diverged loss: the message says what to fix
         raise SystemExit(f'error: {error}') from None
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -222,13 +232,14 @@ def train(args, run_dir, logger, rank, world_size, device):
         progress = resume(checkpoint_path, distiller, optimizer, scaler, args.seed, args.head_fixed)
         logger.info(f'resumed from {checkpoint_path} after epoch {progress["epoch"]}')
 
+    logged_bad_images = set()
     for epoch in range(progress['epoch'] + 1, args.max_epoch + 1):
         seed_epoch(args.seed, epoch, rank)
         train_loader.sampler.set_epoch(epoch)
         stats = trainer.train_one_epoch(distiller, student, criterion, optimizer, scaler, train_loader,
                                         batch_transform, epoch, schedule, device, args.amp, logger,
                                         args.log_interval, world_size, show_progress=rank == 0)
-        check_bad_images(stats, args.max_bad_images, epoch, logger)
+        check_bad_images(stats, args.max_bad_images, epoch, logger, logged_bad_images)
         validation = (0.0, 0.0, 0.0)
         validated = val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch)
         if validated:
@@ -311,11 +322,13 @@ def log_test(logger, report, roc_path):
     utils.plot_roc(curves, roc_path)
 
 
-def check_bad_images(stats, max_fraction: float, epoch: int, logger):
-    """Log each replaced image once; stop when more than `max_fraction` of the epoch was unreadable."""
+def check_bad_images(stats, max_fraction: float, epoch: int, logger, logged: set):
+    """Log each replaced image once a run; stop when more than `max_fraction` of the epoch was unreadable."""
     bad = sorted(set(stats['bad_images']))
     for message in bad:
-        logger.info(f'bad image (replaced): {message}')
+        if message not in logged:
+            logger.info(f'bad image (replaced): {message}')
+            logged.add(message)
     if bad:
         logger.info(f'epoch {epoch}: {len(bad)} bad images replaced')
     if len(bad) > max_fraction * max(stats['samples'], 1):

@@ -17,7 +17,7 @@ LINEAR_CLASSIFIER_KEYS = ('head.weight', 'head.bias', 'head.fc.weight', 'head.fc
 # wrappers the original and common trainers put in front of backbone keys
 KEY_PREFIXES = ('encoder.', 'module.', 'backbone.')
 IGNORED_KEY_PREFIXES = ('distill_layer',)
-STATE_DICT_CONTAINERS = ('model_state', 'params', 'model', 'state_dict')
+STATE_DICT_CONTAINERS = ('model_state', 'params', 'model', 'state_dict', 'student')
 _LISTED_KEYS = 6
 
 

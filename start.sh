@@ -7,15 +7,21 @@
 #   STUDENT=Resnet12   the ResNet12 recipe (40 epochs, SGD 0.01) instead of Swin_tiny (200, AdamW 0.001)
 #   NPROC=4            processes on this host (default: every visible GPU, else 1)
 #   SAVE_DIR=...       where run directories go (default ./checkpoints)
-#   AMP=none           fp32 instead of bf16 autocast (default bf16 on GPUs, none on a CPU)
-#   Cluster: HOST_NUM, HOST_GPU_NUM, INDEX and CHIEF_IP (set by the scheduler) make a multi-host run.
+#   AMP=none           fp32 instead of autocast (default bf16 on Ampere and newer GPUs, fp16 before, none on a CPU)
+#   PYTHON=...         the interpreter (default python3, else python)
+#   Several training lists: TRAIN_ROOT="R1 R2" TRAIN_LIST="L1 L2" (paths without spaces).
+#   Cluster: HOST_NUM, HOST_GPU_NUM, INDEX and CHIEF_IP (set by the scheduler) make a multi-host run;
+#   MASTER_PORT (default 29500). SAVE_DIR must then be storage that every host sees.
 #   Further arguments go to main.py as they are, e.g. `sh start.sh --num_workers 12`.
 #
-#   With neither TEACHER nor TRAIN_LIST: the demo (synthetic landmarks, CPU, about 10 minutes), written to
-#   DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md.
+#   With neither TEACHER nor TRAIN_LIST: the demo (synthetic landmarks, CPU, about 6 minutes), written to
+#   DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md. Smaller or larger demos:
+#   DEMO_LANDMARKS (150), DEMO_TEST_LANDMARKS (50), DEMO_IMG_SIZE (32), DEMO_WIDTH_DIVISOR (4),
+#   DEMO_TEACHER_EPOCHS (30), DEMO_STUDENT_EPOCHS (15), DEMO_AMP (bf16; none on a CPU without bf16).
 set -eu
-cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python}
+# paths stay relative to the caller's directory; the project's scripts are found beside this file
+here=$(dirname "$0")
+PYTHON=${PYTHON:-$(command -v python3 || command -v python || echo python)}
 
 run_demo() {
     demo_dir=${DEMO_DIR:-./demo_output}
@@ -25,31 +31,31 @@ run_demo() {
     runs="$demo_dir/runs"
     echo "demo: synthetic landmarks in $data, runs in $runs"
     teacher_epochs=${DEMO_TEACHER_EPOCHS:-30}
-    "$PYTHON" helpers.py "$data" --seed 0 --num_train_landmarks "$landmarks" \
+    "$PYTHON" "$here/helpers.py" "$data" --seed 0 --num_train_landmarks "$landmarks" \
         --num_test_landmarks "${DEMO_TEST_LANDMARKS:-50}" > /dev/null
     # the CPU demo narrows every width by DEMO_WIDTH_DIVISOR; the architectures are otherwise the real ones
-    common="--dataset Synthetic --img_size $size --demo_width_divisor ${DEMO_WIDTH_DIVISOR:-4} --amp bf16
+    common="--dataset Synthetic --img_size $size --demo_width_divisor ${DEMO_WIDTH_DIVISOR:-4} --amp ${DEMO_AMP:-bf16}
             --num_workers 1 --batch_size 32 --optim AdamW --weight_decay 0.05 --warmup_epoch 1 --eval_interval 1000
             --log_interval 10
             --save_dir $runs --train_root $data --train_list $data/train.txt --val_root $data
             --val_list $data/val.txt --test_root $data --test_list $data/test.txt"
     echo "demo: Swin_base teacher trained with cross-entropy on its cosine head"
     # shellcheck disable=SC2086
-    "$PYTHON" main.py $common --backbone_class Swin_base --num_classes "$landmarks" \
+    "$PYTHON" "$here/main.py" $common --backbone_class Swin_base --num_classes "$landmarks" \
         --max_epoch "$teacher_epochs" --lr 0.0004
     teacher="$runs/Synthetic-Swin_base-no_distill-NoAug/lr0.0004_AdamW_cosine_epoch${teacher_epochs}_warmup1_bs32/max_acc.pth"
     distill="--is_distill --teacher_backbone_class Swin_base --teacher_init_weights $teacher --head_fixed
              --kd_loss KD --kd_weight 1.0 --max_epoch ${DEMO_STUDENT_EPOCHS:-15}"
     echo "demo: Swin_tiny student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
-    "$PYTHON" main.py $common $distill --backbone_class Swin_tiny --lr 0.0004
+    "$PYTHON" "$here/main.py" $common $distill --backbone_class Swin_tiny --lr 0.0004
     echo "demo: Resnet12 student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
-    "$PYTHON" main.py $common $distill --backbone_class Resnet12 --lr 0.001
+    "$PYTHON" "$here/main.py" $common $distill --backbone_class Resnet12 --lr 0.001
     echo "demo: untrained Swin_tiny student (the floor)"
     # shellcheck disable=SC2086
-    "$PYTHON" main.py $common $distill --backbone_class Swin_tiny --lr 0.0004 --max_epoch 0 --suffix=-untrained
-    "$PYTHON" utils.py --demo_results "$runs" --output "$demo_dir/results.md"
+    "$PYTHON" "$here/main.py" $common $distill --backbone_class Swin_tiny --lr 0.0004 --max_epoch 0 --suffix=-untrained
+    "$PYTHON" "$here/utils.py" --demo_results "$runs" --output "$demo_dir/results.md"
 }
 
 if [ -z "${TEACHER:-}" ] && [ -z "${TRAIN_LIST:-}" ]; then
@@ -66,6 +72,9 @@ fi
 : "${TRAIN_LIST:?set TRAIN_LIST to the training list}"
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 NPROC=${NPROC:-${HOST_GPU_NUM:-$gpus}}
+case "$NPROC" in
+    ''|*[!0-9]*) echo "NPROC must be a number of processes, not '$NPROC'" >&2; exit 2 ;;
+esac
 [ "$NPROC" -ge 1 ] || NPROC=1
 # bf16 autocast where GPUs compute it natively (Ampere and newer), fp16 with a gradient scaler before
 bf16=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available() and torch.cuda.is_bf16_supported()))')
@@ -89,7 +98,7 @@ else
 fi
 
 # shellcheck disable=SC2086
-exec "$PYTHON" -m torch.distributed.run $launcher main.py $recipe $data \
+exec "$PYTHON" -m torch.distributed.run $launcher "$here/main.py" $recipe $data \
     --batch_size 256 --lr_scheduler cosine --augment --is_distill --teacher_backbone_class Swin_base \
     --teacher_init_weights "$TEACHER" --kd_loss KD --kd_weight 1.0 --head_fixed --amp "$AMP" \
     --save_dir "${SAVE_DIR:-./checkpoints}" "$@"

@@ -72,7 +72,7 @@ def launched_command(tmp_path, **extra) -> str:
 
 def test_recipes_launch_torchrun_on_every_gpu(tmp_path):
     swin = launched_command(tmp_path)
-    assert swin.startswith('-m torch.distributed.run --standalone --nproc_per_node 8 main.py '
+    assert swin.startswith(f'-m torch.distributed.run --standalone --nproc_per_node 8 {ROOT}/main.py '
                            '--backbone_class Swin_tiny --max_epoch 200 --warmup_epoch 10 --lr 0.001 --optim AdamW')
     for flag in ('--batch_size 256', '--lr_scheduler cosine', '--augment', '--is_distill',
                  '--teacher_backbone_class Swin_base', '--teacher_init_weights /t/teacher.pyth', '--kd_loss KD',
@@ -81,11 +81,22 @@ def test_recipes_launch_torchrun_on_every_gpu(tmp_path):
     assert swin.endswith('--num_workers 12')
     assert '--amp fp16' in launched_command(tmp_path, FAKE_BF16='0')
     resnet = launched_command(tmp_path, STUDENT='Resnet12', NPROC='4', AMP='none')
-    assert '--nproc_per_node 4 main.py --backbone_class Resnet12 --max_epoch 40 --warmup_epoch 0 --lr 0.01 ' \
-           '--optim SGD' in resnet and '--amp none' in resnet
+    assert f'--nproc_per_node 4 {ROOT}/main.py --backbone_class Resnet12 --max_epoch 40 --warmup_epoch 0 ' \
+           '--lr 0.01 --optim SGD' in resnet and '--amp none' in resnet
 
 
 def test_cluster_variables_make_a_multi_host_launch(tmp_path):
     command = launched_command(tmp_path, HOST_NUM='2', HOST_GPU_NUM='8', INDEX='1', CHIEF_IP='10.0.0.5')
     assert command.startswith('-m torch.distributed.run --nnodes 2 --node_rank 1 --master_addr 10.0.0.5 '
-                              '--master_port 29500 --nproc_per_node 8 main.py')
+                              f'--master_port 29500 --nproc_per_node 8 {ROOT}/main.py')
+
+
+def test_a_bad_process_count_is_refused(tmp_path):
+    fake = tmp_path / 'python'
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    environment = demo_environment(tmp_path, PYTHON=str(fake), TEACHER='t.pth', TRAIN_ROOT='.', TRAIN_LIST='l.txt',
+                                   NPROC='eight')
+    finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True,
+                              text=True, timeout=60)
+    assert finished.returncode == 2 and "NPROC must be a number of processes, not 'eight'" in finished.stderr

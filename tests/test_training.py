@@ -250,7 +250,7 @@ def test_non_finite_loss_stops_with_epoch_and_iteration_and_keeps_the_checkpoint
     monkeypatch.setattr(trainer.DistillationLoss, 'forward', forward_turning_nan_in_epoch_two)
     argv = SMALL + data_args(tiny_data) + ['--backbone_class', 'Resnet12', '--num_classes', '4',
                                            '--max_epoch', '3', '--save_dir', str(tmp_path)]
-    with pytest.raises(trainer.NonFiniteLossError, match='epoch 2 iteration 0'):
+    with pytest.raises(SystemExit, match='epoch 2 iteration 0: the loss is not finite'):
         run_main(argv)
     state = torch.load(os.path.join(only_run_dir(tmp_path), 'checkpoint.pth.tar'), weights_only=True)
     assert state['progress']['epoch'] == 1
@@ -360,18 +360,26 @@ def test_two_processes_take_the_same_steps_as_one_with_the_same_global_batch(tin
 
 
 # ------------------------------------------------------------------------------------------- bad images
-def test_unreadable_training_image_is_logged_counted_and_replaced(tiny_data, tmp_path):
+@pytest.mark.parametrize('damage', ['missing', 'empty', 'truncated', 'garbage'])
+def test_unreadable_training_image_is_logged_counted_and_replaced(tiny_data, tmp_path, damage):
     import shutil
     root = str(tmp_path / 'data')
     shutil.copytree(tiny_data['root'], root)
-    with open(os.path.join(root, 'train_0003.jpg'), 'wb') as handle:
-        handle.write(b'not a jpeg at all')
+    path = os.path.join(root, 'train_0003.jpg')
+    with open(path, 'rb') as handle:
+        content = handle.read()
+    os.remove(path)
+    replacement = {'missing': None, 'empty': b'', 'truncated': content[:len(content) // 3],
+                   'garbage': b'not a jpeg at all'}[damage]
+    if replacement is not None:
+        with open(path, 'wb') as handle:
+            handle.write(replacement)
     argv = SMALL + ['--train_root', root, '--train_list', os.path.join(root, 'train.txt'), '--num_classes', '4',
-                    '--backbone_class', 'Resnet12', '--max_epoch', '1', '--warmup_epoch', '0']
+                    '--backbone_class', 'Resnet12', '--max_epoch', '2', '--warmup_epoch', '0']
     run_main(argv + ['--save_dir', str(tmp_path / 'tolerant'), '--max_bad_images', '0.05'])
     record = record_of(only_run_dir(tmp_path / 'tolerant'))
-    assert re.search(r'^bad image \(replaced\): .*train_0003\.jpg: .+$', record, re.M)
-    assert 'epoch 1: 1 bad images replaced' in record
+    assert len(re.findall(r'^bad image \(replaced\): .*train_0003\.jpg: .+$', record, re.M)) == 1
+    assert 'epoch 1: 1 bad images replaced' in record and 'epoch 2: 1 bad images replaced' in record
     with pytest.raises(SystemExit, match=r'epoch 1: 1 of 24 images were unreadable, more than --max_bad_images 0.0'):
         run_main(argv + ['--save_dir', str(tmp_path / 'strict'), '--max_bad_images', '0'])
 
