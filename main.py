@@ -78,6 +78,13 @@ def get_parser() -> argparse.ArgumentParser:
 
 def check_args(args, world_size: int):
     """Refuse inconsistent settings before any work, with the fix in the message."""
+    problems = combination_problems(args, world_size) + path_problems(args) + number_problems(args)
+    if problems:
+        raise SystemExit('error: ' + '\nerror: '.join(problems))
+
+
+def combination_problems(args, world_size: int) -> list[str]:
+    """Flags that need or exclude each other."""
     problems = []
     if args.batch_size % world_size:
         problems.append(f'--batch_size {args.batch_size} is the global batch and must be divisible by the '
@@ -95,34 +102,42 @@ def check_args(args, world_size: int):
         problems.append('--test_only needs --test_root and --test_list')
     if bool(args.val_root) != bool(args.val_list) or bool(args.test_root) != bool(args.test_list):
         problems.append('give --val_root with --val_list and --test_root with --test_list')
-    for name in ('train_list', 'val_list', 'test_list', 'label_map', 'init_weights', 'teacher_init_weights',
-                 'test_mask_coarse', 'test_mask_fine'):
-        values = getattr(args, name)
-        for path in values if isinstance(values, list) else [values]:
-            if path and not os.path.isfile(path):
-                problems.append(f'--{name} {path}: no such file')
-    for name in ('train_root', 'val_root', 'test_root'):
-        values = getattr(args, name)
-        for path in values if isinstance(values, list) else [values]:
-            if path and not os.path.isdir(path):
-                problems.append(f'--{name} {path}: no such directory')
-    for name in ('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor'):
-        if getattr(args, name) < 1:
-            problems.append(f'--{name} must be at least 1, not {getattr(args, name)}')
+    return problems
+
+
+def path_problems(args) -> list[str]:
+    """Files and directories that do not exist."""
+    problems = []
+    for names, exists, kind in (
+            (('train_list', 'val_list', 'test_list', 'label_map', 'init_weights', 'teacher_init_weights',
+              'test_mask_coarse', 'test_mask_fine'), os.path.isfile, 'file'),
+            (('train_root', 'val_root', 'test_root'), os.path.isdir, 'directory')):
+        for name in names:
+            values = getattr(args, name)
+            for path in values if isinstance(values, list) else [values]:
+                if path and not exists(path):
+                    problems.append(f'--{name} {path}: no such {kind}')
+    return problems
+
+
+def number_problems(args) -> list[str]:
+    """Counts that must be positive, and a --step_size the schedule can use."""
+    problems = [f'--{name} must be at least 1, not {getattr(args, name)}'
+                for name in ('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor')
+                if getattr(args, name) < 1]
     if args.num_classes is not None and args.num_classes < 1:
         problems.append(f'--num_classes must be at least 1, not {args.num_classes}')
     try:
         sizes = step_sizes(args.step_size)
-        if args.lr_scheduler != 'cosine' and (not sizes or min(sizes) < 1):
-            raise ValueError
-        if args.lr_scheduler == 'step' and len(sizes) > 1:
-            problems.append(f'--step_size {args.step_size}: `step` decays every N epochs; give one N, or use '
-                            '--lr_scheduler multistep for a list of epochs')
     except ValueError:
+        sizes = []
+    if args.lr_scheduler != 'cosine' and (not sizes or min(sizes) < 1):
         problems.append(f'--step_size {args.step_size!r}: give a positive integer (step) or comma-separated '
                         'positive integers (multistep)')
-    if problems:
-        raise SystemExit('error: ' + '\nerror: '.join(problems))
+    elif args.lr_scheduler == 'step' and len(sizes) > 1:
+        problems.append(f'--step_size {args.step_size}: `step` decays every N epochs; give one N, or use '
+                        '--lr_scheduler multistep for a list of epochs')
+    return problems
 
 
 def step_sizes(text: str) -> list[int]:
@@ -152,10 +167,13 @@ def seed_epoch(seed: int, epoch: int, rank: int):
 
 
 def run_directory(args) -> str:
+    """save_dir/<first>/<second> as SPEC §6 names it."""
     return utils.run_directory(
-        args.save_dir, args.dataset, args.backbone_class, args.is_distill, args.kd_loss, args.kd_weight,
-        args.init_weights, args.augment, args.lr, args.optim, args.lr_scheduler, args.step_size, args.gamma,
-        args.max_epoch, args.warmup_epoch, args.batch_size, args.head_fixed, args.suffix)
+        save_dir=args.save_dir, dataset=args.dataset, backbone_class=args.backbone_class,
+        is_distill=args.is_distill, kd_loss=args.kd_loss, kd_weight=args.kd_weight, init_weights=args.init_weights,
+        augment=args.augment, lr=args.lr, optim=args.optim, lr_scheduler=args.lr_scheduler,
+        step_size=args.step_size, gamma=args.gamma, max_epoch=args.max_epoch, warmup_epoch=args.warmup_epoch,
+        batch_size=args.batch_size, head_fixed=args.head_fixed, suffix=args.suffix)
 
 
 def main(args):
