@@ -206,26 +206,9 @@ def train(args, run_dir, logger, rank, world_size, device):
         args.backbone_class, args.img_size, args.num_classes, args.init_weights,
         args.teacher_backbone_class if args.is_distill else None, args.teacher_init_weights,
         args.head_fixed, args.demo_width_divisor, args.grad_checkpointing, args.channels_last).to(device)
-    num_classes = distiller.student.head.weight.shape[0]
-    helpers.check_labels(train_samples, num_classes, 'the training lists')
     logger.info(helpers.parameter_report(distiller))
-
-    per_process_batch = args.batch_size // world_size
-    train_loader = helpers.build_train_loader(
-        helpers.ImageDataset(train_samples, args.img_size, train=True, augment=args.augment),
-        per_process_batch, args.num_workers, args.seed, rank, world_size)
-    if len(train_loader) == 0:
-        raise SystemExit(f'error: the training lists hold {len(train_samples)} images, fewer than one batch of '
-                         f'--batch_size {args.batch_size}; lower --batch_size')
-    val_loader = None
-    if args.val_list:
-        val_samples = helpers.read_eval_samples(args.val_root, args.val_list)
-        helpers.check_labels(val_samples, num_classes, args.val_list)
-        val_loader = helpers.build_eval_loader(
-            helpers.ImageDataset(val_samples, args.img_size, train=False, augment=False),
-            per_process_batch, args.num_workers, rank, world_size)
-    batch_transform = helpers.BatchTransform(
-        augment=args.augment, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    train_loader, val_loader, batch_transform = build_data(args, train_samples, distiller.student.head.num_classes,
+                                                           rank, world_size)
 
     optimizer = helpers.build_optimizer(args.optim, distiller.trainable_parameters(), args.lr,
                                         args.weight_decay, args.momentum)
@@ -285,6 +268,28 @@ def train(args, run_dir, logger, rank, world_size, device):
                             if os.path.exists(best_path) else distiller.student.backbone)
         teacher_backbone = distiller.teacher.backbone if distiller.teacher is not None else None
         run_test(args, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device)
+
+
+def build_data(args, train_samples, num_classes: int, rank: int, world_size: int):
+    """(train loader, validation loader or None, batch transform), every label checked against the head."""
+    helpers.check_labels(train_samples, num_classes, 'the training lists')
+    per_process_batch = args.batch_size // world_size
+    train_loader = helpers.build_train_loader(
+        helpers.ImageDataset(train_samples, args.img_size, train=True, augment=args.augment),
+        per_process_batch, args.num_workers, args.seed, rank, world_size)
+    if len(train_loader) == 0:
+        raise SystemExit(f'error: the training lists hold {len(train_samples)} images, fewer than one batch of '
+                         f'--batch_size {args.batch_size}; lower --batch_size')
+    val_loader = None
+    if args.val_list:
+        val_samples = helpers.read_eval_samples(args.val_root, args.val_list)
+        helpers.check_labels(val_samples, num_classes, args.val_list)
+        val_loader = helpers.build_eval_loader(
+            helpers.ImageDataset(val_samples, args.img_size, train=False, augment=False),
+            per_process_batch, args.num_workers, rank, world_size)
+    batch_transform = helpers.BatchTransform(
+        augment=args.augment, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    return train_loader, val_loader, batch_transform
 
 
 def test_only(args, run_dir, logger, rank, world_size, device):
