@@ -43,6 +43,7 @@ class CosFaceHead(nn.Module):
         self.margin = margin
         self.weight = nn.Parameter(torch.empty(num_classes, feature_dim))
         nn.init.xavier_uniform_(self.weight)
+        self._frozen_norms = None  # (weight identity, scale / class norms) while the weight is frozen
 
     @property
     def num_classes(self) -> int:
@@ -56,12 +57,23 @@ class CosFaceHead(nn.Module):
             unit_features = F.normalize(features.float(), dim=1)
             weight = self.weight.float()
             # divide by the class norms after the product instead of normalising a copy of the whole weight
-            inverse_class_norms = torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12).reciprocal()
-            logits = (unit_features @ weight.t()) * (inverse_class_norms * self.scale)
+            logits = (unit_features @ weight.t()) * self._scaled_inverse_norms(weight)
             if labels is not None:
                 rows = torch.arange(logits.shape[0], device=logits.device)
                 logits[rows, labels] -= self.scale * self.margin
         return logits
+
+    def _scaled_inverse_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """scale / ||W_c||; kept while a frozen weight is unchanged, so that the 1 GB weight of the shared head
+        is read for its norms once, not by the teacher and the student at every step."""
+        if weight.requires_grad:
+            return torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12).reciprocal() * self.scale
+        # an in-place change (load_state_dict, copy_) bumps _version; a move to another device changes data_ptr
+        identity = (weight.data_ptr(), weight._version, weight.device, self.scale)
+        if self._frozen_norms is None or self._frozen_norms[0] != identity:
+            norms = torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12).reciprocal() * self.scale
+            self._frozen_norms = (identity, norms)
+        return self._frozen_norms[1]
 
     def extra_repr(self) -> str:
         return f'num_classes={self.weight.shape[0]}, feature_dim={self.weight.shape[1]}, ' \

@@ -261,6 +261,24 @@ def test_cosface_stays_float32_under_bf16_autocast():
                                rtol=1e-5, atol=1e-4)
 
 
+def test_frozen_cosface_follows_every_change_of_its_weight():
+    torch.manual_seed(0)
+    head = model.CosFaceHead(9, 16).requires_grad_(False)
+    features, labels = torch.randn(3, 16), torch.tensor([0, 4, 8])
+    torch.testing.assert_close(head(features, labels).double(), dense_cosface(features, head.weight, labels),
+                               rtol=1e-5, atol=1e-5)
+    head.load_state_dict({'weight': torch.randn(9, 16) * 3})
+    torch.testing.assert_close(head(features, labels).double(), dense_cosface(features, head.weight, labels),
+                               rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        head.weight[2].mul_(5.0)
+    torch.testing.assert_close(head(features).double(), dense_cosface(features, head.weight, None),
+                               rtol=1e-5, atol=1e-5)
+    head.weight = torch.nn.Parameter(torch.randn(9, 16), requires_grad=False)
+    torch.testing.assert_close(head(features).double(), dense_cosface(features, head.weight, None),
+                               rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- distillation model
 
 
