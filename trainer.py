@@ -114,8 +114,9 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
     """
     model.train()
     iterations = len(loader)
-    # loss, cross-entropy, distillation (each times the batch size), correct predictions, samples
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    # loss, cross-entropy, distillation (each times the batch size), correct predictions
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    samples = 0
     first_non_finite = torch.full((), iterations, dtype=torch.long, device=device)
     bad_images = []
     progress = tqdm(loader, desc=f'epoch {epoch}', disable=not show_progress, dynamic_ncols=True)
@@ -141,9 +142,10 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
         scaler.update()
 
         batch_size = labels.numel()
+        samples += batch_size
         correct = (student_logits.argmax(dim=1) == labels).sum()
         sums += torch.stack([loss.detach() * batch_size, cross_entropy * batch_size, distillation * batch_size,
-                             correct.to(loss.dtype), loss.new_tensor(batch_size)]).double()
+                             correct.to(loss.dtype)]).double()
         if (iteration + 1) % log_interval == 0 or iteration + 1 == iterations:
             check_finite(first_non_finite, iterations, epoch)
             step = (epoch - 1) * iterations + iteration
@@ -151,9 +153,9 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
             logger.scalar('train/kd_loss', distillation.item(), step)
             logger.scalar('train/lr', lr, step)
             if show_progress:
-                images_per_second = sums[4].item() * world_size / (time.perf_counter() - start)
+                images_per_second = samples * world_size / (time.perf_counter() - start)
                 progress.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}', img_s=f'{images_per_second:.1f}')
-    totals = dict(zip(('loss', 'ce', 'kd', 'correct', 'samples'), global_sum(sums.tolist(), device)))
+    totals = dict(zip(('loss', 'ce', 'kd', 'correct', 'samples'), global_sum(sums.tolist() + [samples], device)))
     samples = max(totals['samples'], 1.0)
     return {'lr': lr, 'loss': totals['loss'] / samples, 'ce': totals['ce'] / samples, 'kd': totals['kd'] / samples,
             'accuracy': totals['correct'] / samples, 'samples': totals['samples'],
@@ -178,17 +180,18 @@ def check_finite(first_non_finite: torch.Tensor, iterations: int, epoch: int):
 def validate(classifier, loader, batch_transform, device: torch.device, amp: str):
     """Cross-entropy and top-1 accuracy of margin-free cosine logits; accuracy with a 95% interval."""
     classifier.eval()
-    # summed cross-entropy, correct predictions, samples; on the device until the end
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    # summed cross-entropy and correct predictions stay on the device until the end
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    samples = 0
     for batch in loader:
         images = batch_transform(batch['image'].to(device, non_blocking=True), train=False)
         labels = batch['label'].to(device, non_blocking=True)
         with autocast_context(device, amp):
             _, logits = classifier(images)
+        samples += labels.numel()
         sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction='sum'),
-                             (logits.argmax(dim=1) == labels).sum().float(),
-                             logits.new_tensor(labels.numel(), dtype=torch.float32)]).double()
-    loss_sum, correct, samples = global_sum(sums.tolist(), device)
+                             (logits.argmax(dim=1) == labels).sum().float()]).double()
+    loss_sum, correct, samples = global_sum(sums.tolist() + [samples], device)
     samples = max(samples, 1.0)
     accuracy = correct / samples
     interval = 1.96 * math.sqrt(accuracy * (1 - accuracy) / samples)
