@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import RandomResizedCrop
 
 import model as models
-from resnet12 import ResNet12
 
 
 # ============================================================================================ data
@@ -828,19 +827,6 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
     else:
         head = models.CosFaceHead(num_classes, backbone.feature_dim)
     return models.DistillationModel(models.Classifier(backbone, head), teacher)
-
-
-def compile_backbone(backbone: torch.nn.Module):
-    """torch.compile in place, so that state_dict keys keep their names.
-
-    ResNet12 compiles block by block: its DropBlock keep rate changes every batch for the first 40,000 and
-    would make a compiled whole network recompile at every step.
-    """
-    if isinstance(backbone, ResNet12):
-        for block in (backbone.stem, backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
-            block.compile()
-    else:
-        backbone.compile()
 
 
 def parameter_report(distiller: models.DistillationModel) -> str:

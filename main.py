@@ -215,7 +215,7 @@ def train(args, run_dir, logger, rank, world_size, device):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     student = distiller.student
     if args.compile:
-        helpers.compile_backbone(student.backbone)
+        student.backbone.compile()  # in place, so that state_dict keys keep their names
     if world_size > 1:
         student = DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
     criterion = trainer.DistillationLoss(args.kd_loss if args.is_distill else None, args.kd_weight,

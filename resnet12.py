@@ -124,6 +124,12 @@ class ResNet12(nn.Module):
         """DropBlock keep rate for the current value of `batches_seen`."""
         return keep_rate_after(self.batches_seen, self.drop_rate, self.keep_rate_anneal_batches)
 
+    def compile(self, *args, **kwargs):
+        """torch.compile the stem and the blocks in place, not forward: the DropBlock keep rate changes every
+        batch for the first 40,000 and would make a compiled whole network recompile at every step."""
+        for block in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):
+            block.compile(*args, **kwargs)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.training:
             # the original counted the current batch before computing its keep rate
