@@ -214,10 +214,16 @@ def _bgr_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)[::-1]))
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    """The decoded image in RGB, without a copy when it already is."""
+    image.load()
+    return image if image.mode == 'RGB' else image.convert('RGB')
+
+
 def decode_eval_image(path: str, img_size: int) -> torch.Tensor:
     """Full decode, RGB, bilinear (antialiased) resize to img_size x img_size, as uint8 BGR."""
     with Image.open(path) as image:
-        resized = image.convert('RGB').resize((img_size, img_size), Image.Resampling.BILINEAR)
+        resized = _rgb(image).resize((img_size, img_size), Image.Resampling.BILINEAR)
     return _bgr_tensor(resized)
 
 
@@ -233,8 +239,7 @@ def decode_train_crop(path: str, img_size: int) -> torch.Tensor:
         full_width = image.width
         scale = draft_scale(width, height, img_size)
         drafted = image.draft('RGB', (image.width // scale, image.height // scale)) if scale > 1 else None
-        image.load()
-        rgb = image if image.mode == 'RGB' else image.convert('RGB')
+        rgb = _rgb(image)
         if drafted is None:
             # crop then resize, exactly as torchvision's RandomResizedCrop does on a PIL image
             crop = rgb.crop(box).resize((img_size, img_size), Image.Resampling.BILINEAR)
