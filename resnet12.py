@@ -1,11 +1,15 @@
-"""Widened ResNet12 student of SPEC section 1, with the original's annealed DropBlock.
+"""Widened ResNet12 student: a 5x5 stride-2 stem and four residual blocks of widths 128, 256, 512, 1024.
 
-State-dict keys: `stem.conv`, `stem.bn`, then `layer1`..`layer4`, each with `conv1`..`conv3`, `bn1`..`bn3` and
-`shortcut.conv` / `shortcut.bn` (BatchNorm buffers included). The training-batch counter `batches_seen` that drives
-the keep-rate schedule is a plain attribute, not part of the state dict; the trainer restores it on resume.
+State-dict keys are the original system's, so that its files load without a renaming table: the stem `conv1`,
+`bn1`, then `layer1`..`layer4`, each a sequence of one block `layerN.0` with `conv1`..`conv3`, `bn1`..`bn3` and the
+shortcut `downsample.0` (1x1 conv) / `downsample.1` (BatchNorm), BatchNorm buffers included.
+
+DropBlock after blocks 3 and 4 has two schedules. 'annealed' (the intended one): the keep rate falls from 1 to 0.9
+over the first 40,000 training batches, counted by the plain attribute `batches_seen` (not in the state dict; the
+trainer restores it on resume). 'published': what the published multi-GPU runs did. Their counter lived on
+DataParallel's per-step replicas, so it never left 0 and every batch used the keep rate of the first one,
+1 - 0.1 / 40000: DropBlock in effect off.
 """
-from collections import OrderedDict
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +19,7 @@ DROP_RATE = 0.1
 DROP_BLOCK_SIZE = 5
 KEEP_RATE_ANNEAL_BATCHES = 40000
 LEAKY_SLOPE = 0.1
+DROP_BLOCK_SCHEDULES = ('published', 'annealed')
 
 
 def keep_rate_after(batches_seen: int, drop_rate: float = DROP_RATE,
@@ -74,10 +79,10 @@ class ResidualBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            bn=nn.BatchNorm2d(out_channels),
-        ))
+        self.downsample = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
         self.activation = nn.LeakyReLU(LEAKY_SLOPE)
         self.pool = nn.MaxPool2d(2)
 
@@ -85,32 +90,34 @@ class ResidualBlock(nn.Module):
         out = self.activation(self.bn1(self.conv1(features)))
         out = self.activation(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.pool(self.activation(out + self.shortcut(features)))
+        return self.pool(self.activation(out + self.downsample(features)))
 
 
 class ResNet12(nn.Module):
     """(B, 3, H, W) -> (B, feature_dim); 384 px input ends in a 12x12 map before the average pool."""
 
     def __init__(self, width_divisor: int = 1, drop_rate: float = DROP_RATE,
-                 keep_rate_anneal_batches: int = KEEP_RATE_ANNEAL_BATCHES):
+                 keep_rate_anneal_batches: int = KEEP_RATE_ANNEAL_BATCHES, drop_block_schedule: str = 'published'):
         super().__init__()
         if width_divisor < 1 or any(width % width_divisor for width in WIDTHS):
             raise ValueError(f'width_divisor {width_divisor} must be a positive divisor of {WIDTHS[0]}')
+        if drop_block_schedule not in DROP_BLOCK_SCHEDULES:
+            raise ValueError(f'drop_block_schedule {drop_block_schedule!r}: choose one of '
+                             f'{", ".join(DROP_BLOCK_SCHEDULES)}')
         widths = [width // width_divisor for width in WIDTHS]
-        self.stem = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(3, widths[0], 5, stride=2, padding=2, bias=False),
-            bn=nn.BatchNorm2d(widths[0]),
-            relu=nn.ReLU(inplace=True),
-        ))
-        self.layer1 = ResidualBlock(widths[0], widths[0])
-        self.layer2 = ResidualBlock(widths[0], widths[1])
-        self.layer3 = ResidualBlock(widths[1], widths[2])
-        self.layer4 = ResidualBlock(widths[2], widths[3])
+        self.conv1 = nn.Conv2d(3, widths[0], 5, stride=2, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(ResidualBlock(widths[0], widths[0]))
+        self.layer2 = nn.Sequential(ResidualBlock(widths[0], widths[1]))
+        self.layer3 = nn.Sequential(ResidualBlock(widths[1], widths[2]))
+        self.layer4 = nn.Sequential(ResidualBlock(widths[2], widths[3]))
         self.dropout = nn.Dropout(drop_rate)
         self.drop_block = DropBlock(DROP_BLOCK_SIZE)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop_rate = drop_rate
         self.keep_rate_anneal_batches = keep_rate_anneal_batches
+        self.drop_block_schedule = drop_block_schedule
         self.feature_dim = widths[-1]
         self.batches_seen = 0
         self._init_weights()
@@ -121,21 +128,22 @@ class ResNet12(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='leaky_relu')
 
     def keep_rate(self) -> float:
-        """DropBlock keep rate for the current value of `batches_seen`."""
-        return keep_rate_after(self.batches_seen, self.drop_rate, self.keep_rate_anneal_batches)
+        """DropBlock keep rate of the current batch: annealed by `batches_seen`, or the published runs' fixed one."""
+        # the original counted the current batch before computing its keep rate, so its replicas always saw 1
+        batches = self.batches_seen if self.drop_block_schedule == 'annealed' else 1
+        return keep_rate_after(batches, self.drop_rate, self.keep_rate_anneal_batches)
 
     def compile(self, *args, **kwargs):
-        """torch.compile the stem and the blocks in place, not forward: the DropBlock keep rate changes every
-        batch for the first 40,000 and would make a compiled whole network recompile at every step."""
-        for block in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):
-            block.compile(*args, **kwargs)
+        """torch.compile the four blocks in place, not forward: the DropBlock keep rate changes every batch for
+        the first 40,000 and would make a compiled whole network recompile at every step."""
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            layer.compile(*args, **kwargs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.training:
-            # the original counted the current batch before computing its keep rate
             self.batches_seen += 1
         keep_rate = self.keep_rate()
-        features = self.stem(images)
+        features = self.relu(self.bn1(self.conv1(images)))
         features = self.dropout(self.layer1(features))
         features = self.dropout(self.layer2(features))
         features = self.drop_block(self.layer3(features), keep_rate)

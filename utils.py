@@ -141,8 +141,6 @@ def _normalized_features(features, device, name):
 
 def _query_and_gallery(features, gallery_features, device):
     queries = _normalized_features(features, device, 'features')
-    if queries.shape[0] < 2:
-        raise ValueError(f'TAR@FAR needs at least 2 features to form a pair, got {queries.shape[0]}')
     if gallery_features is None:
         return queries, queries
     gallery = _normalized_features(gallery_features, device, 'gallery_features')
@@ -311,23 +309,26 @@ def _score_range(queries, gallery, tile_elements):
 
 
 def _threshold_edges(smallest, largest, num_thresholds):
-    """Histogram edges in float64 and as float32 rounded up, so that for a float32 score s,
-    s >= edges32[k] exactly when s >= thresholds[k] - unit/2 + 2e-6 in real arithmetic."""
-    thresholds = np.linspace(smallest, largest, num_thresholds)
+    """The original's histogram edges, in float64 and as float32 rounded up.
+
+    Thresholds t_k = smallest + (largest - smallest) * k / T for k = 1..T (the lowest is one unit above the
+    smallest score), unit = (largest - smallest) / T, edges e_k = t_k - unit/2 + 2e-6. A pair is accepted at
+    t_k when its score >= e_k; a score below e_1 is never accepted. The float32 edges are rounded up, so that
+    for a float32 score s, s >= edges32[k] exactly when s >= e_k in real arithmetic.
+    """
+    steps = np.arange(1, num_thresholds + 1, dtype=np.float64)
+    thresholds = smallest + (largest - smallest) * steps / num_thresholds
     unit = (largest - smallest) / num_thresholds
     edges = thresholds - unit / 2 + EDGE_OFFSET
     edges32 = edges.astype(np.float32)
     below = edges32.astype(np.float64) < edges
     edges32[below] = np.nextafter(edges32[below], np.float32(np.inf))
-    # The lowest threshold accepts every pair (FAR = TAR = 1); the SPEC edges already do so unless
-    # max - min < 4e-6, where the +2e-6 offset would otherwise reject every pair.
-    edges32[0] = -np.inf
     return edges, edges32
 
 
 class _TileHistogram:
-    """Per tile, how many scores have exactly b + 1 edges at or below them (b = 0..T-1), for all pairs and
-    for the positive pairs.
+    """Per tile, how many scores have exactly b edges at or below them (b = 1..T; b = 0, below the lowest edge,
+    is counted for the positive pairs only), for all pairs and for the positive pairs.
 
     Scores become positions g = (s - edge_0) / step, so edge k sits at g = k. Where g is farther than
     `margin` from an integer (a bound on the float32 rounding of g and of the edges, doubled), floor(g)
@@ -347,13 +348,15 @@ class _TileHistogram:
             self.one = torch.ones((), dtype=torch.float32, device=device)
 
     def exact_counts(self, scores):
-        """Histogram (length T, int64) of any float32 scores, by binary search."""
-        bins = torch.searchsorted(self.edges32, scores.contiguous(), right=True) - 1
-        return torch.bincount(bins.view(-1), minlength=self.count)[:self.count]
+        """Histogram (length T + 1, int64) of any float32 scores by the number of edges at or below each, by
+        binary search."""
+        edges_below = torch.searchsorted(self.edges32, scores.contiguous(), right=True)
+        return torch.bincount(edges_below.view(-1), minlength=self.count + 1)
 
     def __call__(self, scores, valid_square, positive_index):
         """scores: (rows, columns) float32 tile; its leading (rows x rows) square holds pairs only where
-        valid_square. Returns (all-pair counts, positive counts), int64 tensors of length T."""
+        valid_square. Returns (all-pair counts of length T: bins 1..T, positive counts of length T + 1: bins
+        0..T), int64 tensors."""
         if scores.device.type != 'cpu':
             return self._tile_counts(scores, valid_square, positive_index)
         # Many small cache-resident operations: on CPU one thread avoids a thread-pool handshake per operation,
@@ -369,8 +372,8 @@ class _TileHistogram:
         rows = valid_square.shape[0]
         positive_counts = self.exact_counts(scores.view(-1).index_select(0, positive_index))
         if not self.arithmetic:
-            return self.exact_counts(scores[:, rows:]) + self.exact_counts(scores[:, :rows][valid_square]), \
-                positive_counts
+            all_counts = self.exact_counts(scores[:, rows:]) + self.exact_counts(scores[:, :rows][valid_square])
+            return all_counts[1:], positive_counts
         histogram = torch.zeros(self.count, dtype=torch.float32, device=scores.device)
         near_edge_scores = []
         chunk_rows = max(1, CHUNK_ELEMENTS // scores.shape[1])
@@ -383,22 +386,23 @@ class _TileHistogram:
             near_edge[:, :rows] &= chunk_valid
             positions[:, :rows].masked_fill_(~chunk_valid, -1.0)
             near_edge_scores.append(chunk[near_edge])
-            # Outside [0, T] histc ignores a value: scores near an edge are counted by the exact search.
+            # Outside [0, T] histc ignores a value: scores below the lowest edge are never accepted, and scores
+            # near an edge are counted by the exact search. histc's bin j holds the scores with j + 1 edges below.
             positions.masked_fill_(near_edge, -1.0)
             # float32 counts stay exact below 2**24 per bin, which the tile size guarantees.
             histogram += torch.histc(positions, bins=self.count, min=0, max=self.count)
-        all_counts = histogram.round_().to(torch.int64) + self.exact_counts(torch.cat(near_edge_scores))
+        all_counts = histogram.round_().to(torch.int64) + self.exact_counts(torch.cat(near_edge_scores))[1:]
         return all_counts, positive_counts
 
 
 def _pair_histograms(queries, gallery, label_sets, edges, edges32, tile_elements, neighbours=None):
-    """Counts per threshold of the positive pairs (one array per label set) and of all pairs at or above it,
-    as int64 numpy arrays of length T; optionally updates leave-one-out nearest neighbours (symmetric
-    scoring only) from the same tiles."""
+    """Counts of pairs accepted at each threshold: ([(positive counts, number of positive pairs)] per label set,
+    all-pair counts), counts as int64 numpy arrays of length T; optionally updates leave-one-out nearest
+    neighbours (symmetric scoring only) from the same tiles."""
     device = queries.device
     tile_histogram = _TileHistogram(edges, edges32, device)
     all_histogram = torch.zeros(len(edges32), dtype=torch.int64, device=device)
-    positive_histograms = [torch.zeros_like(all_histogram) for _ in label_sets]
+    positive_histograms = [torch.zeros(len(edges32) + 1, dtype=torch.int64, device=device) for _ in label_sets]
     for first_row, end_row, scores, valid_square in _score_tiles(queries, gallery, tile_elements):
         for index, label_set in enumerate(label_sets):
             positive_index = label_set.positive_index(first_row, end_row, valid_square)
@@ -412,24 +416,34 @@ def _pair_histograms(queries, gallery, label_sets, edges, edges32, tile_elements
             scores[:, :end_row - first_row].masked_fill_(~valid_square, -math.inf)
             neighbours.update(first_row, scores)
 
-    # Histogram bin b holds scores with exactly b + 1 edges at or below them: count at or above threshold k
-    # is the sum over b >= k.
+    # Bin k - 1 of the all-pair histogram holds scores with exactly k edges at or below them: the pairs accepted
+    # at threshold k are those of bins k - 1 and above.
     def at_or_above(histogram):
         return np.cumsum(histogram.cpu().numpy()[::-1])[::-1].copy()
-    return [at_or_above(histogram) for histogram in positive_histograms], at_or_above(all_histogram)
+    positives = [(at_or_above(histogram[1:]), int(histogram.sum())) for histogram in positive_histograms]
+    return positives, at_or_above(all_histogram)
 
 
-def _curves(positive_counts, all_counts, total_pairs, description):
-    """FAR and TAR per threshold from counts at or above each threshold."""
-    total_positive = int(positive_counts[0])
-    total_negative = total_pairs - total_positive
-    if total_positive == 0:
-        raise ValueError(f'{description}: no positive pair (no two images share a label), so TAR is undefined')
-    if total_negative == 0:
-        raise ValueError(f'{description}: every pair is positive (all images share one label), so FAR is '
-                         f'undefined')
+def _curves(positive_counts, total_positive, all_counts, total_pairs):
+    """FAR and TAR per threshold from the pairs accepted there; NaN throughout where there is no positive
+    (TAR) or no negative (FAR) pair, as the original's 0 / 0."""
     negative_counts = all_counts - positive_counts
-    return negative_counts / total_negative, positive_counts / total_positive
+    with np.errstate(invalid='ignore', divide='ignore'):
+        far = negative_counts / np.float64(total_pairs - total_positive)
+        tar = positive_counts / np.float64(total_positive)
+    return far, tar
+
+
+def undefined_reason(curve) -> str | None:
+    """Why the TARs of a (far, tar) curve are undefined (NaN), or None when they are defined."""
+    far, tar = curve
+    if len(far) == 0:
+        return 'fewer than two test images: there is no pair to score'
+    if np.isnan(tar).all():
+        return 'no positive pair (no two test images share a label)'
+    if np.isnan(far).all():
+        return 'no negative pair (every test image has the same label)'
+    return None
 
 
 def _check_fars(fars):
@@ -438,25 +452,27 @@ def _check_fars(fars):
 
 
 def _tars_from_curve(far, tar, fars):
-    """TAR at each target FAR, by the bracketing rule documented in tar_at_far."""
-    # Past the highest threshold nothing is accepted: FAR = TAR = 0.
-    far_extended = np.append(far, 0.0)
-    tar_extended = np.append(tar, 0.0)
-    # np.searchsorted needs ascending order: the reversed FAR curve is non-decreasing.
-    ascending = far_extended[::-1]
-    results = []
-    for target in fars:
-        at_least_target = len(ascending) - int(np.searchsorted(ascending, target, side='left'))
-        if at_least_target == 0:
-            lower = upper = 0
+    """TAR at each target FAR by the original's binary search over the thresholds (see tar_at_far)."""
+    # without a negative pair FAR is 0 / 0 everywhere and no threshold can be chosen (the original's NaN
+    # comparisons would return an arbitrary TAR there)
+    if len(far) < 2 or np.isnan(far).all():
+        return [math.nan] * len(fars)
+    return [round(_tar_at(far, tar, target), 5) for target in fars]
+
+
+def _tar_at(far, tar, target):
+    lower, upper = 0, len(far) - 1
+    while upper - lower > 1:
+        middle = (lower + upper) // 2
+        if far[middle] == target:
+            return float(tar[middle])
+        if far[middle] < target:
+            upper = middle
         else:
-            lower = at_least_target - 1
-            upper = lower + 1
-            if far_extended[lower] >= FAR_BRACKET_FACTOR * target:
-                results.append(0.0)
-                continue
-        results.append(round(float((tar_extended[lower] + tar_extended[upper]) / 2), 5))
-    return results
+            lower = middle
+    if far[lower] / target >= FAR_BRACKET_FACTOR:
+        return 0.0
+    return float((tar[lower] + tar[upper]) / 2)
 
 
 def _check_thresholds(num_thresholds):
@@ -467,12 +483,15 @@ def _check_thresholds(num_thresholds):
 
 def _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device, tile_elements,
                     with_neighbours=False):
-    """Shared machinery: returns a (far, tar) curve per label set given as (labels, mask, description)."""
+    """Shared machinery: returns a (far, tar) curve per label set given as (labels, mask), and the nearest
+    neighbours when asked for. Fewer than two features give empty curves (no pair to score)."""
     device = torch.device(device) if device is not None else default_device()
     num_thresholds = _check_thresholds(num_thresholds)
     queries, gallery = _query_and_gallery(features, gallery_features, device)
     num_items = queries.shape[0]
-    label_sets = [_pair_label_set(labels, mask, num_items, device) for labels, mask, _ in label_pairs]
+    label_sets = [_pair_label_set(labels, mask, num_items, device) for labels, mask in label_pairs]
+    if num_items < 2:
+        return [(np.zeros(0), np.zeros(0)) for _ in label_pairs], None
     neighbours = None
     if with_neighbours and gallery is queries:
         neighbours = _NearestNeighbours(num_items, device)
@@ -481,8 +500,7 @@ def _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, dev
     positive_counts, all_counts = _pair_histograms(queries, gallery, label_sets, edges, edges32, tile_elements,
                                                    neighbours)
     total_pairs = num_items * (num_items - 1) // 2
-    curves = [_curves(counts, all_counts, total_pairs, description)
-              for counts, (_, _, description) in zip(positive_counts, label_pairs)]
+    curves = [_curves(counts, total_positive, all_counts, total_pairs) for counts, total_positive in positive_counts]
     return curves, neighbours
 
 
@@ -495,24 +513,26 @@ def tar_at_far(features, labels=None, mask=None, fars=DEFAULT_FARS, num_threshol
     exactly one must be given. With `gallery_features` the pair (i, j), i < j, is scored
     features[i] . gallery_features[j] (student query against teacher gallery).
 
-    Definition as implemented (the reading of SPEC §5):
+    The original's algorithm, step by step (T = num_thresholds):
     - features are L2-normalised; scores are float32 dot products, computed in row tiles (never N x N);
-    - thresholds t_k = numpy.linspace(min, max, T)[k], k = 0..T-1 (T = num_thresholds, both ends included),
-      unit = (max - min) / T; a pair is accepted at t_k when score >= t_k - unit/2 + 2e-6 (exact comparison);
-      the lowest threshold accepts every pair (this only differs from the formula when max - min < 4e-6);
-    - FAR_k = accepted negatives / negatives, TAR_k = accepted positives / positives; past the highest
-      threshold FAR = TAR = 0 (a sentinel T-th point);
-    - for target f: `lower` = the last threshold with FAR >= f (ties at exactly f stay on the lower side),
-      `upper` = lower + 1 (the first with FAR < f, possibly the sentinel). The result is 0 when
-      FAR_lower >= 8 f (the grid jumps over f), otherwise (TAR_lower + TAR_upper) / 2; when even the lowest
-      threshold has FAR < f (only possible for f > 1) it is TAR_0. Rounded to 5 decimals.
-    Errors: N < 2, labels and mask both or neither, a mask of the wrong length, no positive or no negative pair.
+    - lo, hi = the smallest and largest score, unit = (hi - lo) / T; thresholds t_k = lo + (hi - lo) * k / T for
+      k = 1..T (the lowest is one unit above lo, the highest is hi); a pair is accepted at t_k when
+      score >= t_k - unit/2 + 2e-6 (exact comparison). A score below the lowest of these edges is never
+      accepted, yet counts in the denominators;
+    - FAR_k = accepted negatives / all negatives, TAR_k = accepted positives / all positives;
+    - for target f, a binary search over 0-based indices l = 0, u = T - 1: while u - l > 1, middle m: FAR_m == f
+      answers TAR_m; FAR_m < f moves u to m, otherwise l to m. Then 0 when FAR_l / f >= 8 (the grid has no
+      threshold near f), else (TAR_l + TAR_u) / 2. Rounded to 5 decimals.
+    Undefined figures are NaN, as the original's 0 / 0: where there is no positive pair (e.g. a fine label
+    no two images share) every TAR that the 8x rule does not make 0; every TAR where there is no negative pair
+    (all images share one label) or fewer than two features.
+    Errors: labels and mask both or neither, a mask of the wrong length, non-finite features.
     Cost: two passes over the row tiles (min/max, then the histogram), each N^2 d / 2 multiply-adds, on the GPU
     when there is one; memory O(N d + tile_elements). The histogram pass re-scores the same tiles, so the
     extremes it bins against are bit-identical to the first pass.
     """
     _check_fars(fars)
-    label_pairs = [(labels, mask, 'tar_at_far')]
+    label_pairs = [(labels, mask)]
     curves, _ = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device, tile_elements)
     far, tar = curves[0]
     return _tars_from_curve(far, tar, fars)
@@ -520,8 +540,9 @@ def tar_at_far(features, labels=None, mask=None, fars=DEFAULT_FARS, num_threshol
 
 def far_tar_curve(features, labels=None, mask=None, num_thresholds=2000, gallery_features=None, device=None,
                   tile_elements=DEFAULT_TILE_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
-    """(far, tar) float64 arrays of length num_thresholds, one point per threshold, as in tar_at_far."""
-    label_pairs = [(labels, mask, 'far_tar_curve')]
+    """(far, tar) float64 arrays of length num_thresholds, one point per threshold, as in tar_at_far (empty for
+    fewer than two features)."""
+    label_pairs = [(labels, mask)]
     curves, _ = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device, tile_elements)
     return curves[0]
 
@@ -563,6 +584,8 @@ def nearest_neighbor_accuracy(features, labels, gallery_features=None, device=No
     queries, gallery = _query_and_gallery(features, gallery_features, device)
     num_items = queries.shape[0]
     class_ids = _label_tensor(labels, num_items, device)
+    if num_items < 2:
+        return math.nan
     rows_per_block = max(1, tile_elements // num_items)
     correct = 0
     for first_row in range(0, num_items, rows_per_block):
@@ -583,19 +606,22 @@ def evaluate_features(features, coarse_labels, fine_labels, gallery_features=Non
     A mask, when given, defines that level's positive pairs instead of its labels (labels are still used for
     the nearest-neighbour accuracy; None there gives None). fine_labels None (and no fine_mask) means the fine
     level equals the coarse one. Returns {'coarse': [TARs], 'fine': [TARs], 'coarse_curve': (far, tar),
-    'fine_curve': (far, tar), 'coarse_nn_accuracy': float | None, 'fine_nn_accuracy': float | None}.
+    'fine_curve': (far, tar), 'coarse_nn_accuracy': float | None, 'fine_nn_accuracy': float | None,
+    'coarse_undefined': reason | None, 'fine_undefined': reason | None}; undefined TARs are NaN (see tar_at_far)
+    and the reason says why.
     """
     _check_fars(fars)
     if fine_labels is None and fine_mask is None:
         fine_labels, fine_mask = coarse_labels, coarse_mask
-    label_pairs = [(None if coarse_mask is not None else coarse_labels, coarse_mask, 'coarse'),
-                   (None if fine_mask is not None else fine_labels, fine_mask, 'fine')]
+    label_pairs = [(None if coarse_mask is not None else coarse_labels, coarse_mask),
+                   (None if fine_mask is not None else fine_labels, fine_mask)]
     curves, neighbours = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device,
                                          tile_elements, with_neighbours=True)
     result = {}
     for level, (far, tar), labels in zip(('coarse', 'fine'), curves, (coarse_labels, fine_labels)):
         result[level] = _tars_from_curve(far, tar, fars)
         result[f'{level}_curve'] = (far, tar)
+        result[f'{level}_undefined'] = undefined_reason((far, tar))
         accuracy = None
         if labels is not None:
             if neighbours is not None:

@@ -170,8 +170,16 @@ def test_keep_rate_schedule():
     assert resnet12.keep_rate_after(10 ** 6) == pytest.approx(0.9)
 
 
+def test_published_drop_block_keeps_the_first_batch_rate():
+    """The published multi-GPU run's counter never left its first value: keep rate 1 - 0.1 / 40000 throughout."""
+    backbone = resnet12.ResNet12(width_divisor=16).train()
+    backbone.batches_seen = 39999
+    backbone(images(2, 64))
+    assert backbone.keep_rate() == 1 - 0.1 / 40000
+
+
 def test_batches_seen_counts_training_forwards_only():
-    backbone = model.create_backbone('Resnet12', width_divisor=16)
+    backbone = resnet12.ResNet12(width_divisor=16, drop_block_schedule='annealed')
     assert backbone.batches_seen == 0
     backbone.train()
     backbone(images(2, 64))
@@ -383,7 +391,9 @@ def test_original_teacher_file_matches_timm_conversion(tmp_path):
     assert logits.shape == (1, 12)
 
 
-def test_original_student_files_load(tmp_path):
+def test_prefixed_student_files_load_at_demo_width(tmp_path):
+    """'encoder.module.' prefixes, a 'distill_layer' teacher and a head around narrow backbones (the original's own
+    files, at full width, are tests/test_fidelity.py's)."""
     torch.manual_seed(0)
     resnet = perturb(model.create_backbone('Resnet12', width_divisor=8)).eval()
     distill_junk = {'distill_layer.encoder.layers.0.blocks.0.norm1.weight': torch.ones(3),
@@ -468,7 +478,7 @@ def test_wrong_backbone_names_file_and_keys(resnet_file):
     assert_one_line(error, path)
     assert 'Swin_tiny' in str(error.value)
     assert 'missing keys: layers.0.blocks.0' in str(error.value)
-    assert 'unexpected keys: layer1.bn1.bias' in str(error.value)
+    assert 'unexpected keys: bn1.bias, bn1.num_batches_tracked' in str(error.value)
 
 
 def test_full_size_wrong_backbone_says_what_the_file_fits(tmp_path, resnet12_full):
@@ -481,16 +491,16 @@ def test_full_size_wrong_backbone_says_what_the_file_fits(tmp_path, resnet12_ful
 def test_missing_unexpected_and_misshaped_keys(tmp_path, resnet_file):
     path, state = resnet_file
     missing = dict(state)
-    del missing['layer4.conv3.weight']
+    del missing['layer4.0.conv3.weight']
     unexpected = dict(state, **{'layer5.conv1.weight': torch.zeros(1)})
-    cases = {'missing keys: layer4.conv3.weight': missing, 'unexpected keys: layer5.conv1.weight': unexpected}
+    cases = {'missing keys: layer4.0.conv3.weight': missing, 'unexpected keys: layer5.conv1.weight': unexpected}
     for expected_message, broken in cases.items():
         broken_path = tmp_path / 'broken.pth'
         torch.save({'params': broken}, broken_path)
         with pytest.raises(ValueError, match=re.escape(expected_message)) as error:
             model.load_backbone('Resnet12', str(broken_path), width_divisor=8)
         assert_one_line(error, broken_path)
-    with pytest.raises(ValueError, match=r'misshaped keys: layer1.bn1.bias \(file \(16,\), model \(32,\)\)'):
+    with pytest.raises(ValueError, match=r'misshaped keys: bn1.bias \(file \(16,\), model \(32,\)\)'):
         model.load_backbone('Resnet12', str(path), width_divisor=4)
 
 
@@ -518,7 +528,7 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path):
     marker = tmp_path / 'was_run'
     for writer in ('torch', 'pickle'):
         path = tmp_path / f'malicious_{writer}.pth'
-        payload = {'params': {'stem.conv.weight': CreatesFileWhenUnpickled(str(marker))}}
+        payload = {'params': {'conv1.weight': CreatesFileWhenUnpickled(str(marker))}}
         if writer == 'torch':
             torch.save(payload, path)
         else:
@@ -536,6 +546,6 @@ def test_not_a_state_dict(tmp_path):
     with pytest.raises(ValueError, match='expected a dict of tensors'):
         model.read_weights(str(path), 'Resnet12')
     path = tmp_path / 'nested.pth'
-    torch.save({'params': {'stem.conv.weight': torch.zeros(1), 'epoch': 3}}, path)
+    torch.save({'params': {'conv1.weight': torch.zeros(1), 'epoch': 3}}, path)
     with pytest.raises(ValueError, match=r'entries epoch are not tensors'):
         model.read_weights(str(path), 'Resnet12')
