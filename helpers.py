@@ -5,6 +5,7 @@ landmarks (a deterministic data set in the real format, for the demo and tests);
 construction. `python helpers.py OUT_DIR` writes the synthetic set.
 """
 import argparse
+import contextlib
 import copy
 import os
 import pickle
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFile, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import RandomResizedCrop
 
@@ -55,7 +56,18 @@ class Sample:
 
 
 class ImageReadError(RuntimeError):
-    """An evaluation image that cannot be read (missing, empty, truncated or undecodable)."""
+    """An evaluation image that cannot be read (missing, empty or undecodable)."""
+
+
+@contextlib.contextmanager
+def _truncated_images_allowed():
+    """Decode a truncated file as the original did (PIL's LOAD_TRUNCATED_IMAGES): the missing part is filled in."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def _parse_integer(text: str, origin: str, what: str) -> int:
@@ -192,6 +204,14 @@ def read_eval_samples(root: str, list_path: str) -> list[Sample]:
     return samples
 
 
+def check_images_exist(samples, root_flag: str):
+    """Raise ValueError 'list:line: path: no such image' naming the first listed image that is not a file."""
+    missing = [sample for sample in samples if not os.path.isfile(sample.path)]
+    if missing:
+        more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+        raise ValueError(f"{missing[0].origin}: {missing[0].path}: no such image{more}; fix the list or {root_flag}")
+
+
 def check_labels(samples, num_classes: int, source: str):
     """Raise ValueError 'file:line: label 7 outside [0, 5)' for the first label outside [0, num_classes)."""
     for position, sample in enumerate(samples):
@@ -287,10 +307,13 @@ class PackedStrings:
 class ImageDataset(Dataset):
     """Images of a list as uint8 BGR tensors; float work is left to BatchTransform on the batch.
 
-    Item: dict(image=uint8 (3, img_size, img_size) BGR, label, fine_label, index, bad).
+    Item: dict(image=uint8 (3, img_size, img_size) BGR, label, fine_label, index, bad, truncated).
+    A truncated file is decoded as the original decoded it, the missing part filled in; 'truncated' then names
+    its path (else '').
     train=True: an unreadable image is replaced by the next readable sample in list order (its image,
     labels and index are returned) and 'bad' lists each skipped 'path: reason', joined by '; '.
-    train=False: an unreadable image raises ImageReadError naming the path.
+    train=False: an unreadable image gives a black image and 'bad' = 'path: reason (list:line); what to do', for
+    the evaluation loop to stop every process with (raising in a loader worker would bury the message).
     augment (train only): random resized crop + flip; otherwise the evaluation resize.
     The samples are stored packed (see PackedStrings); `sample(index)` gives one back.
     """
@@ -312,29 +335,41 @@ class ImageDataset(Dataset):
         return Sample(self.paths[index], int(self.labels[index]), int(self.fine_labels[index]),
                       self.origins[index])
 
-    def _decode(self, path: str) -> torch.Tensor:
+    def _decode_once(self, path: str) -> torch.Tensor:
         if self.augment:
             return decode_train_crop(path, self.img_size)
         return decode_eval_image(path, self.img_size)
 
-    def _item(self, index: int, image: torch.Tensor, bad: str) -> dict:
+    def _decode(self, path: str) -> tuple[torch.Tensor, bool]:
+        """(image, whether the file was truncated and decoded with its missing part filled in)."""
+        try:
+            return self._decode_once(path), False
+        except FileNotFoundError:
+            raise
+        except OSError:
+            # the original decoded every file with PIL's LOAD_TRUNCATED_IMAGES; retry as it did
+            with _truncated_images_allowed():
+                return self._decode_once(path), True
+
+    def _item(self, index: int, image: torch.Tensor, truncated: bool, bad: str) -> dict:
         return dict(image=image, label=int(self.labels[index]), fine_label=int(self.fine_labels[index]),
-                    index=index, bad=bad)
+                    index=index, bad=bad, truncated=self.paths[index] if truncated else '')
 
     def __getitem__(self, index: int) -> dict:
         if not self.train:
             path = self.paths[index]
             try:
-                return self._item(index, self._decode(path), '')
+                return self._item(index, *self._decode(path), '')
             except IMAGE_READ_ERRORS as error:
-                raise ImageReadError(f"{path}: {image_problem(path, error)} ({self.origins[index]}); "
-                                     f"fix the file or remove it from the list") from None
+                blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
+                return self._item(index, blank, False, f"{path}: {image_problem(path, error)} "
+                                                       f"({self.origins[index]}); fix the file or remove it from the list")
         problems = []
         for attempt in range(min(MAX_REPLACEMENT_ATTEMPTS, len(self))):
             candidate = (index + attempt) % len(self)
             path = self.paths[candidate]
             try:
-                return self._item(candidate, self._decode(path), '; '.join(problems))
+                return self._item(candidate, *self._decode(path), '; '.join(problems))
             except IMAGE_READ_ERRORS as error:
                 problems.append(f"{path}: {image_problem(path, error)}")
         raise RuntimeError(f"{len(problems)} consecutive training images are unreadable, starting at "
@@ -799,12 +834,14 @@ DEFAULT_NUM_CLASSES = 252903
 
 def build_model(student_name: str, img_size: int, num_classes: int | None, student_weights: str | None,
                 teacher_name: str | None, teacher_weights: str | None, head_fixed: bool,
-                width_divisor: int = 1, grad_checkpointing: bool = False,
-                channels_last: bool = False) -> models.DistillationModel:
+                width_divisor: int = 1, grad_checkpointing: bool = False, channels_last: bool = False,
+                init_head_from_teacher: bool = False, stochastic_teacher: bool = True,
+                drop_block_schedule: str = 'published') -> models.DistillationModel:
     """The student (from `student_weights` when given) with its head, and the frozen teacher when distilling.
 
-    With `head_fixed` the student's head IS the teacher's (one frozen copy in memory); distilling without it
-    starts a trainable copy from the teacher's; without a teacher the head is new and trainable.
+    With `head_fixed` the student's head IS the teacher's (one frozen copy in memory). Otherwise the student has
+    its own trainable head: a fresh Xavier-initialised one (as the original), or a copy of the teacher's with
+    `init_head_from_teacher`. `stochastic_teacher`: see models.DistillationModel.
     """
     teacher = None
     if teacher_name:
@@ -816,9 +853,10 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
         num_classes = teacher_classes
     num_classes = num_classes or DEFAULT_NUM_CLASSES
     if student_weights:
-        backbone = models.load_backbone(student_name, student_weights, img_size, width_divisor).train()
+        backbone = models.load_backbone(student_name, student_weights, img_size, width_divisor,
+                                        drop_block_schedule).train()
     else:
-        backbone = models.create_backbone(student_name, img_size, width_divisor)
+        backbone = models.create_backbone(student_name, img_size, width_divisor, drop_block_schedule)
     if grad_checkpointing:
         if not hasattr(backbone, 'set_grad_checkpointing'):
             raise ValueError(f'--grad_checkpointing needs a Swin student, not {student_name}')
@@ -827,11 +865,11 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
         backbone = backbone.to(memory_format=torch.channels_last)
     if head_fixed:
         head = teacher.head
-    elif teacher is not None:
+    elif teacher is not None and init_head_from_teacher:
         head = copy.deepcopy(teacher.head).requires_grad_(True)
     else:
         head = models.CosFaceHead(num_classes, backbone.feature_dim)
-    return models.DistillationModel(models.Classifier(backbone, head), teacher)
+    return models.DistillationModel(models.Classifier(backbone, head), teacher, stochastic_teacher)
 
 
 def parameter_report(distiller: models.DistillationModel) -> str:

@@ -4,6 +4,7 @@ Single process:  python main.py --backbone_class Swin_tiny --is_distill --teache
 Several GPUs:    torchrun --nproc_per_node 8 main.py ...   (DDP; --batch_size is the global batch)
 """
 import argparse
+import math
 import os
 import random
 
@@ -14,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import helpers
 import model as models
+import resnet12
 import trainer
 import utils
 
@@ -31,7 +33,7 @@ def get_parser() -> argparse.ArgumentParser:
     add('--warmup_epoch', type=int, default=10)
     add('--batch_size', type=int, default=256, help='global batch over all processes')
     add('--lr', type=float, default=0.001)
-    add('--min_lr', type=float, default=0.0)
+    add('--min_lr', type=float, default=1e-6, help='floor of the cosine schedule (the original\'s 1e-6)')
     add('--optim', default='AdamW', choices=('SGD', 'Adam', 'AdamW'))
     add('--momentum', type=float, default=0.0, help='SGD momentum (the original used none)')
     add('--weight_decay', type=float, default=5e-4)
@@ -50,8 +52,18 @@ def get_parser() -> argparse.ArgumentParser:
     add('--teacher_init_weights', default=None, help='teacher file with its cosine classifier')
     add('--kd_loss', default='KD', choices=trainer.KD_LOSSES)
     add('--kd_weight', type=float, default=1.0)
-    add('--resume', action='store_true', help='accepted for old scripts; a run with a checkpoint always resumes')
+    add('--resume', nargs='?', const=True, default=False, type=parse_bool,
+        help='accepted for old scripts (also as `--resume True`); a run with a checkpoint always resumes')
     add('--head_fixed', action='store_true', help="the student uses the teacher's classifier, frozen")
+    add('--init_head_from_teacher', action='store_true',
+        help="without --head_fixed, start the student's own head as a trainable copy of the teacher's "
+             '(default: a fresh Xavier-initialised head, as the original)')
+    add('--teacher_eval', action='store_true',
+        help="run the teacher deterministically (eval mode) while distilling; default: as the published runs, "
+             'with its stochastic depth active (never any gradient)')
+    add('--drop_block', default='published', choices=resnet12.DROP_BLOCK_SCHEDULES,
+        help="Resnet12: 'published' keeps the keep rate of the published multi-GPU run (1 - 0.1/40000: DropBlock "
+             "in effect off); 'annealed' lowers it from 1 to 0.9 over the first 40,000 batches")
     add('--suffix', default='', help='appended to the run directory name')
     add('--train_root', nargs='+', default=[], help='image roots, one per --train_list')
     add('--train_list', nargs='+', default=[], help='tab-separated lists: path, name, label')
@@ -140,6 +152,16 @@ def number_problems(args) -> list[str]:
     return problems
 
 
+def parse_bool(text) -> bool:
+    """'True'/'1'/'yes' -> True, 'False'/'0'/'no' -> False (the original's `--resume True`)."""
+    value = str(text).strip().lower()
+    if value in ('true', '1', 'yes', 'y'):
+        return True
+    if value in ('false', '0', 'no', 'n'):
+        return False
+    raise argparse.ArgumentTypeError(f'{text!r} is not a boolean; give True or False')
+
+
 def step_sizes(text: str) -> list[int]:
     """'30' -> [30]; '30,60' -> [30, 60]."""
     return [int(part) for part in str(text).split(',') if part.strip()]
@@ -190,9 +212,10 @@ def main(args):
         else:
             train(args, run_dir, logger, rank, world_size, device)
         logger.close()
-    except (ValueError, FileNotFoundError, helpers.ImageReadError, trainer.NonFiniteLossError) as error:
-        # bad lists, labels, weights files, images or a diverged loss: the message says what to fix
-        raise SystemExit(f'error: {error}') from None
+    except (ValueError, FileNotFoundError, helpers.ImageReadError, trainer.NonFiniteLossError,
+            trainer.StopOnEveryRank) as error:
+        # bad lists, labels, weights files, images or a diverged loss: the message says what to fix, said once
+        raise SystemExit(f'error: {error}' if rank == 0 else 1) from None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -202,13 +225,19 @@ def train(args, run_dir, logger, rank, world_size, device):
     """Data, model, optimizer, resume, the epoch loop with validation and checkpoints, then the test."""
     seed_epoch(args.seed, 0, rank)
     train_samples, _ = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
+    # what would only fail after the last epoch is found now
+    val_samples = read_checked_list(args.val_root, args.val_list, '--val_root')
+    test_samples = read_checked_list(args.test_root, args.test_list, '--test_root')
     distiller = helpers.build_model(
         args.backbone_class, args.img_size, args.num_classes, args.init_weights,
-        args.teacher_backbone_class if args.is_distill else None, args.teacher_init_weights,
-        args.head_fixed, args.demo_width_divisor, args.grad_checkpointing, args.channels_last).to(device)
+        teacher_name=args.teacher_backbone_class if args.is_distill else None,
+        teacher_weights=args.teacher_init_weights, head_fixed=args.head_fixed,
+        width_divisor=args.demo_width_divisor, grad_checkpointing=args.grad_checkpointing,
+        channels_last=args.channels_last, init_head_from_teacher=args.init_head_from_teacher,
+        stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block).to(device)
     logger.info(helpers.parameter_report(distiller))
-    train_loader, val_loader, batch_transform = build_data(args, train_samples, distiller.student.head.num_classes,
-                                                           rank, world_size)
+    train_loader, val_loader, batch_transform = build_data(args, train_samples, val_samples,
+                                                           distiller.student.head.num_classes, rank, world_size)
 
     optimizer = helpers.build_optimizer(args.optim, distiller.trainable_parameters(), args.lr,
                                         args.weight_decay, args.momentum)
@@ -233,23 +262,24 @@ def train(args, run_dir, logger, rank, world_size, device):
         progress = resume(checkpoint_path, distiller, optimizer, scaler, args.seed, args.head_fixed)
         logger.info(f'resumed from {checkpoint_path} after epoch {progress["epoch"]}')
 
-    logged_bad_images = set()
+    logged_images = set()
     for epoch in range(progress['epoch'] + 1, args.max_epoch + 1):
         seed_epoch(args.seed, epoch, rank)
         train_loader.sampler.set_epoch(epoch)
         stats = trainer.train_one_epoch(distiller, student, criterion, optimizer, scaler, train_loader,
                                         batch_transform, epoch, schedule, device, args.amp, logger,
                                         args.log_interval, world_size, show_progress=rank == 0)
-        check_bad_images(stats, args.max_bad_images, epoch, logger, logged_bad_images)
-        validation = (0.0, 0.0, 0.0)
-        validated = val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch)
-        if validated:
+        check_bad_images(stats, args.max_bad_images, epoch, logger, logged_images)
+        validation = None
+        if val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch):
             validation = trainer.validate(distiller.student, val_loader, batch_transform, device, args.amp)
+            log_truncated(validation['truncated_images'], logger, logged_images)
         log_epoch(logger, epoch, stats, validation)
-        # without a validation list the latest epoch is the one kept
-        improved = val_loader is None or (validated and validation[1] > progress['best_accuracy'])
+        # without a validation list the latest epoch is the one kept; ties go to the later epoch, as the original
+        improved = val_loader is None or (validation is not None and
+                                          validation['accuracy'] >= progress['best_accuracy'])
         if improved:
-            progress.update(best_accuracy=validation[1], best_epoch=epoch)
+            progress.update(best_accuracy=validation['accuracy'] if validation else -1.0, best_epoch=epoch)
         progress['epoch'] = epoch
         if rank == 0:
             if improved:
@@ -261,16 +291,26 @@ def train(args, run_dir, logger, rank, world_size, device):
     if val_loader is not None and progress['best_epoch']:
         logger.info(f'best epoch {progress["best_epoch"]}: eval_acc={progress["best_accuracy"]:.4f}')
 
-    if args.test_list:
+    if test_samples:
         # --max_epoch 0 tests the untrained student (the demo's floor)
         student_backbone = (models.load_backbone(args.backbone_class, best_path, args.img_size,
-                                                 args.demo_width_divisor).to(device)
+                                                 args.demo_width_divisor, args.drop_block).to(device)
                             if os.path.exists(best_path) else distiller.student.backbone)
         teacher_backbone = distiller.teacher.backbone if distiller.teacher is not None else None
-        run_test(args, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device)
+        run_test(args, test_samples, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device,
+                 logged_images)
 
 
-def build_data(args, train_samples, num_classes: int, rank: int, world_size: int):
+def read_checked_list(root: str | None, list_path: str | None, root_flag: str) -> list:
+    """The samples of a validation or test list (none without one), every listed image checked to exist."""
+    if not list_path:
+        return []
+    samples = helpers.read_eval_samples(root, list_path)
+    helpers.check_images_exist(samples, root_flag)
+    return samples
+
+
+def build_data(args, train_samples, val_samples, num_classes: int, rank: int, world_size: int):
     """(train loader, validation loader or None, batch transform), every label checked against the head."""
     helpers.check_labels(train_samples, num_classes, 'the training lists')
     per_process_batch = args.batch_size // world_size
@@ -281,8 +321,7 @@ def build_data(args, train_samples, num_classes: int, rank: int, world_size: int
         raise SystemExit(f'error: the training lists hold {len(train_samples)} images, fewer than one batch of '
                          f'--batch_size {args.batch_size}; lower --batch_size')
     val_loader = None
-    if args.val_list:
-        val_samples = helpers.read_eval_samples(args.val_root, args.val_list)
+    if val_samples:
         helpers.check_labels(val_samples, num_classes, args.val_list)
         val_loader = helpers.build_eval_loader(
             helpers.ImageDataset(val_samples, args.img_size, train=False, augment=False),
@@ -297,6 +336,7 @@ def test_only(args, run_dir, logger, rank, world_size, device):
     weights = args.init_weights or os.path.join(run_dir, BEST_NAME)
     if not os.path.isfile(weights):
         raise SystemExit(f'error: --test_only found no {weights}; give --init_weights or train this run first')
+    test_samples = read_checked_list(args.test_root, args.test_list, '--test_root')
     student_backbone = models.load_backbone(args.backbone_class, weights, args.img_size,
                                             args.demo_width_divisor).to(device)
     logger.info(f'test only: {weights}')
@@ -304,19 +344,26 @@ def test_only(args, run_dir, logger, rank, world_size, device):
     if args.teacher_init_weights:
         teacher_backbone = models.load_backbone(args.teacher_backbone_class, args.teacher_init_weights,
                                                 args.img_size, args.demo_width_divisor).to(device)
-    run_test(args, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device)
+    run_test(args, test_samples, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device,
+             set())
 
 
-def run_test(args, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device):
-    """Open-set features, TAR@FAR (coarse, fine, cross), nearest-neighbour accuracy, opensetFeat.npy, roc.png."""
-    samples = helpers.read_eval_samples(args.test_root, args.test_list)
+def run_test(args, samples, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device,
+             logged_images: set):
+    """Open-set features, TAR@FAR (coarse, fine, cross), nearest-neighbour accuracy, opensetFeat.npy, roc.png.
+
+    A figure that cannot exist (no positive or negative pair in a grain, fewer than two images) is written as nan
+    with a line saying why; the others are written as usual."""
     loader = helpers.build_eval_loader(helpers.ImageDataset(samples, args.img_size, train=False, augment=False),
                                        max(1, args.batch_size // world_size), args.num_workers, rank, world_size)
     batch_transform = helpers.BatchTransform(augment=False)
 
     def features_of(backbone):
-        return trainer.extract_features(backbone, loader, batch_transform, device, args.amp, len(samples),
-                                        helpers.gather_in_order, show_progress=rank == 0)
+        features, truncated = trainer.extract_features(backbone, loader, batch_transform, device, args.amp,
+                                                       len(samples), helpers.gather_in_order,
+                                                       show_progress=rank == 0)
+        log_truncated(truncated, logger, logged_images)
+        return features
 
     student_features = features_of(student_backbone)
     teacher_features = features_of(teacher_backbone) if teacher_backbone is not None else None
@@ -339,14 +386,27 @@ def log_test(logger, report, roc_path):
         logger.info(f'{name} nearest-neighbour top-1: coarse={result["coarse_nn_accuracy"]:.5f}, '
                     f'fine={result["fine_nn_accuracy"]:.5f}')
         for grain in ('coarse', 'fine'):
+            if result[f'{grain}_undefined']:
+                logger.info(f'{name} {grain} TARs are nan (undefined): {result[f"{grain}_undefined"]}')
             for far, tar in zip(utils.DEFAULT_FARS, result[grain]):
-                logger.scalar(f'test/{name}_{grain}_tar@far{far:.0e}', tar, 0)
-            curves[f'{name} {grain}'] = result[f'{grain}_curve']
+                if not math.isnan(tar):
+                    logger.scalar(f'test/{name}_{grain}_tar@far{far:.0e}', tar, 0)
+            if not result[f'{grain}_undefined']:
+                curves[f'{name} {grain}'] = result[f'{grain}_curve']
     utils.plot_roc(curves, roc_path)
 
 
+def log_truncated(paths, logger, logged: set):
+    """Log each truncated image once a run; they are used, as the original used them."""
+    for path in sorted(set(paths) - logged):
+        logger.info(f'truncated image (decoded with its missing part filled in, as the original did): {path}')
+        logged.add(path)
+
+
 def check_bad_images(stats, max_fraction: float, epoch: int, logger, logged: set):
-    """Log each replaced image once a run; stop when more than `max_fraction` of the epoch was unreadable."""
+    """Log each replaced or truncated image once a run; stop when more than `max_fraction` of the epoch was
+    unreadable (truncated images are used, and do not count)."""
+    log_truncated(stats['truncated_images'], logger, logged)
     bad = sorted(set(stats['bad_images']))
     for message in bad:
         if message not in logged:
@@ -360,14 +420,18 @@ def check_bad_images(stats, max_fraction: float, epoch: int, logger, logged: set
 
 
 def log_epoch(logger, epoch, stats, validation):
-    """The epoch line of record.txt (the original's format) and its tensorboard scalars."""
-    eval_loss, eval_accuracy, eval_interval = validation
-    logger.info(f'epoch {epoch}  lr {stats["lr"]:.6g}: train_acc={stats["accuracy"]:.4f}, '
-                f'eval_loss={eval_loss:.4f}, eval_acc={eval_accuracy:.4f}+{eval_interval:.4f}, '
+    """The epoch line of record.txt (the original's format) and its tensorboard scalars; an epoch that was not
+    validated has no validation figures."""
+    evaluated = ''
+    scalars = [('train/accuracy', stats['accuracy']), ('train/epoch_ce_loss', stats['ce']),
+               ('train/epoch_kd_loss', stats['kd'])]
+    if validation is not None:
+        evaluated = (f'eval_loss={validation["loss"]:.4f}, '
+                     f'eval_acc={validation["accuracy"]:.4f}+{validation["interval"]:.4f}, ')
+        scalars += [('val/loss', validation['loss']), ('val/accuracy', validation['accuracy'])]
+    logger.info(f'epoch {epoch}  lr {stats["lr"]:.6g}: train_acc={stats["accuracy"]:.4f}, {evaluated}'
                 f'avg_ce_loss={stats["ce"]:.4f}, avg_kd_loss={stats["kd"]:.4f}')
-    for tag, value in (('train/accuracy', stats['accuracy']), ('train/epoch_ce_loss', stats['ce']),
-                       ('train/epoch_kd_loss', stats['kd']), ('val/loss', eval_loss),
-                       ('val/accuracy', eval_accuracy)):
+    for tag, value in scalars:
         logger.scalar(tag, value, epoch)
 
 

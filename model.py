@@ -21,16 +21,18 @@ STATE_DICT_CONTAINERS = ('model_state', 'params', 'model', 'state_dict', 'studen
 _LISTED_KEYS = 6
 
 
-def create_backbone(name: str, img_size: int = 384, width_divisor: int = 1) -> nn.Module:
+def create_backbone(name: str, img_size: int = 384, width_divisor: int = 1,
+                    drop_block_schedule: str = 'published') -> nn.Module:
     """Feature extractor (B, 3, img_size, img_size) -> (B, 1024 // width_divisor), with attribute `feature_dim`.
 
-    width_divisor > 1 narrows every stage (CPU demo only); 1 gives the exact SPEC architectures. ResNet12 is fully
+    width_divisor > 1 narrows every stage (CPU demo only); 1 gives the exact architectures. ResNet12 is fully
     convolutional and accepts any image size; Swin needs token grids that fit its 12x12 windows (96, 192, 384...).
+    drop_block_schedule ('published' or 'annealed', ResNet12 only): see resnet12.py.
     """
     if name in swin_transformer.SWIN_CONFIGS:
         return swin_transformer.create_swin(name, img_size=img_size, width_divisor=width_divisor)
     if name == 'Resnet12':
-        return ResNet12(width_divisor=width_divisor)
+        return ResNet12(width_divisor=width_divisor, drop_block_schedule=drop_block_schedule)
     raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(BACKBONE_NAMES)}')
 
 
@@ -100,15 +102,18 @@ class Classifier(nn.Module):
 class DistillationModel(nn.Module):
     """Student classifier and an optional frozen teacher; a head shared by both is frozen and held once.
 
-    The teacher never trains: its parameters do not require grad and it stays in eval mode whatever `train()` is
-    called with. When the student's head IS the teacher's head object (the head-fixed method), that head is frozen
-    with the teacher and, being one module, is held once in memory.
+    The teacher never learns: its parameters do not require grad and its outputs carry none. `stochastic_teacher`
+    (the published runs, whose trainer put the whole model in train mode) keeps the teacher's stochastic depth
+    active while the student trains; its BatchNorm statistics, if it has any, are never updated. Otherwise the
+    teacher stays in eval mode. When the student's head IS the teacher's head object (the head-fixed method), that
+    head is frozen with the teacher and, being one module, is held once in memory.
     """
 
-    def __init__(self, student: Classifier, teacher: Classifier | None = None):
+    def __init__(self, student: Classifier, teacher: Classifier | None = None, stochastic_teacher: bool = False):
         super().__init__()
         self.student = student
         self.teacher = teacher
+        self.stochastic_teacher = stochastic_teacher
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -120,7 +125,10 @@ class DistillationModel(nn.Module):
     def train(self, mode: bool = True) -> 'DistillationModel':
         super().train(mode)
         if self.teacher is not None:
-            self.teacher.eval()
+            self.teacher.train(mode and self.stochastic_teacher)
+            for module in self.teacher.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     @torch.no_grad()
@@ -260,14 +268,16 @@ def _load_state_into(backbone: nn.Module, state: dict, name: str, path: str) -> 
     backbone.load_state_dict(state, strict=False)
 
 
-def load_backbone(name: str, path: str, img_size: int = 384, width_divisor: int = 1) -> nn.Module:
+def load_backbone(name: str, path: str, img_size: int = 384, width_divisor: int = 1,
+                  drop_block_schedule: str = 'published') -> nn.Module:
     """Backbone with weights from any supported file (see read_weights), in eval mode.
 
     A cosine or linear head, Swin's fixed buffers and 'distill_layer*' keys are skipped; any other missing,
     unexpected or misshaped key raises ValueError naming the file and the keys.
     """
     state, _ = read_weights(path, name)
-    backbone = create_backbone(name, img_size=img_size, width_divisor=width_divisor)
+    backbone = create_backbone(name, img_size=img_size, width_divisor=width_divisor,
+                               drop_block_schedule=drop_block_schedule)
     _load_state_into(backbone, state, name, path)
     return backbone.eval()
 

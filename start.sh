@@ -14,6 +14,12 @@
 #   MASTER_PORT (default 29500). SAVE_DIR must then be storage that every host sees.
 #   Further arguments go to main.py as they are, e.g. `sh start.sh --num_workers 12`.
 #
+#   Test existing weights (ours or the original's max_acc.pth) on every local GPU: the test list and the weights
+#   are enough; TEACHER adds the teacher's and the cross (student query vs teacher gallery) figures.
+#
+#   TEST_ROOT=/data/test TEST_LIST=/data/test.txt [TEACHER=...] [STUDENT=Resnet12] \
+#   sh start.sh --test_only --init_weights /path/max_acc.pth
+#
 #   With neither TEACHER nor TRAIN_LIST: the demo (synthetic landmarks, CPU, about 6 minutes), written to
 #   DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md. Smaller or larger demos:
 #   DEMO_LANDMARKS (150), DEMO_TEST_LANDMARKS (50), DEMO_IMG_SIZE (32), DEMO_WIDTH_DIVISOR (4),
@@ -58,7 +64,12 @@ run_demo() {
     "$PYTHON" "$here/utils.py" --demo_results "$runs" --output "$demo_dir/results.md"
 }
 
-if [ -z "${TEACHER:-}" ] && [ -z "${TRAIN_LIST:-}" ]; then
+test_only=0
+for argument in "$@"; do
+    [ "$argument" != --test_only ] || test_only=1
+done
+
+if [ "$test_only" = 0 ] && [ -z "${TEACHER:-}" ] && [ -z "${TRAIN_LIST:-}" ] && [ -z "${TEST_LIST:-}" ]; then
     if [ "$#" -gt 0 ]; then
         echo "arguments go to main.py with a recipe run: set TEACHER and TRAIN_ROOT/TRAIN_LIST (see the top of start.sh)" >&2
         exit 2
@@ -67,9 +78,14 @@ if [ -z "${TEACHER:-}" ] && [ -z "${TRAIN_LIST:-}" ]; then
     exit 0
 fi
 
-: "${TEACHER:?set TEACHER to the teacher checkpoint}"
-: "${TRAIN_ROOT:?set TRAIN_ROOT to the training image root}"
-: "${TRAIN_LIST:?set TRAIN_LIST to the training list}"
+if [ "$test_only" = 1 ]; then
+    : "${TEST_ROOT:?set TEST_ROOT to the test image root}"
+    : "${TEST_LIST:?set TEST_LIST to the test list}"
+else
+    : "${TEACHER:?set TEACHER to the teacher checkpoint}"
+    : "${TRAIN_ROOT:?set TRAIN_ROOT to the training image root}"
+    : "${TRAIN_LIST:?set TRAIN_LIST to the training list}"
+fi
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 NPROC=${NPROC:-${HOST_GPU_NUM:-$gpus}}
 case "$NPROC" in
@@ -86,8 +102,9 @@ case "${STUDENT:-Swin_tiny}" in
     *) echo "STUDENT must be Swin_tiny or Resnet12, not ${STUDENT}" >&2; exit 2 ;;
 esac
 
-data="--train_root $TRAIN_ROOT --train_list $TRAIN_LIST"
-[ -z "${VAL_LIST:-}" ] || data="$data --val_root ${VAL_ROOT:?set VAL_ROOT too} --val_list $VAL_LIST"
+data=""
+[ -z "${TRAIN_LIST:-}" ] || [ "$test_only" = 1 ] || data="--train_root ${TRAIN_ROOT:?set TRAIN_ROOT too} --train_list $TRAIN_LIST"
+[ -z "${VAL_LIST:-}" ] || [ "$test_only" = 1 ] || data="$data --val_root ${VAL_ROOT:?set VAL_ROOT too} --val_list $VAL_LIST"
 [ -z "${TEST_LIST:-}" ] || data="$data --test_root ${TEST_ROOT:?set TEST_ROOT too} --test_list $TEST_LIST"
 
 if [ "${HOST_NUM:-1}" -gt 1 ]; then
@@ -95,6 +112,15 @@ if [ "${HOST_NUM:-1}" -gt 1 ]; then
               --master_port ${MASTER_PORT:-29500} --nproc_per_node $NPROC"
 else
     launcher="--standalone --nproc_per_node $NPROC"
+fi
+
+if [ "$test_only" = 1 ]; then
+    # the recipe's flags only name the run directory; a teacher adds its own and the cross figures
+    teacher=""
+    [ -z "${TEACHER:-}" ] || teacher="--teacher_backbone_class Swin_base --teacher_init_weights $TEACHER"
+    # shellcheck disable=SC2086
+    exec "$PYTHON" -m torch.distributed.run $launcher "$here/main.py" $recipe $data $teacher \
+        --batch_size 256 --lr_scheduler cosine --augment --amp "$AMP" --save_dir "${SAVE_DIR:-./checkpoints}" "$@"
 fi
 
 # shellcheck disable=SC2086

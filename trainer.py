@@ -103,6 +103,25 @@ class NonFiniteLossError(RuntimeError):
     """Raised when a loss becomes NaN or infinite; the last checkpoint on disk stays the good one."""
 
 
+class StopOnEveryRank(RuntimeError):
+    """A problem met by one process (an unreadable evaluation image), raised by every process with its message."""
+
+
+def stop_if_any_process_failed(messages: list[str]):
+    """Raise StopOnEveryRank with the first problem of any process, on every process; nothing when none has one.
+
+    Every process calls this at the same point, so that none waits in a collective for one that stopped.
+    """
+    problems = gather_messages(messages[:1])
+    if problems:
+        raise StopOnEveryRank(problems[0])
+
+
+def _named(batch, field: str) -> list[str]:
+    """The non-empty messages of a batch's string field ('bad' or 'truncated')."""
+    return [message for message in batch.get(field, ()) if message]
+
+
 def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_transform, epoch: int,
                     schedule, device: torch.device, amp: str, logger, log_interval: int, world_size: int,
                     show_progress: bool):
@@ -118,14 +137,15 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     samples = 0
     first_non_finite = torch.full((), iterations, dtype=torch.long, device=device)
-    bad_images = []
+    bad_images, truncated_images = [], []
     progress = tqdm(loader, desc=f'epoch {epoch}', disable=not show_progress, dynamic_ncols=True)
     start = time.perf_counter()
     for iteration, batch in enumerate(progress):
         lr = schedule(epoch + iteration / iterations, epoch)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        bad_images.extend(path for message in batch['bad'] if message for path in message.split('; '))
+        bad_images.extend(path for message in _named(batch, 'bad') for path in message.split('; '))
+        truncated_images.extend(_named(batch, 'truncated'))
         images = batch_transform(batch['image'].to(device, non_blocking=True), train=True)
         labels = batch['label'].to(device, non_blocking=True)
         with autocast_context(device, amp):
@@ -159,7 +179,7 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
     samples = max(totals['samples'], 1.0)
     return {'lr': lr, 'loss': totals['loss'] / samples, 'ce': totals['ce'] / samples, 'kd': totals['kd'] / samples,
             'accuracy': totals['correct'] / samples, 'samples': totals['samples'],
-            'bad_images': gather_messages(bad_images)}
+            'bad_images': gather_messages(bad_images), 'truncated_images': gather_messages(truncated_images)}
 
 
 def check_finite(first_non_finite: torch.Tensor, iterations: int, epoch: int):
@@ -178,12 +198,19 @@ def check_finite(first_non_finite: torch.Tensor, iterations: int, epoch: int):
 
 @torch.no_grad()
 def validate(classifier, loader, batch_transform, device: torch.device, amp: str):
-    """Cross-entropy and top-1 accuracy of margin-free cosine logits; accuracy with a 95% interval."""
+    """{'loss', 'accuracy', 'interval', 'truncated_images'}: cross-entropy and top-1 accuracy of margin-free cosine
+    logits, the half-width of the accuracy's 95% interval, and the truncated files decoded on the way. An
+    unreadable image on any process stops every process (StopOnEveryRank)."""
     classifier.eval()
     # summed cross-entropy and correct predictions stay on the device until the end
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     samples = 0
+    problems, truncated = [], []
     for batch in loader:
+        problems.extend(_named(batch, 'bad'))
+        truncated.extend(_named(batch, 'truncated'))
+        if problems:
+            break
         images = batch_transform(batch['image'].to(device, non_blocking=True), train=False)
         labels = batch['label'].to(device, non_blocking=True)
         with autocast_context(device, amp):
@@ -191,29 +218,38 @@ def validate(classifier, loader, batch_transform, device: torch.device, amp: str
         samples += labels.numel()
         sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction='sum'),
                              (logits.argmax(dim=1) == labels).sum().float()]).double()
+    stop_if_any_process_failed(problems)
     loss_sum, correct, samples = global_sum(sums.tolist() + [samples], device)
     samples = max(samples, 1.0)
     accuracy = correct / samples
     interval = 1.96 * math.sqrt(accuracy * (1 - accuracy) / samples)
-    return loss_sum / samples, accuracy, interval
+    return {'loss': loss_sum / samples, 'accuracy': accuracy, 'interval': interval,
+            'truncated_images': gather_messages(truncated)}
 
 
 @torch.no_grad()
 def extract_features(backbone, loader, batch_transform, device: torch.device, amp: str, total: int,
-                     gather_in_order, show_progress: bool = False) -> torch.Tensor:
-    """L2-normalised float32 features of every image of `loader`'s list, in list order, on every process."""
+                     gather_in_order, show_progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """(L2-normalised float32 features of every image of `loader`'s list in list order, truncated files decoded on
+    the way), on every process. An unreadable image on any process stops every process (StopOnEveryRank)."""
     backbone.eval()
     features, indices = [], []
+    problems, truncated = [], []
     for batch in tqdm(loader, desc='features', disable=not show_progress, dynamic_ncols=True):
+        problems.extend(_named(batch, 'bad'))
+        truncated.extend(_named(batch, 'truncated'))
+        if problems:
+            break
         images = batch_transform(batch['image'].to(device, non_blocking=True), train=False)
         with autocast_context(device, amp):
             output = backbone(images)
         features.append(F.normalize(output.float(), dim=1))
         indices.append(batch['index'].to(device))
+    stop_if_any_process_failed(problems)
     feature_dim = getattr(backbone, 'feature_dim', None) or (features[0].shape[1] if features else 0)
     local_features = torch.cat(features) if features else torch.zeros(0, feature_dim, device=device)
     local_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=device)
-    return gather_in_order(local_features, local_indices, total).cpu()
+    return gather_in_order(local_features, local_indices, total).cpu(), gather_messages(truncated)
 
 
 def test_report(student_features, teacher_features, coarse_labels, fine_labels, coarse_mask, fine_mask):

@@ -648,7 +648,8 @@ def plot_roc(curves: dict, path: str):
     axes.set_ylabel('TAR (verification rate)')
     axes.set_ylim(0, 1.01)
     axes.grid(True, which='both', alpha=0.3)
-    axes.legend(loc='lower right')
+    if curves:
+        axes.legend(loc='lower right')
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -165,7 +165,8 @@ def test_dataset_packs_samples_and_gives_them_back():
 # ------------------------------------------------------------------------------------------ bad images
 
 def make_bad_image_set(tmp_path):
-    """8 samples: good ones (label = index) and one of each bad kind; returns (samples, {index: reason})."""
+    """9 samples: good ones (label = index), one of each unreadable kind and two truncated JPEGs; returns
+    (root, list path, {index of an unreadable file: reason}, indices of the truncated files)."""
     root = tmp_path / 'images'
     root.mkdir()
     names = []
@@ -183,19 +184,18 @@ def make_bad_image_set(tmp_path):
     (root / 'big.jpg').write_bytes(whole[:len(whole) * 2 // 3])
     names.append('big.jpg')
     list_path = write_list(tmp_path / 'list.txt', [f'{name}\tn\t{index}' for index, name in enumerate(names)])
-    expected = {1: 'missing file', 3: 'empty file', 5: 'cannot decode', 6: 'not a decodable image',
-                8: 'cannot decode'}
-    return str(root), list_path, expected
+    expected = {1: 'missing file', 3: 'empty file', 6: 'not a decodable image'}
+    return str(root), list_path, expected, (5, 8)
 
 
 @pytest.mark.parametrize('augment', [True, False])
 def test_bad_images_replaced_and_reported_in_a_training_epoch(tmp_path, augment):
-    root, list_path, expected = make_bad_image_set(tmp_path)
+    root, list_path, expected, truncated = make_bad_image_set(tmp_path)
     samples, _ = helpers.read_train_samples([root], [list_path])
     dataset = helpers.ImageDataset(samples, IMG_SIZE, train=True, augment=augment)
     loader = helpers.build_train_loader(dataset, batch_size=3, num_workers=2, seed=0, rank=0, world_size=1)
     batch_transform = helpers.BatchTransform(augment=augment)
-    reports = {}
+    reports, truncated_reports = {}, set()
     for epoch in range(2):
         loader.sampler.set_epoch(epoch)
         for batch in loader:
@@ -209,27 +209,44 @@ def test_bad_images_replaced_and_reported_in_a_training_epoch(tmp_path, augment)
                 for report in filter(None, bad.split('; ')):
                     path, reason = report.split(': ', 1)
                     reports[path] = reason
+            truncated_reports.update(filter(None, batch['truncated']))
     # 9 samples, batch 3: every sample is drawn each epoch, so every bad file is reported
     assert set(reports) == {samples[index].path for index in expected}
     for index, reason in expected.items():
         assert reports[samples[index].path].startswith(reason)
-    assert 'truncated' in reports[samples[5].path] and 'truncated' in reports[samples[8].path]
+    # truncated files are used, as the original used them, and reported apart
+    assert truncated_reports == {samples[index].path for index in truncated}
     # the replacement is the next readable sample in list order, deterministically
-    assert dataset[1]['index'] == 2 and dataset[5]['index'] == 7 and dataset[8]['index'] == 0
-    assert dataset[0]['bad'] == '' and dataset[8]['bad'] == f"{samples[8].path}: {reports[samples[8].path]}"
+    assert dataset[1]['index'] == 2 and dataset[3]['index'] == 4 and dataset[6]['index'] == 7
+    assert dataset[8]['index'] == 8 and dataset[8]['bad'] == '' and dataset[8]['truncated'] == samples[8].path
+    assert dataset[0]['bad'] == '' and dataset[6]['bad'] == f"{samples[6].path}: {reports[samples[6].path]}"
 
 
-def test_bad_images_raise_naming_the_file_in_evaluation(tmp_path):
-    root, list_path, expected = make_bad_image_set(tmp_path)
+def test_bad_images_are_named_in_evaluation_and_truncated_ones_decoded_as_pil_does(tmp_path):
+    root, list_path, expected, truncated = make_bad_image_set(tmp_path)
     samples = helpers.read_eval_samples(root, list_path)
     for augment in (True, False):
         dataset = helpers.ImageDataset(samples, IMG_SIZE, train=False, augment=augment)
         for index, reason in expected.items():
-            with pytest.raises(helpers.ImageReadError, match=f'{samples[index].path}: {reason}'):
-                dataset[index]
+            assert dataset[index]['bad'].startswith(f'{samples[index].path}: {reason} (')
+            assert 'list.txt:' in dataset[index]['bad']
     loader = helpers.build_eval_loader(dataset, batch_size=2, num_workers=1, rank=0, world_size=1)
-    with pytest.raises(helpers.ImageReadError, match=samples[1].path):
-        list(loader)
+    reported = [bad for batch in loader for bad in batch['bad'] if bad]
+    assert [message.split(':')[0] for message in reported] == [samples[index].path for index in sorted(expected)]
+    # PIL's own decoding of a truncated file, with the missing part filled in
+    from PIL import ImageFile
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        references = {index: reference_eval(samples[index].path, IMG_SIZE) for index in truncated}
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    for index in truncated:
+        item = dataset[index]
+        assert item['truncated'] == samples[index].path and item['bad'] == ''
+        assert torch.equal(helpers.BatchTransform(augment=False)(item['image'][None], train=False)[0],
+                           references[index])
+    with pytest.raises(OSError, match='truncated'):
+        Image.open(samples[5].path).load()  # the flag is not left on
 
 
 def test_all_images_unreadable_stops_with_a_clear_error(tmp_path):

@@ -9,7 +9,8 @@ from conftest import ROOT
 
 def demo_environment(tmp_path, **extra) -> dict:
     environment = dict(os.environ, PYTHON=sys.executable, DEMO_DIR=str(tmp_path / 'demo'), OMP_NUM_THREADS='1')
-    for name in ('TEACHER', 'TRAIN_LIST', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+    for name in ('TEACHER', 'TRAIN_ROOT', 'TRAIN_LIST', 'TEST_ROOT', 'TEST_LIST', 'RANK', 'WORLD_SIZE',
+                 'LOCAL_RANK'):
         environment.pop(name, None)
     environment.update(extra)
     return environment
@@ -100,3 +101,38 @@ def test_a_bad_process_count_is_refused(tmp_path):
     finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True,
                               text=True, timeout=60)
     assert finished.returncode == 2 and "NPROC must be a number of processes, not 'eight'" in finished.stderr
+
+
+def test_test_only_launch_needs_the_weights_and_the_test_list_only(tmp_path):
+    fake = tmp_path / 'python'
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    arguments = ['sh', os.path.join(ROOT, 'start.sh'), '--test_only', '--init_weights', '/w/max_acc.pth']
+    for teacher in ({}, {'TEACHER': '/t/teacher.pyth'}):
+        environment = demo_environment(tmp_path, PYTHON=str(fake), TEST_ROOT='/d/test', TEST_LIST='/d/test.txt',
+                                       **teacher)
+        finished = subprocess.run(arguments, env=environment, capture_output=True, text=True, timeout=60)
+        assert finished.returncode == 0, finished.stderr
+        command = ' '.join(finished.stdout.split())
+        assert command.startswith(f'-m torch.distributed.run --standalone --nproc_per_node 8 {ROOT}/main.py')
+        assert '--test_root /d/test --test_list /d/test.txt' in command
+        assert command.endswith('--test_only --init_weights /w/max_acc.pth')
+        assert '--train_list' not in command and '--is_distill' not in command
+        assert ('--teacher_init_weights /t/teacher.pyth' in command) == bool(teacher)
+    finished = subprocess.run(arguments, env=demo_environment(tmp_path, PYTHON=str(fake)), capture_output=True,
+                              text=True, timeout=60)
+    assert finished.returncode != 0 and 'set TEST_ROOT' in finished.stderr
+
+
+def test_test_only_through_start_sh_scores_a_student(tiny_data, tmp_path):
+    import torch
+    import model
+    weights = str(tmp_path / 'student.pth')
+    torch.save({'params': model.create_backbone('Resnet12', 96, 8).state_dict()}, weights)
+    environment = demo_environment(tmp_path, TEST_ROOT=tiny_data['root'], TEST_LIST=tiny_data['test'],
+                                   STUDENT='Resnet12', NPROC='1', SAVE_DIR=str(tmp_path / 'runs'))
+    finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh'), '--test_only', '--init_weights', weights,
+                               '--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0'],
+                              env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert re.search(r'^test acc: coarsegrained:\[[0-9., ]+\]--finegrained:\[[0-9., ]+\]$', finished.stdout, re.M)

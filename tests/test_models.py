@@ -1,4 +1,5 @@
 """Backbones, CosFace head, distillation model and checkpoint loading (SPEC sections 1 and 6)."""
+import math
 import os
 import pickle
 import re
@@ -549,3 +550,47 @@ def test_not_a_state_dict(tmp_path):
     torch.save({'params': {'conv1.weight': torch.zeros(1), 'epoch': 3}}, path)
     with pytest.raises(ValueError, match=r'entries epoch are not tensors'):
         model.read_weights(str(path), 'Resnet12')
+
+
+# ---------------------------------------------------------------- the published runs' teacher and head
+
+
+def test_teacher_runs_with_stochastic_depth_as_published_unless_asked_for_eval():
+    torch.manual_seed(0)
+    teacher_backbone = perturb(model.create_backbone('Swin_tiny', img_size=SMALL_IMAGE, width_divisor=8))
+    teacher = model.Classifier(teacher_backbone, model.CosFaceHead(5, 128))
+    student = model.Classifier(model.create_backbone('Resnet12', width_divisor=8), teacher.head)
+    batch = images(2)
+    published = model.DistillationModel(student, teacher, stochastic_teacher=True).train()
+    assert teacher.training and not any(parameter.requires_grad for parameter in teacher.parameters())
+    first, second = published.teacher_outputs(batch, None)[0], published.teacher_outputs(batch, None)[0]
+    assert not torch.equal(first, second) and not first.requires_grad
+    deterministic = model.DistillationModel(student, teacher, stochastic_teacher=False).train()
+    assert not teacher.training
+    assert torch.equal(deterministic.teacher_outputs(batch, None)[0], deterministic.teacher_outputs(batch, None)[0])
+
+
+def test_a_batchnorm_teacher_keeps_its_statistics():
+    teacher = model.Classifier(model.create_backbone('Resnet12', width_divisor=8), model.CosFaceHead(5, 128))
+    student = model.Classifier(model.create_backbone('Resnet12', width_divisor=8), teacher.head)
+    distiller = model.DistillationModel(student, teacher, stochastic_teacher=True).train()
+    before = teacher.backbone.bn1.running_mean.clone()
+    distiller.teacher_outputs(images(2), None)
+    assert torch.equal(teacher.backbone.bn1.running_mean, before)
+
+
+def test_distilling_without_head_fixed_starts_a_fresh_head_unless_asked(tmp_path):
+    import helpers
+    torch.manual_seed(0)
+    backbone = model.create_backbone('Resnet12', width_divisor=8)
+    teacher_path = str(tmp_path / 'teacher.pth')
+    torch.save(model.student_weights(model.Classifier(backbone, model.CosFaceHead(6, 128)), include_head=True),
+               teacher_path)
+    teacher_head = model.read_weights(teacher_path, 'Resnet12')[1]
+    arguments = dict(teacher_name='Resnet12', teacher_weights=teacher_path, head_fixed=False, width_divisor=8)
+    fresh = helpers.build_model('Resnet12', 96, None, None, **arguments).student.head.weight
+    assert fresh.requires_grad and fresh.shape == (6, 128) and not torch.equal(fresh, teacher_head)
+    bound = math.sqrt(6 / (6 + 128))  # Xavier uniform
+    assert fresh.abs().max() <= bound and fresh.abs().max() > 0.9 * bound
+    copied = helpers.build_model('Resnet12', 96, None, None, init_head_from_teacher=True, **arguments)
+    assert torch.equal(copied.student.head.weight, teacher_head) and copied.student.head.weight.requires_grad

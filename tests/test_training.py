@@ -360,7 +360,7 @@ def test_two_processes_take_the_same_steps_as_one_with_the_same_global_batch(tin
 
 
 # ------------------------------------------------------------------------------------------- bad images
-@pytest.mark.parametrize('damage', ['missing', 'empty', 'truncated', 'garbage'])
+@pytest.mark.parametrize('damage', ['missing', 'empty', 'cut_in_headers', 'garbage'])
 def test_unreadable_training_image_is_logged_counted_and_replaced(tiny_data, tmp_path, damage):
     import shutil
     root = str(tmp_path / 'data')
@@ -369,7 +369,7 @@ def test_unreadable_training_image_is_logged_counted_and_replaced(tiny_data, tmp
     with open(path, 'rb') as handle:
         content = handle.read()
     os.remove(path)
-    replacement = {'missing': None, 'empty': b'', 'truncated': content[:len(content) // 3],
+    replacement = {'missing': None, 'empty': b'', 'cut_in_headers': content[:len(content) // 3],
                    'garbage': b'not a jpeg at all'}[damage]
     if replacement is not None:
         with open(path, 'wb') as handle:
@@ -382,6 +382,24 @@ def test_unreadable_training_image_is_logged_counted_and_replaced(tiny_data, tmp
     assert 'epoch 1: 1 bad images replaced' in record and 'epoch 2: 1 bad images replaced' in record
     with pytest.raises(SystemExit, match=r'epoch 1: 1 of 24 images were unreadable, more than --max_bad_images 0.0'):
         run_main(argv + ['--save_dir', str(tmp_path / 'strict'), '--max_bad_images', '0'])
+
+
+def test_truncated_training_image_is_used_logged_once_and_not_counted(tiny_data, tmp_path):
+    import shutil
+    root = str(tmp_path / 'data')
+    shutil.copytree(tiny_data['root'], root)
+    path = os.path.join(root, 'train_0003.jpg')
+    with open(path, 'rb') as handle:
+        content = handle.read()
+    with open(path, 'wb') as handle:
+        handle.write(content[:len(content) * 2 // 3])
+    run_main(SMALL + ['--train_root', root, '--train_list', os.path.join(root, 'train.txt'), '--num_classes', '4',
+                      '--backbone_class', 'Resnet12', '--max_epoch', '2', '--warmup_epoch', '0',
+                      '--max_bad_images', '0', '--save_dir', str(tmp_path / 'runs')])
+    record = record_of(only_run_dir(tmp_path / 'runs'))
+    assert len(re.findall(r'^truncated image \(decoded with its missing part filled in, as the original did\): '
+                          r'.*train_0003\.jpg$', record, re.M)) == 1
+    assert 'bad image' not in record and 'bad images replaced' not in record
 
 
 # ------------------------------------------------------------------------------ precision and memory switches
@@ -411,3 +429,103 @@ def test_channels_last_batches_hold_the_same_values():
     assert channels_last.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(
         memory_format=torch.channels_last)
     assert torch.equal(plain, channels_last)
+
+
+# ---------------------------------------------------------------------------- the published runs' behaviour
+def test_defaults_are_the_published_runs():
+    args = main.get_parser().parse_args([])
+    assert args.min_lr == 1e-6 and args.drop_block == 'published' and not args.teacher_eval
+    assert not args.init_head_from_teacher
+    for value, expected in (('True', True), ('False', False), ('1', True)):
+        assert main.get_parser().parse_args(['--resume', value]).resume is expected
+    assert main.get_parser().parse_args(['--resume']).resume is True
+    with pytest.raises(SystemExit):
+        main.get_parser().parse_args(['--resume', 'maybe'])
+
+
+def test_ties_go_to_the_later_epoch_and_unvalidated_epochs_have_no_figures(tiny_data, tmp_path, monkeypatch):
+    def constant_validation(*arguments):
+        return {'loss': 1.0, 'accuracy': 0.5, 'interval': 0.1, 'truncated_images': []}
+    monkeypatch.setattr(trainer, 'validate', constant_validation)
+    run_main(SMALL + data_args(tiny_data)[:8] + ['--backbone_class', 'Resnet12', '--num_classes', '4',
+                                                 '--max_epoch', '3', '--eval_interval', '2', '--optim', 'SGD',
+                                                 '--save_dir', str(tmp_path)])
+    record = record_of(only_run_dir(tmp_path))
+    epoch_lines = re.findall(r'^epoch (\d+)  lr .*$', record, re.M)
+    assert epoch_lines == ['1', '2', '3']
+    first = re.search(r'^epoch 1  lr .*$', record, re.M).group(0)
+    assert 'eval_' not in first and 'avg_ce_loss=' in first
+    assert re.search(r'^epoch 2  lr .*eval_loss=1.0000, eval_acc=0.5000\+0.1000, ', record, re.M)
+    assert re.search(r'^best epoch 3: eval_acc=0.5000$', record, re.M)
+
+
+def write_test_list(path, tiny_data, rows):
+    """A test list over tiny_data's images: rows of (image index, coarse label, fine label)."""
+    with open(path, 'w', encoding='utf-8') as handle:
+        for index, coarse, fine in rows:
+            handle.write(f'test_{index:04d}.jpg\tn\t{coarse}\t{fine}\n')
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def resnet_student_file(tmp_path_factory):
+    torch.manual_seed(5)
+    path = str(tmp_path_factory.mktemp('student') / 'student.pth')
+    torch.save({'params': models.create_backbone('Resnet12', 96, 8).state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize('rows, undefined', [
+    ([(index, index // 4, 100 + index) for index in range(12)],
+     {'fine': 'no positive pair (no two test images share a label)'}),
+    ([(0, 0, 0)], {'coarse': 'fewer than two test images: there is no pair to score',
+                   'fine': 'fewer than two test images: there is no pair to score'}),
+])
+def test_figures_that_cannot_exist_are_nan_and_the_run_ends_well(tiny_data, resnet_student_file, tmp_path, rows,
+                                                                  undefined):
+    test_list = write_test_list(tmp_path / 'test.txt', tiny_data, rows)
+    run_main(SMALL + ['--backbone_class', 'Resnet12', '--test_only', '--init_weights', resnet_student_file,
+                      '--test_root', tiny_data['root'], '--test_list', test_list, '--save_dir', str(tmp_path)])
+    run_dir = only_run_dir(tmp_path)
+    record = record_of(run_dir)
+    line = re.search(r'^test acc: coarsegrained:\[(.*)\]--finegrained:\[(.*)\]$', record, re.M)
+    for grain, values in zip(('coarse', 'fine'), line.groups()):
+        values = [float(value) for value in values.split(',')]
+        if grain in undefined:
+            assert f'student {grain} TARs are nan (undefined): {undefined[grain]}' in record
+            assert math.isnan(values[0])
+        else:
+            assert not any(math.isnan(value) for value in values) and values[0] > 0
+    assert np.load(os.path.join(run_dir, 'opensetFeat.npy')).shape == (len(rows), 128)
+    assert os.path.isfile(os.path.join(run_dir, 'roc.png'))
+
+
+def test_missing_test_image_stops_the_run_before_training(tiny_data, tmp_path):
+    test_list = write_test_list(tmp_path / 'test.txt', tiny_data, [(0, 0, 0), (99, 0, 0), (98, 1, 1)])
+    argv = SMALL + data_args(tiny_data)[:8] + ['--test_root', tiny_data['root'], '--test_list', test_list,
+                                               '--backbone_class', 'Resnet12', '--num_classes', '4',
+                                               '--save_dir', str(tmp_path / 'runs')]
+    with pytest.raises(SystemExit, match=re.escape(f'error: {test_list}:2: ') + '.*test_0099.jpg: no such image '
+                       r'\(and 1 more\); fix the list or --test_root'):
+        run_main(argv)
+    assert not glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'checkpoint.pth.tar'))
+
+
+def test_an_unreadable_test_image_on_one_process_stops_every_process_with_one_message(tiny_data,
+                                                                                       resnet_student_file,
+                                                                                       tmp_path):
+    import shutil
+    root = str(tmp_path / 'data')
+    shutil.copytree(tiny_data['root'], root)
+    with open(os.path.join(root, 'test_0011.jpg'), 'wb') as handle:
+        handle.write(b'not a jpeg at all')  # in the second process's half of the list
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         os.path.join(ROOT, 'main.py')] + SMALL + [
+            '--backbone_class', 'Resnet12', '--test_only', '--init_weights', resnet_student_file,
+            '--test_root', root, '--test_list', os.path.join(root, 'test.txt'), '--save_dir', str(tmp_path / 'runs')],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    messages = re.findall(r'^error: .*$', result.stderr, re.M)
+    assert len(messages) == 1, result.stderr[-3000:]
+    assert 'test_0011.jpg: not a decodable image (' in messages[0] and 'test.txt:12)' in messages[0]
