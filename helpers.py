@@ -7,8 +7,10 @@ construction. `python helpers.py OUT_DIR` writes the synthetic set.
 import argparse
 import contextlib
 import copy
+import itertools
 import os
 import pickle
+import signal
 import zipfile
 from dataclasses import dataclass
 
@@ -151,8 +153,8 @@ def load_label_map(path: str) -> dict[int, int]:
     try:
         loaded = _load_plain_object(path)
     except Exception as error:  # any unreadable file becomes one clear message
-        raise ValueError(f"{path}: cannot read the label map ({error}); save it as a dict "
-                         f"label -> (final_label, score) with torch.save or pickle") from None
+        raise ValueError(f"{path}: cannot read the label map ({models.first_line(error)}); save it as a dict "
+                         f"label -> (final_label, score) of plain numbers with torch.save or pickle") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: label map must be a dict label -> (final_label, score), "
                          f"found {type(loaded).__name__}")
@@ -318,7 +320,9 @@ class ImageDataset(Dataset):
     The samples are stored packed (see PackedStrings); `sample(index)` gives one back.
     """
 
-    def __init__(self, samples, img_size: int, train: bool, augment: bool):
+    def __init__(self, samples, img_size: int, train: bool, augment: bool, seed: int = 0):
+        self.seed = seed
+        self.epoch = 0
         self.paths = PackedStrings([sample.path for sample in samples])
         self.origins = PackedStrings([sample.origin for sample in samples])
         self.labels = np.array([sample.label for sample in samples], dtype=np.int64)
@@ -329,6 +333,10 @@ class ImageDataset(Dataset):
 
     def __len__(self):
         return len(self.labels)
+
+    def set_epoch(self, epoch: int):
+        """Augmentation draws of sample i in this epoch come from a generator seeded by (seed, epoch, i)."""
+        self.epoch = epoch
 
     def sample(self, index: int) -> Sample:
         """The Sample at `index` (path, label, fine label, origin)."""
@@ -364,6 +372,11 @@ class ImageDataset(Dataset):
                 blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
                 return self._item(index, blank, False, f"{path}: {image_problem(path, error)} "
                                                        f"({self.origins[index]}); fix the file or remove it from the list")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % (1 << 63))
+            return self._train_item(index)
+
+    def _train_item(self, index: int) -> dict:
         problems = []
         for attempt in range(min(MAX_REPLACEMENT_ATTEMPTS, len(self))):
             candidate = (index + attempt) % len(self)
@@ -392,17 +405,48 @@ class ContiguousShardSampler(Sampler):
         return self.end - self.start
 
 
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start after its first `skip` samples (an epoch resumed mid-way)."""
+
+    def __init__(self, *arguments, **keywords):
+        super().__init__(*arguments, **keywords)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def _ignore_interrupts(worker_id: int):
+    # Ctrl-C reaches the whole process group: the training process stops cleanly, its loader workers must not
+    # die under it first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0):
+    """Set the epoch of a training loader (its shuffle and augmentation draws), skipping its first batches."""
+    loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
+    loader.dataset.set_epoch(epoch)
+
+
 def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int
                        ) -> DataLoader:
-    """Shuffled, seeded loader over this rank's part (DistributedSampler; call loader.sampler.set_epoch).
+    """Shuffled, seeded loader over this rank's part; call start_epoch before each epoch.
 
-    Augmentation draws use the workers' torch RNG, which the DataLoader seeds from the main process's
-    torch RNG at each epoch's start, so a run seeded (per rank) in the main process is reproducible.
+    The order comes from (seed, epoch) and each sample's augmentation from (seed, epoch, sample index), so any
+    number of workers, and an epoch resumed mid-way, draw exactly the same batches.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True)
+                      pin_memory=torch.cuda.is_available(), drop_last=True,
+                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
 
 
 def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, world_size: int) -> DataLoader:

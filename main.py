@@ -4,9 +4,12 @@ Single process:  python main.py --backbone_class Swin_tiny --is_distill --teache
 Several GPUs:    torchrun --nproc_per_node 8 main.py ...   (DDP; --batch_size is the global batch)
 """
 import argparse
+import dataclasses
 import math
 import os
 import random
+import signal
+import time
 
 import numpy as np
 import torch
@@ -16,10 +19,12 @@ from torch.nn.parallel import DistributedDataParallel
 import helpers
 import model as models
 import resnet12
+import swin_transformer
 import trainer
 import utils
 
 CHECKPOINT_NAME = 'checkpoint.pth.tar'
+PREVIOUS_CHECKPOINT_NAME = 'checkpoint.prev.pth.tar'
 BEST_NAME = 'max_acc.pth'
 
 
@@ -45,6 +50,8 @@ def get_parser() -> argparse.ArgumentParser:
     add('--init_weights', default=None, help='student weights to start from (or to test with --test_only)')
     add('--num_workers', type=int, default=8, help='data loading processes per training process')
     add('--log_interval', type=int, default=50, help='iterations between tensorboard points')
+    add('--checkpoint_minutes', type=float, default=30.0,
+        help='also write the resumable checkpoint within an epoch every this many minutes (0: at epoch ends only)')
     add('--eval_interval', type=int, default=1, help='epochs between validations')
     add('--save_dir', default='./checkpoints')
     add('--is_distill', action='store_true')
@@ -133,10 +140,27 @@ def path_problems(args) -> list[str]:
 
 
 def number_problems(args) -> list[str]:
-    """Counts that must be positive, and a --step_size the schedule can use."""
+    """Counts and rates out of range, an image size the Swin windows do not take, a --step_size the schedule
+    cannot use, and a run with nothing to do."""
     problems = [f'--{name} must be at least 1, not {getattr(args, name)}'
                 for name in ('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor')
                 if getattr(args, name) < 1]
+    problems += [f'--{name} must not be negative, not {getattr(args, name)}'
+                 for name in ('max_epoch', 'warmup_epoch', 'min_lr', 'weight_decay', 'momentum', 'kd_weight',
+                              'num_workers', 'max_bad_images', 'checkpoint_minutes')
+                 if getattr(args, name) < 0]
+    if not args.lr > 0:
+        problems.append(f'--lr must be positive, not {args.lr}')
+    if not 0 < args.gamma:
+        problems.append(f'--gamma must be positive, not {args.gamma}')
+    swin_backbones = {args.backbone_class, args.teacher_backbone_class if args.is_distill else None}
+    if args.img_size >= 1 and swin_backbones & set(swin_transformer.SWIN_CONFIGS):
+        problem = swin_transformer.image_size_problem(args.img_size)
+        if problem:
+            sizes = ', '.join(map(str, swin_transformer.fitting_image_sizes()))
+            problems.append(f'--img_size {args.img_size}: {problem}; Swin takes {sizes}')
+    if not args.test_only and args.max_epoch == 0 and not args.test_list:
+        problems.append('--max_epoch 0 trains nothing and there is no --test_list to evaluate: nothing to do')
     if args.num_classes is not None and args.num_classes < 1:
         problems.append(f'--num_classes must be at least 1, not {args.num_classes}')
     try:
@@ -198,13 +222,21 @@ def run_directory(args) -> str:
         batch_size=args.batch_size, head_fixed=args.head_fixed, suffix=args.suffix)
 
 
+class RunInterrupted(Exception):
+    """The run stopped on a signal after writing its checkpoint; carries the exit status."""
+
+    def __init__(self, exit_status: int):
+        super().__init__(exit_status)
+        self.exit_status = exit_status
+
+
 def main(args):
     rank, world_size, device = init_distributed()
+    lock = None
     try:
         check_args(args, world_size)
         run_dir = run_directory(args)
-        if rank == 0:
-            os.makedirs(run_dir, exist_ok=True)
+        lock = hold_run_directory(run_dir, rank)
         logger = utils.Logger(run_dir, rank=rank)
         logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())))
         if args.test_only:
@@ -216,9 +248,29 @@ def main(args):
             trainer.StopOnEveryRank) as error:
         # bad lists, labels, weights files, images or a diverged loss: the message says what to fix, said once
         raise SystemExit(f'error: {error}' if rank == 0 else 1) from None
+    except RunInterrupted as interrupted:
+        raise SystemExit(interrupted.exit_status) from None
+    except KeyboardInterrupt:
+        raise SystemExit('interrupted: the checkpoint files on disk are whole (a save under way was discarded); '
+                         'the same command resumes from the last one' if rank == 0 else 130) from None
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def hold_run_directory(run_dir: str, rank: int):
+    """Create the run directory and take its lock (rank 0); every process stops if another run holds it."""
+    lock, problems = None, []
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        try:
+            lock = utils.RunLock(run_dir).acquire()
+        except utils.RunDirectoryBusy as error:
+            problems.append(str(error))
+    trainer.stop_if_any_process_failed(problems)
+    return lock
 
 
 def train(args, run_dir, logger, rank, world_size, device):
@@ -257,37 +309,34 @@ def train(args, run_dir, logger, rank, world_size, device):
 
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
     best_path = os.path.join(run_dir, BEST_NAME)
-    progress = {'epoch': 0, 'best_accuracy': -1.0, 'best_epoch': 0}
-    if os.path.exists(checkpoint_path):
-        progress = resume(checkpoint_path, distiller, optimizer, scaler, args.seed, args.head_fixed)
-        logger.info(f'resumed from {checkpoint_path} after epoch {progress["epoch"]}')
+    progress = {'epoch': 0, 'iteration': 0, 'best_accuracy': -1.0, 'best_epoch': 0}
+    epoch_progress = trainer.EpochProgress()
+    chosen = choose_checkpoint(run_dir, rank, logger)
+    if chosen:
+        progress, epoch_progress = resume(chosen, distiller, optimizer, scaler, args.seed, args.head_fixed, rank,
+                                          world_size)
+        where = f'epoch {progress["epoch"] + 1} iteration {epoch_progress.iteration}' if epoch_progress.iteration \
+            else f'the end of epoch {progress["epoch"]}'
+        logger.info(f'resumed from {chosen} at {where}')
 
-    logged_images = set()
-    for epoch in range(progress['epoch'] + 1, args.max_epoch + 1):
-        seed_epoch(args.seed, epoch, rank)
-        train_loader.sampler.set_epoch(epoch)
-        stats = trainer.train_one_epoch(distiller, student, criterion, optimizer, scaler, train_loader,
-                                        batch_transform, epoch, schedule, device, args.amp, logger,
-                                        args.log_interval, world_size, show_progress=rank == 0)
-        check_bad_images(stats, args.max_bad_images, epoch, logger, logged_images)
-        validation = None
-        if val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch):
-            validation = trainer.validate(distiller.student, val_loader, batch_transform, device, args.amp)
-            log_truncated(validation['truncated_images'], logger, logged_images)
-        log_epoch(logger, epoch, stats, validation)
-        # without a validation list the latest epoch is the one kept; ties go to the later epoch, as the original
-        improved = val_loader is None or (validation is not None and
-                                          validation['accuracy'] >= progress['best_accuracy'])
-        if improved:
-            progress.update(best_accuracy=validation['accuracy'] if validation else -1.0, best_epoch=epoch)
-        progress['epoch'] = epoch
+    def write_checkpoint(epoch, current):
+        every_process = trainer.gather_objects(checkpoint_epoch_state(current))
         if rank == 0:
-            if improved:
-                utils.save_atomically(models.student_weights(distiller.student, include_head=not args.head_fixed),
-                                      best_path)
-            utils.save_atomically(training_state(distiller, optimizer, scaler, progress, args), checkpoint_path)
+            state = training_state(distiller, optimizer, scaler, dict(progress, epoch=epoch - 1,
+                                                                       iteration=current.iteration), args)
+            state['epoch_progress'] = every_process
+            utils.save_checkpoint(state, checkpoint_path, os.path.join(run_dir, PREVIOUS_CHECKPOINT_NAME))
         if world_size > 1:
             dist.barrier()
+
+    control = trainer.RunControl(args.checkpoint_minutes * 60, device, write_checkpoint)
+    logged_images = set()
+    control.install_signal_handlers()
+    try:
+        epochs(args, distiller, student, criterion, optimizer, scaler, train_loader, val_loader, batch_transform,
+               schedule, control, progress, epoch_progress, run_dir, logger, logged_images, rank, world_size, device)
+    finally:
+        control.restore_signal_handlers()
     if val_loader is not None and progress['best_epoch']:
         logger.info(f'best epoch {progress["best_epoch"]}: eval_acc={progress["best_accuracy"]:.4f}')
 
@@ -299,6 +348,52 @@ def train(args, run_dir, logger, rank, world_size, device):
         teacher_backbone = distiller.teacher.backbone if distiller.teacher is not None else None
         run_test(args, test_samples, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device,
                  logged_images)
+
+
+def epochs(args, distiller, student, criterion, optimizer, scaler, train_loader, val_loader, batch_transform,
+           schedule, control, progress, epoch_progress, run_dir, logger, logged_images, rank, world_size, device):
+    """The epoch loop: train, validate, keep the best student, write the checkpoint; stop on a signal.
+
+    `progress` (epochs done, best accuracy and epoch) is updated in place."""
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
+    best_path = os.path.join(run_dir, BEST_NAME)
+    for epoch in range(progress['epoch'] + 1, args.max_epoch + 1):
+        seed_epoch(args.seed, epoch, rank)
+        helpers.start_epoch(train_loader, epoch, skip_batches=epoch_progress.iteration)
+        stats = trainer.train_one_epoch(distiller, student, criterion, optimizer, scaler, train_loader,
+                                        batch_transform, epoch, schedule, device, args.amp, logger,
+                                        args.log_interval, world_size, show_progress=rank == 0,
+                                        progress=epoch_progress, control=control)
+        epoch_progress = trainer.EpochProgress()
+        if stats['stopped']:
+            logger.info(f'stopped by {stats["stopped"]} in epoch {epoch} after iteration {stats["iteration"]}: '
+                        f'checkpoint written to {checkpoint_path}; the same command resumes from there')
+            raise RunInterrupted(128 + getattr(signal, stats['stopped'], signal.SIGTERM))
+        check_bad_images(stats, args.max_bad_images, epoch, logger, logged_images)
+        validation = None
+        if val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch):
+            validation = trainer.validate(distiller.student, val_loader, batch_transform, device, args.amp)
+            log_truncated(validation['truncated_images'], logger, logged_images)
+        log_epoch(logger, epoch, stats, validation)
+        # without a validation list the latest epoch is the one kept; ties go to the later epoch, as the original
+        improved = val_loader is None or (validation is not None and
+                                          validation['accuracy'] >= progress['best_accuracy'])
+        if improved:
+            progress.update(best_accuracy=validation['accuracy'] if validation else -1.0, best_epoch=epoch)
+        progress.update(epoch=epoch, iteration=0)
+        if rank == 0:
+            if improved:
+                utils.save_atomically(models.student_weights(distiller.student, include_head=not args.head_fixed),
+                                      best_path)
+            utils.save_checkpoint(training_state(distiller, optimizer, scaler, progress, args), checkpoint_path,
+                                  os.path.join(run_dir, PREVIOUS_CHECKPOINT_NAME))
+        if world_size > 1:
+            dist.barrier()
+        stopped = control.stop_requested()
+        if stopped:
+            logger.info(f'stopped by {stopped} after epoch {epoch}: checkpoint written to {checkpoint_path}; '
+                        'the same command resumes from there')
+            raise RunInterrupted(128 + getattr(signal, stopped, signal.SIGTERM))
 
 
 def read_checked_list(root: str | None, list_path: str | None, root_flag: str) -> list:
@@ -315,7 +410,7 @@ def build_data(args, train_samples, val_samples, num_classes: int, rank: int, wo
     helpers.check_labels(train_samples, num_classes, 'the training lists')
     per_process_batch = args.batch_size // world_size
     train_loader = helpers.build_train_loader(
-        helpers.ImageDataset(train_samples, args.img_size, train=True, augment=args.augment),
+        helpers.ImageDataset(train_samples, args.img_size, train=True, augment=args.augment, seed=args.seed),
         per_process_batch, args.num_workers, args.seed, rank, world_size)
     if len(train_loader) == 0:
         raise SystemExit(f'error: the training lists hold {len(train_samples)} images, fewer than one batch of '
@@ -445,8 +540,63 @@ def training_state(distiller, optimizer, scaler, progress, args) -> dict:
             'sampler': {'seed': args.seed, 'epoch': progress['epoch']}}
 
 
-def resume(path, distiller, optimizer, scaler, seed: int, head_fixed: bool) -> dict:
-    """Load the student, optimizer, scaler and DropBlock progress; return the progress dict."""
+def checkpoint_epoch_state(progress) -> dict:
+    """An EpochProgress as plain Python data, which all_gather_object and a weights-only checkpoint can carry."""
+    state = dataclasses.asdict(progress)
+    generators = dict(state['random_state'])
+    name, keys, position, has_gauss, cached = generators['numpy']
+    generators['numpy'] = (name, keys.tolist(), position, has_gauss, cached)
+    for device in ('torch', 'cuda'):
+        if device in generators:
+            generators[device] = generators[device].tolist()
+    return dict(state, random_state=generators)
+
+
+def epoch_progress_from(state: dict):
+    """The inverse of checkpoint_epoch_state."""
+    generators = dict(state['random_state'])
+    name, keys, position, has_gauss, cached = generators['numpy']
+    generators['numpy'] = (name, np.array(keys, dtype=np.uint32), position, has_gauss, cached)
+    for device in ('torch', 'cuda'):
+        if device in generators:
+            generators[device] = torch.tensor(generators[device], dtype=torch.uint8)
+    return trainer.EpochProgress(**dict(state, random_state=generators))
+
+
+def choose_checkpoint(run_dir: str, rank: int, logger) -> str | None:
+    """The checkpoint to resume from, the same on every process: the latest if it loads, else the previous one;
+    a latest that does not load is set aside (renamed) and record.txt says why. None for a new run."""
+    latest = os.path.join(run_dir, CHECKPOINT_NAME)
+    previous = os.path.join(run_dir, PREVIOUS_CHECKPOINT_NAME)
+    decision, problems = [], []
+    if rank == 0:
+        failures = []
+        for path in (latest, previous):
+            if not os.path.exists(path):
+                continue
+            try:
+                torch.load(path, map_location='cpu', weights_only=True)
+            except Exception as error:  # any damage: truncated, zeroed, not a checkpoint at all
+                failures.append((path, models.first_line(error)))
+                continue
+            decision.append(path)
+            break
+        if failures and not decision:
+            problems.append('; '.join(f'{path} does not load ({reason})' for path, reason in failures) +
+                            ': move the damaged files away to start this run afresh, or put back a good copy')
+        elif failures:
+            path, reason = failures[0]
+            aside = f'{path}.damaged-{time.strftime("%Y%m%d-%H%M%S")}'
+            os.replace(path, aside)
+            logger.info(f'{path} does not load ({reason}): set aside as {aside}; resuming from {decision[0]}')
+    trainer.stop_if_any_process_failed(problems)
+    chosen = trainer.gather_messages(decision)
+    return chosen[0] if chosen else None
+
+
+def resume(path, distiller, optimizer, scaler, seed: int, head_fixed: bool, rank: int, world_size: int):
+    """Load the student, optimizer, scaler and DropBlock progress; return (progress dict, this process's
+    EpochProgress: where to resume within the epoch)."""
     state = torch.load(path, map_location='cpu', weights_only=True)
     if state.get('seed') != seed:
         raise SystemExit(f'error: {path} was written with --seed {state.get("seed")}; rerun with that seed or '
@@ -461,7 +611,14 @@ def resume(path, distiller, optimizer, scaler, seed: int, head_fixed: bool) -> d
         scaler.load_state_dict(state['scaler'])
     if hasattr(distiller.student.backbone, 'batches_seen'):
         distiller.student.backbone.batches_seen = int(state['batches_seen'])
-    return dict(state['progress'])
+    progress = dict(state['progress'])
+    progress.setdefault('iteration', 0)
+    within_epoch = state.get('epoch_progress') or []
+    if progress['iteration'] and len(within_epoch) != world_size:
+        raise SystemExit(f'error: {path} was written within an epoch by {len(within_epoch)} processes; resume it with '
+                         f'{len(within_epoch)} processes (the batches of the epoch are split among them)')
+    epoch_progress = epoch_progress_from(within_epoch[rank]) if progress['iteration'] else trainer.EpochProgress()
+    return progress, epoch_progress
 
 
 if __name__ == '__main__':

@@ -151,40 +151,51 @@ class DistillationModel(nn.Module):
         return [parameter for parameter in self.student.parameters() if parameter.requires_grad]
 
 
+class WeightsFileError(ValueError):
+    """A weights file that cannot be used; the message is one line naming the file and what to do."""
+
+
 def _load_file(path: str):
     """torch.load with weights_only=True; every failure becomes one line naming the file."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f'{path}: no such weights file') from None
+    except IsADirectoryError:
+        raise WeightsFileError(f'{path} is a directory, not a weights file') from None
     except pickle.UnpicklingError as error:
         if 'weights only' in str(error).lower():
-            raise RuntimeError(
+            raise WeightsFileError(
                 f'{path}: refused to load: the file holds pickled objects other than tensors and plain containers '
                 f'(nothing in it was run); re-save its state dict with torch.save') from None
-        raise RuntimeError(f'{path}: corrupt or truncated weights file ({_first_line(error)})') from None
+        raise WeightsFileError(f'{path}: not a weights file, or a damaged one ({first_line(error)}); give a file '
+                               'written by torch.save') from None
     except OSError as error:
-        raise RuntimeError(f'{path}: cannot read the weights file ({_first_line(error)})') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
-        raise RuntimeError(f'{path}: corrupt or truncated weights file ({_first_line(error)})') from None
+        raise WeightsFileError(f'{path}: cannot read the weights file ({first_line(error)})') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        raise WeightsFileError(f'{path}: corrupt or truncated weights file ({first_line(error)}); copy it again '
+                               'or use another') from None
+    except Exception as error:  # a text file or any other bytes torch.load cannot parse
+        raise WeightsFileError(f'{path}: not a weights file ({first_line(error)}); give a file written by '
+                               'torch.save') from None
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """'Type: first sentence' of an exception, without the paragraphs of advice torch appends."""
     lines = str(error).strip().splitlines()
-    # torch appends paragraphs of advice after the first sentence; the first sentence names the problem
     return f'{type(error).__name__}: {lines[0].split(". ")[0]}' if lines else type(error).__name__
 
 
 def _extract_state_dict(loaded, path: str) -> dict:
     if not isinstance(loaded, dict):
-        raise ValueError(f'{path}: expected a dict of tensors, found {type(loaded).__name__}')
+        raise WeightsFileError(f'{path}: expected a dict of tensors, found {type(loaded).__name__}')
     for container in STATE_DICT_CONTAINERS:
         if isinstance(loaded.get(container), dict):
             loaded = loaded[container]
             break
     not_tensors = [key for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
-        raise ValueError(f'{path}: not a state dict: entries {_list_keys(not_tensors)} are not tensors '
+        raise WeightsFileError(f'{path}: not a state dict: entries {_list_keys(not_tensors)} are not tensors '
                          f'(expected a bare state dict or one under {"/".join(STATE_DICT_CONTAINERS)})')
     return loaded
 

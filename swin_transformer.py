@@ -96,16 +96,30 @@ class SwinBackbone(SwinTransformer):
             block.attn = replacement
 
 
-def check_image_size(img_size: int, num_stages: int, window_size: int) -> None:
-    """Raise unless every stage's token grid is a multiple of the window or fits inside one window."""
+def image_size_problem(img_size: int, num_stages: int = 4, window_size: int = WINDOW_SIZE) -> str | None:
+    """Why `img_size` does not fit the Swin windows, or None when every stage's token grid is a multiple of the
+    window or fits inside one window."""
     grid = img_size / PATCH_SIZE
     for stage in range(num_stages):
         if grid != int(grid) or (grid > window_size and grid % window_size):
-            raise ValueError(
-                f'img_size {img_size} gives a {grid:g}-token grid in Swin stage {stage}, which neither fits one '
-                f'{window_size}x{window_size} window nor splits into such windows; use a multiple of '
-                f'{PATCH_SIZE * 2 ** (num_stages - 1)} such as 96, 192 or 384')
+            return (f'img_size {img_size} gives a {grid:g}-token grid in Swin stage {stage}, which neither fits one '
+                    f'{window_size}x{window_size} window nor splits into such windows')
         grid /= 2
+    return None
+
+
+def fitting_image_sizes(largest: int = 768, num_stages: int = 4, window_size: int = WINDOW_SIZE) -> list[int]:
+    """The image sizes up to `largest` whose token grids fit the Swin windows (32, 48, 96, 192, 384, 768 ...)."""
+    candidates = range(PATCH_SIZE * 2 ** (num_stages - 1), largest + 1, PATCH_SIZE)
+    return [size for size in candidates if image_size_problem(size, num_stages, window_size) is None]
+
+
+def check_image_size(img_size: int, num_stages: int, window_size: int) -> None:
+    """Raise ValueError, listing the sizes that fit, unless `img_size` fits the Swin windows."""
+    problem = image_size_problem(img_size, num_stages, window_size)
+    if problem:
+        sizes = ', '.join(map(str, fitting_image_sizes(num_stages=num_stages, window_size=window_size)))
+        raise ValueError(f'{problem}; Swin takes --img_size {sizes}')
 
 
 def create_swin(name: str, img_size: int = 384, width_divisor: int = 1) -> SwinBackbone:

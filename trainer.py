@@ -1,8 +1,12 @@
 """The loss, the learning-rate schedule, and the train, validation and test loops."""
 import contextlib
 import math
+import random
+import signal
 import time
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -90,6 +94,15 @@ def global_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def gather_objects(value) -> list:
+    """Every process's `value`, in rank order, on every process (a one-element list without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def gather_messages(messages: list[str]) -> list[str]:
     """All processes' messages, in rank order, on every process."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -122,30 +135,66 @@ def _named(batch, field: str) -> list[str]:
     return [message for message in batch.get(field, ()) if message]
 
 
+@dataclass
+class EpochProgress:
+    """What one process has accumulated in the current epoch, enough to resume it mid-way: batches done, the sums
+    of loss, cross-entropy and distillation (each times the batch size) and of correct predictions, samples,
+    and the files reported bad or truncated."""
+    iteration: int = 0
+    sums: list = field(default_factory=lambda: [0.0] * 4)
+    samples: int = 0
+    bad_images: list = field(default_factory=list)
+    truncated_images: list = field(default_factory=list)
+    random_state: dict | None = None
+
+
+def random_state() -> dict:
+    """The process's random generators (Python, numpy, torch CPU and the current GPU)."""
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_random_state(state: dict):
+    """Restore what random_state() returned."""
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
 def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_transform, epoch: int,
                     schedule, device: torch.device, amp: str, logger, log_interval: int, world_size: int,
-                    show_progress: bool):
-    """One pass over `loader`; returns a dict of epoch averages (over all processes) and the bad images.
+                    show_progress: bool, progress: EpochProgress | None = None, control=None):
+    """One pass over `loader` (from `progress.iteration` when resuming); returns a dict of epoch averages (over
+    all processes), the bad and truncated images, and 'stopped': the signal that stopped the epoch early, or None.
 
     `model` is the DistillationModel (its teacher gives the targets), `student` the module that is trained
     (the DDP wrapper of model.student when distributed), `schedule(epoch_progress, epoch)` the learning rate.
+    `control` (a RunControl) decides after each iteration whether to write a checkpoint or to stop.
     Figures stay on the device between log points, so that a GPU is not made to wait every step.
     """
     model.train()
-    iterations = len(loader)
-    # loss, cross-entropy, distillation (each times the batch size), correct predictions
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    samples = 0
+    progress = progress or EpochProgress()
+    first_iteration = progress.iteration
+    iterations = first_iteration + len(loader)
+    sums = torch.tensor(progress.sums, dtype=torch.float64, device=device)
     first_non_finite = torch.full((), iterations, dtype=torch.long, device=device)
-    bad_images, truncated_images = [], []
-    progress = tqdm(loader, desc=f'epoch {epoch}', disable=not show_progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    for iteration, batch in enumerate(progress):
+    batches = iter(loader)
+    if progress.random_state is not None:
+        # a resumed epoch draws on from where the interrupted one wrote its checkpoint
+        set_random_state(progress.random_state)
+    bar = tqdm(batches, desc=f'epoch {epoch}', disable=not show_progress, dynamic_ncols=True,
+               initial=first_iteration, total=iterations)
+    start, lr, stopped = time.perf_counter(), schedule(epoch + first_iteration / iterations, epoch), None
+    for iteration, batch in enumerate(bar, start=first_iteration):
         lr = schedule(epoch + iteration / iterations, epoch)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        bad_images.extend(path for message in _named(batch, 'bad') for path in message.split('; '))
-        truncated_images.extend(_named(batch, 'truncated'))
+        progress.bad_images.extend(path for message in _named(batch, 'bad') for path in message.split('; '))
+        progress.truncated_images.extend(_named(batch, 'truncated'))
         images = batch_transform(batch['image'].to(device, non_blocking=True), train=True)
         labels = batch['label'].to(device, non_blocking=True)
         with autocast_context(device, amp):
@@ -162,7 +211,8 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
         scaler.update()
 
         batch_size = labels.numel()
-        samples += batch_size
+        progress.samples += batch_size
+        progress.iteration = iteration + 1
         correct = (student_logits.argmax(dim=1) == labels).sum()
         sums += torch.stack([loss.detach() * batch_size, cross_entropy * batch_size, distillation * batch_size,
                              correct.to(loss.dtype)]).double()
@@ -173,13 +223,111 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
             logger.scalar('train/kd_loss', distillation.item(), step)
             logger.scalar('train/lr', lr, step)
             if show_progress:
-                images_per_second = samples * world_size / (time.perf_counter() - start)
-                progress.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}', img_s=f'{images_per_second:.1f}')
-    totals = dict(zip(('loss', 'ce', 'kd', 'correct', 'samples'), global_sum(sums.tolist() + [samples], device)))
+                images_per_second = (progress.samples * world_size /
+                                     max(time.perf_counter() - start, 1e-9))
+                bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}', img_s=f'{images_per_second:.1f}')
+        if control is not None and iteration + 1 < iterations:
+            write_checkpoint, stopped = control.after_iteration()
+            if write_checkpoint or stopped:
+                # never a checkpoint of weights that a non-finite loss has already spoilt
+                check_finite(first_non_finite, iterations, epoch)
+                progress.sums = sums.tolist()
+                progress.random_state = random_state()
+                control.write_checkpoint(epoch, progress)
+            if stopped:
+                bar.close()
+                break
+    if control is not None:
+        control.end_of_epoch()
+    totals = dict(zip(('loss', 'ce', 'kd', 'correct', 'samples'),
+                      global_sum(sums.tolist() + [progress.samples], device)))
     samples = max(totals['samples'], 1.0)
     return {'lr': lr, 'loss': totals['loss'] / samples, 'ce': totals['ce'] / samples, 'kd': totals['kd'] / samples,
-            'accuracy': totals['correct'] / samples, 'samples': totals['samples'],
-            'bad_images': gather_messages(bad_images), 'truncated_images': gather_messages(truncated_images)}
+            'accuracy': totals['correct'] / samples, 'samples': totals['samples'], 'stopped': stopped,
+            'iteration': progress.iteration,
+            'bad_images': gather_messages(progress.bad_images),
+            'truncated_images': gather_messages(progress.truncated_images)}
+
+
+class RunControl:
+    """When to write a checkpoint within an epoch and when to stop, decided the same way on every process.
+
+    SIGTERM (eviction) and SIGINT (Ctrl-C) only ask the run to stop: the processes agree on it through an
+    all-reduce issued after one iteration and read after the next, so that no GPU waits for it, and all stop
+    after the same iteration. A third signal interrupts at once. `checkpoint_seconds` > 0 asks for a checkpoint
+    whenever that much time has passed since the last one (rank 0's clock decides).
+    """
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpoint_seconds: float, device: torch.device, write_checkpoint):
+        self.checkpoint_seconds = checkpoint_seconds
+        self.device = device
+        self._write = write_checkpoint
+        self.signal_name = None
+        self._signals_seen = 0
+        self._previous_handlers = {}
+        self._last_checkpoint = time.monotonic()
+        self._pending = None
+        self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self._is_clock = not self._distributed or dist.get_rank() == 0
+
+    def install_signal_handlers(self):
+        """Route SIGTERM and SIGINT to a stop request (main thread only)."""
+        for number in self.SIGNALS:
+            self._previous_handlers[number] = signal.signal(number, self._on_signal)
+
+    def restore_signal_handlers(self):
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        self._previous_handlers = {}
+
+    def _on_signal(self, number, frame):
+        self._signals_seen += 1
+        self.signal_name = self.signal_name or signal.Signals(number).name
+        if self._signals_seen >= 3:
+            raise KeyboardInterrupt(f'{signal.Signals(number).name} received three times')
+
+    def _local_flags(self) -> torch.Tensor:
+        due = (self.checkpoint_seconds > 0 and self._is_clock and
+               time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds)
+        return torch.tensor([float(self.signal_name is not None), float(due)], device=self.device)
+
+    def after_iteration(self) -> tuple[bool, str | None]:
+        """(write a checkpoint now, the name of the signal to stop for or None), the same on every process."""
+        flags = self._local_flags()
+        if self._distributed:
+            decided = self._collect()
+            self._pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True))
+            flags = decided
+        if flags is None:
+            return False, None
+        stop, due = (bool(value) for value in flags.tolist())
+        return due, (self.signal_name or 'a signal on another process') if stop else None
+
+    def _collect(self):
+        if self._pending is None:
+            return None
+        flags, work = self._pending
+        self._pending = None
+        work.wait()
+        return flags
+
+    def end_of_epoch(self):
+        """Drain the decision in flight; the epoch's own checkpoint follows."""
+        if self._distributed:
+            self._collect()
+
+    def stop_requested(self) -> str | None:
+        """Whether any process was asked to stop (a collective: every process calls it at the same point)."""
+        flags = self._local_flags()
+        if self._distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return (self.signal_name or 'a signal on another process') if flags[0].item() else None
+
+    def write_checkpoint(self, epoch: int, progress: EpochProgress):
+        """Write the mid-epoch checkpoint through the run's writer (every process calls it)."""
+        self._write(epoch, progress)
+        self._last_checkpoint = time.monotonic()
 
 
 def check_finite(first_non_finite: torch.Tensor, iterations: int, epoch: int):

@@ -1,11 +1,16 @@
 """Run directories, logging, files, and the feature-matching evaluation (SPEC sections 5 and 6)."""
 import argparse
 import glob
+import json
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
+import threading
+import time
+from contextlib import suppress
 
 import numpy as np
 import torch
@@ -117,6 +122,110 @@ def save_atomically(obj, path: str):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def save_checkpoint(obj, path: str, previous_path: str):
+    """Write `obj` to `path` atomically, read it back to verify it, and keep the checkpoint it replaces as
+    `previous_path`, so that a damaged latest file never leaves a run without a good one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(handle, 'wb') as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        torch.load(temporary, map_location='cpu', weights_only=True)
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        if os.path.exists(path):
+            os.replace(path, previous_path)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another live run holds the run directory."""
+
+
+class RunLock:
+    """`run.lock` in a run directory: one run at a time.
+
+    The file names its holder (host, process id, start time) and is touched every HEARTBEAT_SECONDS by a
+    background thread. A lock whose holder is gone (same host, no such process) or whose heartbeat is older than
+    STALE_SECONDS (another host) is stale and taken over.
+    """
+    HEARTBEAT_SECONDS = 60
+    STALE_SECONDS = 600
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, 'run.lock')
+        self.holder = {'host': socket.gethostname(), 'pid': os.getpid(),
+                       'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+        self._stop = threading.Event()
+        self._thread = None
+
+    def acquire(self) -> 'RunLock':
+        """Take the lock or raise RunDirectoryBusy naming the holder."""
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read_holder()
+                if holder is not None and not self._is_stale(holder):
+                    raise RunDirectoryBusy(
+                        f'{os.path.dirname(self.path)} is in use by another run (host {holder.get("host")}, process '
+                        f'{holder.get("pid")}, started {holder.get("started")}); wait for it to end, or give another '
+                        '--suffix or --save_dir') from None
+                with suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(descriptor, 'w', encoding='utf-8') as handle:
+                json.dump(self.holder, handle)
+            self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+            self._thread.start()
+            return self
+        raise RunDirectoryBusy(f'{self.path}: could not take the run lock; another run is starting in the same '
+                               'directory')
+
+    def release(self):
+        """Stop the heartbeat and remove the lock if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._read_holder() == self.holder:
+                with suppress(FileNotFoundError):
+                    os.remove(self.path)
+
+    def _heartbeat(self):
+        while not self._stop.wait(self.HEARTBEAT_SECONDS):
+            with suppress(OSError):
+                os.utime(self.path)
+
+    def _read_holder(self):
+        try:
+            with open(self.path, encoding='utf-8') as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None  # unreadable: half written by a run that died, or removed meanwhile
+
+    def _is_stale(self, holder: dict) -> bool:
+        if holder.get('host') == self.holder['host']:
+            if holder.get('pid') == self.holder['pid']:
+                return True  # left by an earlier run in this same process
+            try:
+                os.kill(int(holder.get('pid', -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, OverflowError):
+                return False
+            return False
+        try:
+            return time.time() - os.path.getmtime(self.path) > self.STALE_SECONDS
+        except OSError:
+            return True
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -510,7 +510,7 @@ def test_truncated_file(resnet_file, tmp_path):
     truncated = tmp_path / 'truncated.pth'
     data = path.read_bytes()
     truncated.write_bytes(data[:len(data) // 2])
-    with pytest.raises(RuntimeError, match='corrupt or truncated') as error:
+    with pytest.raises(ValueError, match='corrupt or truncated') as error:
         model.load_backbone('Resnet12', str(truncated), width_divisor=8)
     assert_one_line(error, truncated)
     with pytest.raises(FileNotFoundError, match='no such weights file'):
@@ -535,7 +535,7 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path):
         else:
             path.write_bytes(pickle.dumps(payload, protocol=2))
         assert not marker.exists()
-        with pytest.raises(RuntimeError, match='refused to load') as error:
+        with pytest.raises(ValueError, match='refused to load') as error:
             model.load_backbone('Resnet12', str(path), width_divisor=8)
         assert_one_line(error, path)
         assert not marker.exists()
@@ -594,3 +594,13 @@ def test_distilling_without_head_fixed_starts_a_fresh_head_unless_asked(tmp_path
     assert fresh.abs().max() <= bound and fresh.abs().max() > 0.9 * bound
     copied = helpers.build_model('Resnet12', 96, None, None, init_head_from_teacher=True, **arguments)
     assert torch.equal(copied.student.head.weight, teacher_head) and copied.student.head.weight.requires_grad
+
+
+@pytest.mark.parametrize('content', [b'just some notes\n', b'', b'PK\x03\x04 not really a zip'])
+def test_files_that_are_not_weights_are_one_line_naming_the_file(tmp_path, content):
+    path = tmp_path / 'notes.txt'
+    path.write_bytes(content)
+    with pytest.raises(model.WeightsFileError) as error:
+        model.load_classifier('Swin_base', str(path), img_size=SMALL_IMAGE)
+    assert_one_line(error, path)
+    assert 'weights_only' not in str(error.value)

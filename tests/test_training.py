@@ -134,11 +134,19 @@ def test_step_and_multistep_really_decay():
     (['--step_size', 'ten', '--lr_scheduler', 'step'], '--step_size'),
     (['--step_size', '0', '--lr_scheduler', 'step'], '--step_size'),
     (['--eval_interval', '0'], '--eval_interval must be at least 1'),
+    (['--lr', '-1'], '--lr must be positive, not -1.0'),
+    (['--max_bad_images', '-0.5'], '--max_bad_images must not be negative'),
+    (['--max_epoch', '0', '--backbone_class', 'Resnet12'], 'nothing to do'),
+    (['--backbone_class', 'Swin_tiny', '--img_size', '224'],
+     '--img_size 224: img_size 224 gives a 56-token grid in Swin stage 0, which neither fits one 12x12 window nor '
+     'splits into such windows; Swin takes 32, 96, 192, 384, 768'),
     (['--batch_size', '64', '--num_classes', '4'],
      'the training lists hold 24 images, fewer than one batch of --batch_size 64'),
 ])
 def test_bad_arguments_are_refused_with_the_fix(tiny_data, tmp_path, extra, message):
     argv = SMALL + data_args(tiny_data) + ['--save_dir', str(tmp_path)]
+    if message == 'nothing to do':
+        argv = SMALL + data_args(tiny_data)[:8] + ['--save_dir', str(tmp_path)]
     if extra[0] == '--train_list':
         argv += ['--train_root', tiny_data['root']]
     with pytest.raises(SystemExit, match=re.escape(message)):

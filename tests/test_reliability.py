@@ -1,0 +1,194 @@
+"""A preempted, interrupted or damaged run: mid-epoch checkpoints, signals, damaged checkpoints, the run lock."""
+import glob
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import ROOT, data_args, run_main
+
+SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--batch_size', '4', '--log_interval', '1']
+EVERY_ITERATION = ['--checkpoint_minutes', '1e-9']
+
+
+def environment():
+    variables = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        variables.pop(name, None)
+    return variables
+
+
+def training_argv(tiny_data, workers=2):
+    return SMALL + data_args(tiny_data)[:8] + [
+        '--num_workers', str(workers), '--backbone_class', 'Resnet12', '--num_classes', '4', '--max_epoch', '3',
+        '--warmup_epoch', '1', '--optim', 'AdamW', '--lr', '0.003', '--augment', '--seed', '7',
+        '--drop_block', 'annealed']
+
+
+def only_run_dir(save_dir) -> str:
+    records = glob.glob(os.path.join(str(save_dir), '*', '*', 'record.txt'))
+    assert len(records) == 1, records
+    return os.path.dirname(records[0])
+
+
+def record_of(run_dir):
+    with open(os.path.join(run_dir, 'record.txt'), encoding='utf-8') as handle:
+        return handle.read()
+
+
+def checkpoint_progress(save_dir):
+    """(epochs done, iteration within the next epoch) of the run's latest checkpoint, or None."""
+    paths = glob.glob(os.path.join(str(save_dir), '*', '*', 'checkpoint.pth.tar'))
+    if not paths:
+        return None
+    try:
+        progress = torch.load(paths[0], weights_only=True)['progress']
+    except Exception:  # replaced while being read: try again later
+        return None
+    return progress['epoch'], progress.get('iteration', 0)
+
+
+def assert_same_final_weights(straight_dir, resumed_dir):
+    for name, key in (('max_acc.pth', 'params'), ('checkpoint.pth.tar', 'student')):
+        straight = torch.load(os.path.join(straight_dir, name), weights_only=True)[key]
+        resumed = torch.load(os.path.join(resumed_dir, name), weights_only=True)[key]
+        assert straight.keys() == resumed.keys()
+        for tensor_name, tensor in straight.items():
+            assert torch.equal(tensor, resumed[tensor_name]), (name, tensor_name)
+
+
+def interrupt_mid_epoch(command, save_dir, signal_number):
+    """Start `command`, send `signal_number` once a checkpoint within epoch 2 exists; return the finished process."""
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        progress = checkpoint_progress(save_dir)
+        if progress and progress[0] == 1 and progress[1] >= 1:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=300)
+    process.stdout_text, process.stderr_text = stdout, stderr
+    return process
+
+
+@pytest.fixture(scope='module')
+def straight_run(tiny_data, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp('straight')
+    subprocess.run([sys.executable, os.path.join(ROOT, 'main.py')] + training_argv(tiny_data) +
+                   ['--save_dir', str(save_dir)], check=True, env=environment(), capture_output=True)
+    return only_run_dir(save_dir)
+
+
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGKILL])
+def test_a_run_stopped_within_an_epoch_resumes_there_and_ends_with_the_same_weights(tiny_data, tmp_path,
+                                                                                       straight_run, signal_number):
+    command = [sys.executable, os.path.join(ROOT, 'main.py')] + training_argv(tiny_data) + EVERY_ITERATION + [
+        '--save_dir', str(tmp_path)]
+    stopped = interrupt_mid_epoch(command, tmp_path, signal_number)
+    run_dir = only_run_dir(tmp_path)
+    epoch, iteration = checkpoint_progress(tmp_path)
+    assert epoch < 3
+    if signal_number == signal.SIGTERM:
+        assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr_text[-2000:]
+        assert re.search(r'^stopped by SIGTERM in epoch \d after iteration \d: checkpoint written to .*; the same '
+                         r'command resumes from there$', record_of(run_dir), re.M)
+        assert 'Traceback' not in stopped.stderr_text
+    rerun = subprocess.run(command, env=environment(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f'resumed from {run_dir}/checkpoint.pth.tar at ' in record_of(run_dir)
+    assert_same_final_weights(straight_run, run_dir)
+
+
+def test_two_processes_stopped_by_sigterm_resume_to_the_same_weights(tiny_data, tmp_path):
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+               os.path.join(ROOT, 'main.py')] + training_argv(tiny_data, workers=0) + ['--batch_size', '8']
+    straight = subprocess.run(command + ['--save_dir', str(tmp_path / 'straight')], env=environment(),
+                              capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    interrupted = tmp_path / 'interrupted'
+    stopped = interrupt_mid_epoch(command + EVERY_ITERATION + ['--save_dir', str(interrupted)], interrupted,
+                                  signal.SIGTERM)
+    assert stopped.returncode != 0
+    assert 'stopped by SIGTERM' in record_of(only_run_dir(interrupted))
+    rerun = subprocess.run(command + EVERY_ITERATION + ['--save_dir', str(interrupted)], env=environment(),
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_final_weights(only_run_dir(tmp_path / 'straight'), only_run_dir(interrupted))
+
+
+# ------------------------------------------------------------------------------------------ damaged checkpoints
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_used(tiny_data, tmp_path):
+    argv = training_argv(tiny_data, workers=0) + ['--save_dir', str(tmp_path)]
+    run_main(argv)
+    run_dir = only_run_dir(tmp_path)
+    latest = os.path.join(run_dir, 'checkpoint.pth.tar')
+    assert torch.load(os.path.join(run_dir, 'checkpoint.prev.pth.tar'), weights_only=True)['progress']['epoch'] == 2
+    with open(latest, 'r+b') as handle:
+        handle.truncate(1000)
+    run_main(argv)
+    record = record_of(run_dir)
+    assert re.search(r'checkpoint.pth.tar does not load \(.*\): set aside as .*checkpoint.pth.tar.damaged-\d+-\d+; '
+                     r'resuming from .*checkpoint.prev.pth.tar$', record, re.M)
+    assert 'at the end of epoch 2' in record
+    assert len(glob.glob(os.path.join(run_dir, 'checkpoint.pth.tar.damaged-*'))) == 1
+    assert torch.load(latest, weights_only=True)['progress']['epoch'] == 3
+
+
+def test_with_no_usable_checkpoint_the_run_says_what_to_do(tiny_data, tmp_path):
+    argv = training_argv(tiny_data, workers=0) + ['--save_dir', str(tmp_path)]
+    run_dir = os.path.join(str(tmp_path), 'TLD-Resnet12-no_distill',
+                           'lr0.003_AdamW_cosine_epoch3_warmup1_bs4')
+    os.makedirs(run_dir)
+    for name in ('checkpoint.pth.tar', 'checkpoint.prev.pth.tar'):
+        with open(os.path.join(run_dir, name), 'wb') as handle:
+            handle.write(b'\0' * 1000)
+    with pytest.raises(SystemExit) as stopped:
+        run_main(argv)
+    message = str(stopped.value.code)
+    assert '\n' not in message and message.startswith(f'error: {run_dir}/checkpoint.pth.tar does not load (')
+    assert message.endswith('move the damaged files away to start this run afresh, or put back a good copy')
+
+
+# ------------------------------------------------------------------------------------------------ the run lock
+def write_lock(run_dir, host, pid, age_seconds=0.0):
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, 'run.lock')
+    with open(path, 'w', encoding='utf-8') as handle:
+        json.dump({'host': host, 'pid': pid, 'started': '2026-11-28 10:00:00'}, handle)
+    stamp = time.time() - age_seconds
+    os.utime(path, (stamp, stamp))
+
+
+def test_a_live_holder_keeps_the_run_directory(tiny_data, tmp_path):
+    argv = training_argv(tiny_data, workers=0) + ['--save_dir', str(tmp_path)]
+    run_dir = os.path.join(str(tmp_path), 'TLD-Resnet12-no_distill', 'lr0.003_AdamW_cosine_epoch3_warmup1_bs4')
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        for host, pid, age in ((socket.gethostname(), holder.pid, 0), ('other-host', 12345, 30)):
+            write_lock(run_dir, host, pid, age)
+            with pytest.raises(SystemExit, match=re.escape(f'is in use by another run (host {host}, process {pid}, '
+                                                           'started 2026-11-28 10:00:00)')):
+                run_main(argv)
+            assert not os.path.exists(os.path.join(run_dir, 'record.txt'))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_does_not_block_a_rerun(tiny_data, tmp_path):
+    argv = training_argv(tiny_data, workers=0) + ['--save_dir', str(tmp_path), '--max_epoch', '1']
+    run_dir = os.path.join(str(tmp_path), 'TLD-Resnet12-no_distill', 'lr0.003_AdamW_cosine_epoch1_warmup1_bs4')
+    write_lock(run_dir, socket.gethostname(), 2 ** 22 + 17, 0)   # no such process
+    run_main(argv)
+    write_lock(run_dir, 'other-host', 12345, utils.RunLock.STALE_SECONDS + 60)  # no heartbeat for too long
+    run_main(argv)
+    assert not os.path.exists(os.path.join(run_dir, 'run.lock'))  # released at the end
