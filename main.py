@@ -280,6 +280,7 @@ def train(args, run_dir, logger, rank, world_size, device):
     # what would only fail after the last epoch is found now
     val_samples = read_checked_list(args.val_root, args.val_list, '--val_root')
     test_samples = read_checked_list(args.test_root, args.test_list, '--test_root')
+    announce_undefined_figures(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
     distiller = helpers.build_model(
         args.backbone_class, args.img_size, args.num_classes, args.init_weights,
         teacher_name=args.teacher_backbone_class if args.is_distill else None,
@@ -396,6 +397,15 @@ def epochs(args, distiller, student, criterion, optimizer, scaler, train_loader,
             raise RunInterrupted(128 + getattr(signal, stopped, signal.SIGTERM))
 
 
+def announce_undefined_figures(samples, coarse_mask: str | None, fine_mask: str | None, logger):
+    """Say before any work which test figures the test list cannot give (they are reported as nan at the end)."""
+    for grain, labels, mask in (('coarse', [sample.label for sample in samples], coarse_mask),
+                                ('fine', [sample.fine_label for sample in samples], fine_mask)):
+        problem = utils.labels_problem(labels) if samples and not mask else None
+        if problem:
+            logger.info(f'note: the test list gives no {grain} TARs: {problem}; they will be reported as nan')
+
+
 def read_checked_list(root: str | None, list_path: str | None, root_flag: str) -> list:
     """The samples of a validation or test list (none without one), every listed image checked to exist."""
     if not list_path:
@@ -432,6 +442,7 @@ def test_only(args, run_dir, logger, rank, world_size, device):
     if not os.path.isfile(weights):
         raise SystemExit(f'error: --test_only found no {weights}; give --init_weights or train this run first')
     test_samples = read_checked_list(args.test_root, args.test_list, '--test_root')
+    announce_undefined_figures(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
     student_backbone = models.load_backbone(args.backbone_class, weights, args.img_size,
                                             args.demo_width_divisor).to(device)
     logger.info(f'test only: {weights}')

@@ -543,6 +543,19 @@ def _curves(positive_counts, total_positive, all_counts, total_pairs):
     return far, tar
 
 
+def labels_problem(labels) -> str | None:
+    """Why TARs over these labels cannot exist (as undefined_reason says it after the fact), or None."""
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) < 2:
+        return 'fewer than two test images: there is no pair to score'
+    counts = np.unique(labels, return_counts=True)[1]
+    if counts.max() < 2:
+        return 'no positive pair (no two test images share a label)'
+    if len(counts) == 1:
+        return 'no negative pair (every test image has the same label)'
+    return None
+
+
 def undefined_reason(curve) -> str | None:
     """Why the TARs of a (far, tar) curve are undefined (NaN), or None when they are defined."""
     far, tar = curve

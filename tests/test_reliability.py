@@ -66,15 +66,21 @@ def assert_same_final_weights(straight_dir, resumed_dir):
 
 
 def interrupt_mid_epoch(command, save_dir, signal_number):
-    """Start `command`, send `signal_number` once a checkpoint within epoch 2 exists; return the finished process."""
-    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Start `command`, send `signal_number` once a checkpoint within epoch 2 exists; return the finished process.
+
+    SIGINT goes to the whole process group, loader workers included, as Ctrl-C in a terminal does."""
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         progress = checkpoint_progress(save_dir)
         if progress and progress[0] == 1 and progress[1] >= 1:
             break
         time.sleep(0.01)
-    process.send_signal(signal_number)
+    if signal_number == signal.SIGINT:
+        os.killpg(process.pid, signal_number)
+    else:
+        process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=300)
     process.stdout_text, process.stderr_text = stdout, stderr
     return process
@@ -88,7 +94,7 @@ def straight_run(tiny_data, tmp_path_factory):
     return only_run_dir(save_dir)
 
 
-@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_a_run_stopped_within_an_epoch_resumes_there_and_ends_with_the_same_weights(tiny_data, tmp_path,
                                                                                        straight_run, signal_number):
     command = [sys.executable, os.path.join(ROOT, 'main.py')] + training_argv(tiny_data) + EVERY_ITERATION + [
@@ -97,9 +103,10 @@ def test_a_run_stopped_within_an_epoch_resumes_there_and_ends_with_the_same_weig
     run_dir = only_run_dir(tmp_path)
     epoch, iteration = checkpoint_progress(tmp_path)
     assert epoch < 3
-    if signal_number == signal.SIGTERM:
-        assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr_text[-2000:]
-        assert re.search(r'^stopped by SIGTERM in epoch \d after iteration \d: checkpoint written to .*; the same '
+    if signal_number != signal.SIGKILL:
+        name = signal.Signals(signal_number).name
+        assert stopped.returncode == 128 + signal_number, stopped.stderr_text[-2000:]
+        assert re.search(rf'^stopped by {name} in epoch \d after iteration \d: checkpoint written to .*; the same '
                          r'command resumes from there$', record_of(run_dir), re.M)
         assert 'Traceback' not in stopped.stderr_text
     rerun = subprocess.run(command, env=environment(), capture_output=True, text=True)

@@ -501,6 +501,8 @@ def test_figures_that_cannot_exist_are_nan_and_the_run_ends_well(tiny_data, resn
         values = [float(value) for value in values.split(',')]
         if grain in undefined:
             assert f'student {grain} TARs are nan (undefined): {undefined[grain]}' in record
+            announced = f'note: the test list gives no {grain} TARs: {undefined[grain]}; they will be reported as nan'
+            assert record.index(announced) < record.index('test acc:')
             assert math.isnan(values[0])
         else:
             assert not any(math.isnan(value) for value in values) and values[0] > 0
