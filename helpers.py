@@ -322,7 +322,6 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples, img_size: int, train: bool, augment: bool, seed: int = 0):
         self.seed = seed
-        self.epoch = 0
         self.paths = PackedStrings([sample.path for sample in samples])
         self.origins = PackedStrings([sample.origin for sample in samples])
         self.labels = np.array([sample.label for sample in samples], dtype=np.int64)
@@ -333,10 +332,6 @@ class ImageDataset(Dataset):
 
     def __len__(self):
         return len(self.labels)
-
-    def set_epoch(self, epoch: int):
-        """Augmentation draws of sample i in this epoch come from a generator seeded by (seed, epoch, i)."""
-        self.epoch = epoch
 
     def sample(self, index: int) -> Sample:
         """The Sample at `index` (path, label, fine label, origin)."""
@@ -363,7 +358,10 @@ class ImageDataset(Dataset):
         return dict(image=image, label=int(self.labels[index]), fine_label=int(self.fine_labels[index]),
                     index=index, bad=bad, truncated=self.paths[index] if truncated else '')
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        """Item `key`: a sample index, or (sample index, epoch) as the training sampler gives them; a training
+        sample's augmentation draws come from a generator seeded by (seed, epoch, index)."""
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         if not self.train:
             path = self.paths[index]
             try:
@@ -373,7 +371,7 @@ class ImageDataset(Dataset):
                 return self._item(index, blank, False, f"{path}: {image_problem(path, error)} "
                                                        f"({self.origins[index]}); fix the file or remove it from the list")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % (1 << 63))
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 63))
             return self._train_item(index)
 
     def _train_item(self, index: int) -> dict:
@@ -406,7 +404,9 @@ class ContiguousShardSampler(Sampler):
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler whose epoch can start after its first `skip` samples (an epoch resumed mid-way)."""
+    """DistributedSampler that yields (sample index, epoch), the key of the sample's augmentation draws (loader
+    workers that live across epochs learn the epoch from it), and whose epoch can start after its first `skip`
+    samples (an epoch resumed mid-way)."""
 
     def __init__(self, *arguments, **keywords):
         super().__init__(*arguments, **keywords)
@@ -417,7 +417,7 @@ class ResumableDistributedSampler(DistributedSampler):
         self.skip = skip
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        return ((index, self.epoch) for index in itertools.islice(super().__iter__(), self.skip, None))
 
     def __len__(self):
         return self.num_samples - self.skip
@@ -432,7 +432,6 @@ def _ignore_interrupts(worker_id: int):
 def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0):
     """Set the epoch of a training loader (its shuffle and augmentation draws), skipping its first batches."""
     loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
-    loader.dataset.set_epoch(epoch)
 
 
 def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int
@@ -445,7 +444,7 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, ra
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                           drop_last=True)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True,
+                      pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=num_workers > 0,
                       worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
 
 
@@ -453,7 +452,8 @@ def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, wor
     """Loader over this rank's contiguous shard, in list order, no padding (see gather_in_order)."""
     sampler = ContiguousShardSampler(len(dataset), rank, world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False)
+                      pin_memory=torch.cuda.is_available(), drop_last=False, persistent_workers=num_workers > 0,
+                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
 
 
 class BatchTransform:

@@ -9,11 +9,13 @@ import math
 import os
 import random
 import signal
+import socket
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import helpers
@@ -90,6 +92,8 @@ def get_parser() -> argparse.ArgumentParser:
     add('--channels_last', action='store_true', help='channels-last memory format (Resnet12)')
     add('--compile', action='store_true', help='torch.compile the student backbone')
     add('--grad_checkpointing', action='store_true', help='recompute Swin blocks in backward to save memory')
+    add('--fused_attention', action='store_true',
+        help="Swin: torch's scaled_dot_product_attention for the window attention (same features; for GPUs)")
     add('--demo_width_divisor', type=int, default=1,
         help='CPU demo only: divide every channel width (and the 1024-d feature) by this')
     return parser
@@ -236,9 +240,11 @@ def main(args):
     try:
         check_args(args, world_size)
         run_dir = run_directory(args)
-        lock = hold_run_directory(run_dir, rank)
+        lock = hold_run_directory(run_dir, rank, world_size)
         logger = utils.Logger(run_dir, rank=rank)
         logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())))
+        args.num_workers = loader_workers_that_fit(args.num_workers, args.batch_size // world_size, args.img_size,
+                                                   logger)
         if args.test_only:
             test_only(args, run_dir, logger, rank, world_size, device)
         else:
@@ -260,8 +266,21 @@ def main(args):
             dist.destroy_process_group()
 
 
-def hold_run_directory(run_dir: str, rank: int):
-    """Create the run directory and take its lock (rank 0); every process stops if another run holds it."""
+def distributed_student(classifier, device: torch.device) -> nn.Module:
+    """The student under DDP, without waste: a frozen (shared) head stays outside DDP, so its 1 GB is neither
+    broadcast at start nor bucketed; constant buffers are broadcast only where BatchNorm statistics need it;
+    gradients live in the communication buckets (no second copy)."""
+    has_batch_norm = any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in classifier.modules())
+    options = dict(device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=has_batch_norm,
+                   gradient_as_bucket_view=True)
+    if classifier.head.weight.requires_grad:
+        return DistributedDataParallel(classifier, **options)
+    return models.Classifier(DistributedDataParallel(classifier.backbone, **options), classifier.head)
+
+
+def hold_run_directory(run_dir: str, rank: int, world_size: int):
+    """Create the run directory and take its lock (rank 0); every process stops if another run holds it, or if
+    the run directory is not on storage that every process shares."""
     lock, problems = None, []
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -270,7 +289,64 @@ def hold_run_directory(run_dir: str, rank: int):
         except utils.RunDirectoryBusy as error:
             problems.append(str(error))
     trainer.stop_if_any_process_failed(problems)
+    try:
+        if world_size > 1:
+            check_shared_storage(run_dir, rank)
+    except trainer.StopOnEveryRank:
+        if lock is not None:
+            lock.release()
+        raise
     return lock
+
+
+def check_shared_storage(run_dir: str, rank: int):
+    """Every process must read the token that rank 0 wrote into the run directory: checkpoints, max_acc.pth and
+    the resume decision are written by rank 0 and read by all."""
+    token_path = os.path.join(run_dir, '.shared_storage_check')
+    token = []
+    if rank == 0:
+        token = [f'{socket.gethostname()}:{os.getpid()}:{time.time()}']
+        with open(token_path, 'w', encoding='utf-8') as handle:
+            handle.write(token[0])
+    token = trainer.gather_messages(token)[0]  # every process waits here until the token is written
+    try:
+        with open(token_path, encoding='utf-8') as handle:
+            seen = handle.read()
+    except OSError:
+        seen = None
+    problems = [] if seen == token else [
+        f'process {rank} on host {socket.gethostname()} does not see {run_dir} as rank 0 wrote it: --save_dir must '
+        'be storage that every host shares (SAVE_DIR in start.sh)']
+    problems = trainer.gather_messages(problems)
+    if rank == 0:
+        os.remove(token_path)
+    if problems:
+        raise trainer.StopOnEveryRank(problems[0])
+
+
+def shared_memory_free_bytes() -> int | None:
+    """Free bytes of /dev/shm, through which loader workers hand batches over; None where there is none."""
+    try:
+        status = os.statvfs('/dev/shm')
+    except OSError:
+        return None
+    return status.f_bavail * status.f_frsize
+
+
+def loader_workers_that_fit(requested: int, batch_size: int, img_size: int, logger) -> int:
+    """As many loader workers as asked, unless their batches in flight (two per worker, for every process of this
+    host, with room to spare) would not fit in /dev/shm: then fewer, said in one line."""
+    free = shared_memory_free_bytes()
+    if requested == 0 or free is None:
+        return requested
+    processes = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    per_worker = 2 * 2 * processes * batch_size * 3 * img_size * img_size
+    fitting = min(requested, int(free // per_worker))
+    if fitting < requested:
+        logger.info(f'/dev/shm has {free / 2 ** 20:.0f} MB free, too little for {requested} loader workers in each of '
+                    f'{processes} processes (about {requested * per_worker / 2 ** 20:.0f} MB): using {fitting}; give '
+                    'the container more shared memory (e.g. docker run --shm-size 16g) for full speed')
+    return fitting
 
 
 def train(args, run_dir, logger, rank, world_size, device):
@@ -296,10 +372,17 @@ def train(args, run_dir, logger, rank, world_size, device):
                                         args.weight_decay, args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     student = distiller.student
+    if args.fused_attention:
+        for network in (distiller.student.backbone, distiller.teacher.backbone if distiller.teacher else None):
+            if isinstance(network, swin_transformer.SwinBackbone):
+                swin_transformer.use_fused_attention(network)
     if args.compile:
         student.backbone.compile()  # in place, so that state_dict keys keep their names
+    if device.type == 'cuda':
+        # ResNet12's shapes never change: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = args.backbone_class == 'Resnet12'
     if world_size > 1:
-        student = DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
+        student = distributed_student(distiller.student, device)
     criterion = trainer.DistillationLoss(args.kd_loss if args.is_distill else None, args.kd_weight,
                                          world_size=world_size)
     milestones = step_sizes(args.step_size)
@@ -371,6 +454,7 @@ def epochs(args, distiller, student, criterion, optimizer, scaler, train_loader,
                         f'checkpoint written to {checkpoint_path}; the same command resumes from there')
             raise RunInterrupted(128 + getattr(signal, stats['stopped'], signal.SIGTERM))
         check_bad_images(stats, args.max_bad_images, epoch, logger, logged_images)
+        trainer.broadcast_batch_norm_statistics(distiller.student)
         validation = None
         if val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch):
             validation = trainer.validate(distiller.student, val_loader, batch_transform, device, args.amp)

@@ -92,8 +92,9 @@ case "$NPROC" in
     ''|*[!0-9]*) echo "NPROC must be a number of processes, not '$NPROC'" >&2; exit 2 ;;
 esac
 [ "$NPROC" -ge 1 ] || NPROC=1
-# bf16 autocast where GPUs compute it natively (Ampere and newer), fp16 with a gradient scaler before
-bf16=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available() and torch.cuda.is_bf16_supported()))')
+# bf16 autocast where GPUs compute it natively (compute capability 8.0, Ampere, and newer), fp16 with a gradient
+# scaler before (V100: is_bf16_supported() answers True there, for an emulation without tensor cores)
+bf16=$("$PYTHON" -c 'import torch; bf16 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8; print(int(bf16))')
 if [ "$gpus" -lt 1 ]; then AMP=${AMP:-none}; elif [ "$bf16" = 1 ]; then AMP=${AMP:-bf16}; else AMP=${AMP:-fp16}; fi
 
 case "${STUDENT:-Swin_tiny}" in

@@ -181,7 +181,7 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
     first_iteration = progress.iteration
     iterations = first_iteration + len(loader)
     sums = torch.tensor(progress.sums, dtype=torch.float64, device=device)
-    first_non_finite = torch.full((), iterations, dtype=torch.long, device=device)
+    non_finite = NonFiniteWatch(device, skips_allowed=scaler.is_enabled())
     batches = iter(loader)
     if progress.random_state is not None:
         # a resumed epoch draws on from where the interrupted one wrote its checkpoint
@@ -198,13 +198,14 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
         images = batch_transform(batch['image'].to(device, non_blocking=True), train=True)
         labels = batch['label'].to(device, non_blocking=True)
         with autocast_context(device, amp):
-            student_features, student_logits = student(images, labels)
+            # the teacher first: its temporaries are freed before the student's activations are saved
             teacher_features, teacher_logits = (model.teacher_outputs(images, labels)
                                                 if model.teacher is not None else (None, None))
+            student_features, student_logits = student(images, labels)
         loss, cross_entropy, distillation = criterion(student_features, student_logits, teacher_features,
                                                       teacher_logits, labels)
-        first_non_finite = torch.where(torch.isfinite(loss) | (first_non_finite < iterations),
-                                       first_non_finite, iteration)
+        finite = torch.isfinite(loss)
+        non_finite.update(finite, iteration)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -214,10 +215,11 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
         progress.samples += batch_size
         progress.iteration = iteration + 1
         correct = (student_logits.argmax(dim=1) == labels).sum()
-        sums += torch.stack([loss.detach() * batch_size, cross_entropy * batch_size, distillation * batch_size,
-                             correct.to(loss.dtype)]).double()
+        figures = torch.stack([loss.detach() * batch_size, cross_entropy * batch_size, distillation * batch_size,
+                               correct.to(loss.dtype)]).double()
+        sums += torch.where(finite, figures, torch.zeros_like(figures))  # a step the scaler skipped adds nothing
         if (iteration + 1) % log_interval == 0 or iteration + 1 == iterations:
-            check_finite(first_non_finite, iterations, epoch)
+            non_finite.check(epoch)
             step = (epoch - 1) * iterations + iteration
             logger.scalar('train/ce_loss', cross_entropy.item(), step)
             logger.scalar('train/kd_loss', distillation.item(), step)
@@ -230,7 +232,7 @@ def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_
             write_checkpoint, stopped = control.after_iteration()
             if write_checkpoint or stopped:
                 # never a checkpoint of weights that a non-finite loss has already spoilt
-                check_finite(first_non_finite, iterations, epoch)
+                non_finite.check(epoch)
                 progress.sums = sums.tolist()
                 progress.random_state = random_state()
                 control.write_checkpoint(epoch, progress)
@@ -330,18 +332,51 @@ class RunControl:
         self._last_checkpoint = time.monotonic()
 
 
-def check_finite(first_non_finite: torch.Tensor, iterations: int, epoch: int):
-    """Stop every process together once any of them has seen a NaN or infinite loss.
+class NonFiniteWatch:
+    """Watches the loss for NaN or infinity without making the GPU wait each step; `check` stops every process.
 
-    Checkpoints are written at the end of an epoch, so the last one on disk is still the good one.
+    In bf16 or fp32 the first non-finite loss stops the run. Under fp16 the gradient scaler skips such a step and
+    lowers its scale, so the run stops only after FP16_SKIPS_ALLOWED non-finite steps in a row.
     """
-    first = first_non_finite.clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)
-    if first.item() < iterations:
-        raise NonFiniteLossError(f'epoch {epoch} iteration {first.item()}: the loss is not finite; the run directory '
-                                 'keeps the checkpoint of the last good epoch, which a rerun would reach again: '
-                                 'start a new run (another --suffix) with a lower --lr, or --amp bf16 instead of fp16')
+    FP16_SKIPS_ALLOWED = 100
+
+    def __init__(self, device: torch.device, skips_allowed: bool):
+        self.limit = self.FP16_SKIPS_ALLOWED if skips_allowed else 1
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        self.longest = torch.zeros((), dtype=torch.long, device=device)
+        self.last_iteration = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, finite: torch.Tensor, iteration: int):
+        self.in_a_row = torch.where(finite, torch.zeros_like(self.in_a_row), self.in_a_row + 1)
+        reached = (self.in_a_row >= self.limit) & (self.longest < self.limit)
+        self.last_iteration = torch.where(reached, torch.full_like(self.last_iteration, iteration),
+                                          self.last_iteration)
+        self.longest = torch.maximum(self.longest, self.in_a_row)
+
+    def check(self, epoch: int):
+        """Raise NonFiniteLossError on every process once any of them has reached the limit."""
+        figures = torch.stack([self.longest, self.last_iteration])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+        longest, iteration = figures.tolist()
+        if longest >= self.limit:
+            in_a_row = f' ({self.limit} steps in a row, each skipped by the fp16 gradient scaler)' \
+                if self.limit > 1 else ''
+            raise NonFiniteLossError(
+                f'epoch {epoch} iteration {iteration}: the loss is not finite{in_a_row}; the run directory keeps the '
+                'checkpoint of the last good epoch, which a rerun would reach again: start a new run (another '
+                '--suffix) with a lower --lr, or --amp bf16 instead of fp16')
+
+
+def broadcast_batch_norm_statistics(module: nn.Module):
+    """Give every process rank 0's BatchNorm statistics, so that validation, the best-epoch choice and the saved
+    weights are about one model (between DDP's broadcasts each process updates its own)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            for buffer in layer.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 @torch.no_grad()

@@ -3,8 +3,11 @@
     python bench/train_step.py --backbone_class Swin_tiny --batch 2 --img_size 384 --num_classes 252903 --amp bf16
     python bench/train_step.py ... --original      # fp32, two copies of the head, a dense one-hot margin matrix
     python bench/train_step.py ... --compare       # both, each in its own process, and their ratios
+    python bench/train_step.py --device cuda --batch 32 --amp bf16 --mfu   # on a GPU, with model FLOP utilisation
 
-Last line: `step_s=<x> peak_gb=<y>` (median of 3 steps after a warm-up step; peak resident memory).
+Last line: `step_s=<x> peak_gb=<y>` (median of 3 steps after a warm-up step; peak resident memory on the CPU,
+peak allocated GPU memory on cuda); with --mfu `img_s=<x> peak_gb=<y> mfu=<z>`, where mfu is the step's
+achieved FLOP/s (counted by torch's FlopCounterMode) over a large bf16 matmul's FLOP/s on the same device.
 """
 import argparse
 import copy
@@ -21,6 +24,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as models  # noqa: E402
+import swin_transformer  # noqa: E402
 import trainer  # noqa: E402
 
 
@@ -39,9 +43,10 @@ class OriginalCosFace(nn.Module):
 
 
 def original_step_function(args):
-    teacher = models.create_backbone('Swin_base', args.img_size).eval().requires_grad_(False)
-    student = models.create_backbone(args.backbone_class, args.img_size).train()
-    teacher_head = OriginalCosFace(args.num_classes, 1024).requires_grad_(False)
+    device = torch.device(args.device)
+    teacher = models.create_backbone('Swin_base', args.img_size).to(device).eval().requires_grad_(False)
+    student = models.create_backbone(args.backbone_class, args.img_size).to(device).train()
+    teacher_head = OriginalCosFace(args.num_classes, 1024).to(device).requires_grad_(False)
     student_head = copy.deepcopy(teacher_head)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=5e-4)
 
@@ -59,48 +64,100 @@ def original_step_function(args):
 
 
 def project_step_function(args):
+    device = torch.device(args.device)
     teacher_backbone = models.create_backbone('Swin_base', args.img_size)
     head = models.CosFaceHead(args.num_classes, teacher_backbone.feature_dim)
     distiller = models.DistillationModel(
         models.Classifier(models.create_backbone(args.backbone_class, args.img_size), head),
-        models.Classifier(teacher_backbone, head)).train()
+        models.Classifier(teacher_backbone, head), stochastic_teacher=True).to(device).train()
+    if device.type == 'cuda' and args.backbone_class == 'Resnet12':
+        torch.backends.cudnn.benchmark = True
+    if args.fused_attention:
+        for network in (distiller.student.backbone, distiller.teacher.backbone):
+            if isinstance(network, swin_transformer.SwinBackbone):
+                swin_transformer.use_fused_attention(network)
     optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=1e-4, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     criterion = trainer.DistillationLoss('KD')
-    device = torch.device('cpu')
 
     def step(images, labels):
         with trainer.autocast_context(device, args.amp):
-            student_features, student_logits = distiller.student(images, labels)
             teacher_features, teacher_logits = distiller.teacher_outputs(images, labels)
+            student_features, student_logits = distiller.student(images, labels)
         loss, _, _ = criterion(student_features, student_logits, teacher_features, teacher_logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return step
+
+
+def matmul_flops_per_second(device: torch.device, size: int = 8192) -> float:
+    """FLOP/s of a large bf16 matmul on `device`: the peak the step is measured against."""
+    left = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    right = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        left @ right
+    synchronize(device)
+    start, repeats = time.perf_counter(), 20
+    for _ in range(repeats):
+        left @ right
+    synchronize(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def step_flops(step, images, labels) -> float:
+    """FLOPs of one step (forward and backward), as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(images, labels)
+    return float(counter.get_total_flops())
 
 
 def measure(args):
     torch.manual_seed(0)
+    device = torch.device(args.device)
     step = original_step_function(args) if args.original else project_step_function(args)
-    images = torch.randn(args.batch, 3, args.img_size, args.img_size)
-    labels = torch.randint(0, args.num_classes, (args.batch,))
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    labels = torch.randint(0, args.num_classes, (args.batch,), device=device)
     step(images, labels)
     seconds = []
     for _ in range(3):
+        synchronize(device)
         start = time.perf_counter()
         step(images, labels)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    if device.type == 'cuda':
+        peak_gb = torch.cuda.max_memory_allocated(device) / 1024 ** 3
+    else:
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     mode = 'original' if args.original else f'project amp={args.amp}'
+    step_s = statistics.median(seconds)
     print(f'{mode}: {args.backbone_class} batch {args.batch} img {args.img_size} classes {args.num_classes} '
-          f'threads {torch.get_num_threads()}: steps {", ".join(f"{s:.3f}" for s in seconds)} s')
-    print(f'step_s={statistics.median(seconds):.3f} peak_gb={peak_gb:.2f}')
+          f'{device} threads {torch.get_num_threads()}: steps {", ".join(f"{s:.3f}" for s in seconds)} s, '
+          f'{args.batch / step_s:.1f} img/s')
+    if args.mfu:
+        flops = step_flops(step, images, labels)
+        peak = matmul_flops_per_second(device)
+        print(f'step {flops / 1e12:.2f} TFLOP, {flops / step_s / 1e12:.1f} TFLOP/s; bf16 matmul peak '
+              f'{peak / 1e12:.1f} TFLOP/s')
+        print(f'img_s={args.batch / step_s:.1f} peak_gb={peak_gb:.2f} mfu={flops / step_s / peak:.3f}')
+        return
+    print(f'step_s={step_s:.3f} peak_gb={peak_gb:.2f}')
 
 
 def compare(args):
     """Each mode in its own process, so that each peak memory is its own."""
     common = [sys.executable, os.path.abspath(__file__), '--backbone_class', args.backbone_class,
-              '--batch', str(args.batch), '--img_size', str(args.img_size), '--num_classes', str(args.num_classes)]
+              '--batch', str(args.batch), '--img_size', str(args.img_size), '--num_classes', str(args.num_classes),
+              '--device', args.device]
     results = {}
     for name, extra in (('original', ['--original']), ('project', ['--amp', args.amp])):
         output = subprocess.run(common + extra, check=True, capture_output=True, text=True).stdout
@@ -119,7 +176,10 @@ def main():
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--img_size', type=int, default=384)
     parser.add_argument('--num_classes', type=int, default=252903)
-    parser.add_argument('--amp', default='bf16', choices=('bf16', 'none'))
+    parser.add_argument('--amp', default='bf16', choices=('bf16', 'fp16', 'none'))
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--fused_attention', action='store_true', help="Swin: torch's fused attention kernels")
+    parser.add_argument('--mfu', action='store_true', help='also count the step\'s FLOPs against a bf16 matmul')
     parser.add_argument('--original', action='store_true', help="the original's fp32 step with two heads")
     parser.add_argument('--compare', action='store_true', help='run both, each in its own process')
     args = parser.parse_args()

@@ -2,10 +2,15 @@
 import os
 import sys
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# The suite runs on the CPU, where exactness tests can be exact: a GPU stays hidden (before torch first looks), and
+# tests/test_cuda.py gives the original visibility back to the processes it starts.
+ORIGINAL_CUDA_VISIBLE_DEVICES = os.environ.get('CUDA_VISIBLE_DEVICES')
+os.environ['CUDA_VISIBLE_DEVICES'] = ''
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

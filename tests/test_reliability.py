@@ -199,3 +199,40 @@ def test_a_stale_lock_does_not_block_a_rerun(tiny_data, tmp_path):
     write_lock(run_dir, 'other-host', 12345, utils.RunLock.STALE_SECONDS + 60)  # no heartbeat for too long
     run_main(argv)
     assert not os.path.exists(os.path.join(run_dir, 'run.lock'))  # released at the end
+
+
+# ------------------------------------------------------------------------------------------- the cluster's setup
+SEPARATE_STORAGE_RUNNER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import main
+argv = sys.argv[1:]
+if os.environ['RANK'] == '1':  # this process's --save_dir is another disk, as on a second host without shared storage
+    argv[argv.index('--save_dir') + 1] += '_elsewhere'
+main.main(main.get_parser().parse_args(argv))
+"""
+
+
+def test_a_save_dir_that_processes_do_not_share_is_refused_at_start(tiny_data, tmp_path):
+    runner = tmp_path / 'runner.py'
+    runner.write_text(SEPARATE_STORAGE_RUNNER.format(root=ROOT))
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             str(runner)] + training_argv(tiny_data, workers=0) + [
+                                '--batch_size', '8', '--save_dir', str(tmp_path / 'runs')],
+                            env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    messages = re.findall(r'^error: .*$', result.stderr, re.M)
+    assert len(messages) == 1, result.stderr[-3000:]
+    assert 'process 1 on host' in messages[0] and '--save_dir must be storage that every host shares' in messages[0]
+    run_dirs = glob.glob(str(tmp_path / 'runs' / '*' / '*'))
+    assert len(run_dirs) == 1 and os.listdir(run_dirs[0]) == []  # no lock left, nothing written
+
+
+def test_small_shared_memory_lowers_the_loader_workers_and_says_so(tiny_data, tmp_path, monkeypatch):
+    import main
+    monkeypatch.setattr(main, 'shared_memory_free_bytes', lambda: 2 * 2 * 4 * 3 * 96 * 96 + 1)
+    run_main(training_argv(tiny_data, workers=3) + ['--max_epoch', '1', '--save_dir', str(tmp_path)])
+    record = record_of(only_run_dir(tmp_path))
+    assert re.search(r'^/dev/shm has 0 MB free, too little for 3 loader workers in each of 1 processes '
+                     r'\(about \d+ MB\): using 1; give the container more shared memory', record, re.M)
+    assert 'num_workers=3' in record

@@ -539,3 +539,44 @@ def test_an_unreadable_test_image_on_one_process_stops_every_process_with_one_me
     messages = re.findall(r'^error: .*$', result.stderr, re.M)
     assert len(messages) == 1, result.stderr[-3000:]
     assert 'test_0011.jpg: not a decodable image (' in messages[0] and 'test.txt:12)' in messages[0]
+
+
+# ----------------------------------------------------------------------------------------- several processes
+def test_two_processes_validate_and_save_one_and_the_same_model(tiny_data, tmp_path):
+    argv = SMALL + data_args(tiny_data)[:8] + ['--backbone_class', 'Resnet12', '--num_classes', '4',
+                                               '--max_epoch', '1', '--warmup_epoch', '0', '--optim', 'SGD',
+                                               '--lr', '0.05', '--batch_size', '8', '--augment']
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             os.path.join(ROOT, 'main.py')] + argv + ['--save_dir', str(tmp_path)],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    logged = re.search(r'eval_loss=([0-9.]+), eval_acc=([0-9.]+)\+', record_of(run_dir))
+    saved = models.load_classifier('Resnet12', os.path.join(run_dir, 'max_acc.pth'), 96, 8)
+    samples = helpers.read_eval_samples(tiny_data['root'], tiny_data['val'])
+    loader = helpers.build_eval_loader(helpers.ImageDataset(samples, 96, train=False, augment=False), 4, 0, 0, 1)
+    validation = trainer.validate(saved, loader, helpers.BatchTransform(augment=False), torch.device('cpu'), 'none')
+    assert float(logged.group(1)) == pytest.approx(validation['loss'], abs=1e-4)
+    assert float(logged.group(2)) == pytest.approx(validation['accuracy'], abs=1e-4)
+
+
+def test_fp16_skips_non_finite_steps_and_stops_only_when_they_persist(tiny_data, tmp_path, monkeypatch):
+    original_forward = trainer.DistillationLoss.forward
+    calls = []
+
+    def forward_with_non_finite_steps(self, *arguments):
+        loss, cross_entropy, distillation = original_forward(self, *arguments)
+        calls.append(1)
+        # steps 2-3 of epoch 1 overflow (skipped), then from the second step of epoch 2 every step does
+        spoilt = len(calls) in (2, 3) or len(calls) >= 8
+        return (loss * float('inf') if spoilt else loss), cross_entropy, distillation
+    monkeypatch.setattr(trainer.DistillationLoss, 'forward', forward_with_non_finite_steps)
+    monkeypatch.setattr(trainer.NonFiniteWatch, 'FP16_SKIPS_ALLOWED', 3)
+    argv = SMALL + data_args(tiny_data)[:8] + ['--backbone_class', 'Resnet12', '--num_classes', '4', '--amp', 'fp16',
+                                               '--max_epoch', '3', '--save_dir', str(tmp_path)]
+    with pytest.raises(SystemExit, match=r'epoch 2 iteration 3: the loss is not finite \(3 steps in a row, each '
+                                         r'skipped by the fp16 gradient scaler\)'):
+        run_main(argv)
+    record = record_of(only_run_dir(tmp_path))
+    first = re.search(r'^epoch 1  lr .*avg_ce_loss=([0-9.]+)', record, re.M)
+    assert first and math.isfinite(float(first.group(1)))
