@@ -364,7 +364,9 @@ def train(args, run_dir, logger, rank, world_size, device):
         width_divisor=args.demo_width_divisor, grad_checkpointing=args.grad_checkpointing,
         channels_last=args.channels_last, init_head_from_teacher=args.init_head_from_teacher,
         stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block).to(device)
-    logger.info(helpers.parameter_report(distiller))
+    counts = helpers.parameter_counts(distiller)
+    logger.info(helpers.parameter_report(counts))
+    logger.result('parameters', counts)
     train_loader, val_loader, batch_transform = build_data(args, train_samples, val_samples,
                                                            distiller.student.head.num_classes, rank, world_size)
 
@@ -423,6 +425,8 @@ def train(args, run_dir, logger, rank, world_size, device):
         control.restore_signal_handlers()
     if val_loader is not None and progress['best_epoch']:
         logger.info(f'best epoch {progress["best_epoch"]}: eval_acc={progress["best_accuracy"]:.4f}')
+        logger.result('best_epoch', progress['best_epoch'])
+        logger.result('best_accuracy', progress['best_accuracy'])
 
     if test_samples:
         # --max_epoch 0 tests the untrained student (the demo's floor)
@@ -583,6 +587,9 @@ def log_test(logger, report, roc_path):
                     logger.scalar(f'test/{name}_{grain}_tar@far{far:.0e}', tar, 0)
             if not result[f'{grain}_undefined']:
                 curves[f'{name} {grain}'] = result[f'{grain}_curve']
+    logger.result('test', {name: dict(result, **{f'{grain}_curve': dict(zip(('far', 'tar'), result[f'{grain}_curve']))
+                                                 for grain in ('coarse', 'fine')})
+                           for name, result in report.items()})
     utils.plot_roc(curves, roc_path)
 
 
@@ -621,6 +628,10 @@ def log_epoch(logger, epoch, stats, validation):
         scalars += [('val/loss', validation['loss']), ('val/accuracy', validation['accuracy'])]
     logger.info(f'epoch {epoch}  lr {stats["lr"]:.6g}: train_acc={stats["accuracy"]:.4f}, {evaluated}'
                 f'avg_ce_loss={stats["ce"]:.4f}, avg_kd_loss={stats["kd"]:.4f}')
+    logger.epoch_result({'epoch': epoch, 'lr': stats['lr'], 'train_accuracy': stats['accuracy'], 'loss': stats['loss'],
+                         'ce': stats['ce'], 'kd': stats['kd'],
+                         'val_loss': validation['loss'] if validation else None,
+                         'val_accuracy': validation['accuracy'] if validation else None})
     for tag, value in scalars:
         logger.scalar(tag, value, epoch)
 

@@ -37,11 +37,11 @@ run_demo() {
     runs="$demo_dir/runs"
     echo "demo: synthetic landmarks in $data, runs in $runs"
     teacher_epochs=${DEMO_TEACHER_EPOCHS:-30}
-    "$PYTHON" "$here/helpers.py" "$data" --seed 0 --num_train_landmarks "$landmarks" \
+    "$PYTHON" "$here/demo.py" data "$data" --seed 0 --num_train_landmarks "$landmarks" \
         --num_test_landmarks "${DEMO_TEST_LANDMARKS:-50}" > /dev/null
     # the CPU demo narrows every width by DEMO_WIDTH_DIVISOR; the architectures are otherwise the real ones
     common="--dataset Synthetic --img_size $size --demo_width_divisor ${DEMO_WIDTH_DIVISOR:-4} --amp ${DEMO_AMP:-bf16}
-            --num_workers 1 --batch_size 32 --optim AdamW --weight_decay 0.05 --warmup_epoch 1 --eval_interval 1000
+            --num_workers 1 --batch_size 32 --optim AdamW --weight_decay 0.05 --warmup_epoch 1 --eval_interval 1
             --log_interval 10
             --save_dir $runs --train_root $data --train_list $data/train.txt --val_root $data
             --val_list $data/val.txt --test_root $data --test_list $data/test.txt"
@@ -61,7 +61,7 @@ run_demo() {
     echo "demo: untrained Swin_tiny student (the floor)"
     # shellcheck disable=SC2086
     "$PYTHON" "$here/main.py" $common $distill --backbone_class Swin_tiny --lr 0.0004 --max_epoch 0 --suffix=-untrained
-    "$PYTHON" "$here/utils.py" --demo_results "$runs" --output "$demo_dir/results.md"
+    "$PYTHON" "$here/demo.py" report "$runs" "$demo_dir"
 }
 
 test_only=0

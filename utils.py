@@ -1,10 +1,7 @@
 """Run directories, logging, files, and the feature-matching evaluation (SPEC sections 5 and 6)."""
-import argparse
-import glob
 import json
 import math
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -94,10 +91,62 @@ class Logger:
             return
         self.writer.add_scalar(tag, float(value), step)
 
+    def result(self, key: str, value):
+        """Set one top-level entry of the run's results.json (see RESULTS_NAME) and rewrite the file."""
+        if not self.active:
+            return
+        results = read_results(self.run_dir)
+        results[key] = value
+        _write_json(results, os.path.join(self.run_dir, RESULTS_NAME))
+
+    def epoch_result(self, figures: dict):
+        """Add an epoch's figures to results.json, replacing those of the same or later epochs (a resumed run)."""
+        if not self.active:
+            return
+        epochs = [entry for entry in read_results(self.run_dir).get('epochs', []) if entry['epoch'] < figures['epoch']]
+        self.result('epochs', epochs + [figures])
+
     def close(self):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+# A run's figures as data, for scripts and the demo table: 'parameters' (student trainable and total, teacher total,
+# student backbone), 'epochs' (epoch, lr, train_accuracy, loss, ce, kd, val_loss and val_accuracy or null),
+# 'best_epoch', 'best_accuracy', and 'test': {'student' | 'teacher' | 'cross': {'coarse', 'fine' (TARs at FAR
+# 1e-1 ... 1e-8, null where undefined), 'coarse_undefined', 'fine_undefined' (why, or null), 'coarse_nn_accuracy',
+# 'fine_nn_accuracy', 'coarse_curve', 'fine_curve' ({'far': [...], 'tar': [...]})}}.
+RESULTS_NAME = 'results.json'
+
+
+def read_results(run_dir: str) -> dict:
+    """A run directory's results.json, or {} when it has none yet."""
+    try:
+        with open(os.path.join(run_dir, RESULTS_NAME), encoding='utf-8') as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return {}
+
+
+def _json_ready(value):
+    """NaN (an undefined figure) becomes null; numpy numbers and arrays become plain ones."""
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _write_json(value, path: str):
+    temporary = f'{path}.tmp'
+    with open(temporary, 'w', encoding='utf-8') as handle:
+        json.dump(_json_ready(value), handle)
+    os.replace(temporary, path)
 
 
 def _current_umask() -> int:
@@ -782,85 +831,3 @@ def format_tar_line(prefix: str, coarse: list, fine: list) -> str:
     def listed(values):
         return '[' + ', '.join(repr(round(float(value), 5)) for value in values) + ']'
     return f'{prefix}: coarsegrained:{listed(coarse)}--finegrained:{listed(fine)}'
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The demo's table
-# ----------------------------------------------------------------------------------------------------------------------
-DEMO_ROWS = (('Swin-base teacher', 'Swin_base', 'test'),
-             ('Resnet12 student', 'Resnet12', 'test'),
-             ('Swin-tiny student', 'Swin_tiny', 'test'),
-             ('Swin-tiny query vs teacher gallery (cross)', 'Swin_tiny', 'cross'),
-             ('untrained Swin-tiny (floor)', 'Swin_tiny-untrained', 'test'),
-             ('untrained Swin-tiny query vs teacher gallery (cross floor)', 'Swin_tiny-untrained', 'cross'))
-NEAREST_NEIGHBOUR_LINE = {'test': 'student', 'teacher': 'teacher', 'cross': 'cross'}
-
-
-def read_record(run_dir: str) -> dict:
-    """The figures of a run's record.txt: epochs, trainable parameters, TAR lines and nearest-neighbour lines."""
-    with open(os.path.join(run_dir, 'record.txt'), encoding='utf-8') as handle:
-        text = handle.read()
-    found = {'epochs': len(re.findall(r'^epoch \d+  lr', text, re.M))}
-    counts = re.findall(r'^student para trainable/sum (\d+)/', text, re.M)
-    found['trainable_parameters'] = int(counts[-1]) if counts else 0
-    for name in ('test', 'teacher', 'cross'):
-        lines = re.findall(rf'^{name} acc: coarsegrained:\[(.*)\]--finegrained:\[(.*)\]$', text, re.M)
-        if lines:
-            coarse, fine = ([float(value) for value in part.split(',')] for part in lines[-1])
-            found[name] = {'coarse': coarse, 'fine': fine}
-    for name in ('student', 'teacher', 'cross'):
-        match = re.findall(rf'^{name} nearest-neighbour top-1: coarse=([0-9.]+), fine=([0-9.]+)$', text, re.M)
-        if match:
-            found[f'nn_{name}'] = tuple(float(value) for value in match[-1])
-    return found
-
-
-def _backbone_parameters(run_dir: str, record: dict) -> int:
-    """Trainable parameters less a trained head (the teacher's), which the published table leaves out."""
-    best = os.path.join(run_dir, 'max_acc.pth')
-    if not os.path.exists(best):
-        return record['trainable_parameters']
-    head = torch.load(best, map_location='cpu', weights_only=True)['params'].get('head.weight')
-    return record['trainable_parameters'] - (head.numel() if head is not None else 0)
-
-
-def demo_results_table(runs_dir: str) -> str:
-    """results.md: the demo's runs in the shape of the published table, at FAR 1e-2, plus the method's check."""
-    records = {}
-    for record_path in sorted(glob.glob(os.path.join(runs_dir, '*', '*', 'record.txt'))):
-        run_dir = os.path.dirname(record_path)
-        backbone = os.path.basename(os.path.dirname(run_dir)).split('-')[1]
-        key = backbone + ('-untrained' if run_dir.endswith('-untrained') else '')
-        records[key] = read_record(run_dir)
-        records[key]['parameters'] = _backbone_parameters(run_dir, records[key])
-    lines = ['| model | params (no head) | epochs | coarse TAR@1e-2 | fine TAR@1e-2 | coarse TAR@1e-1 '
-             '| NN top-1 coarse | NN top-1 fine |', '|---|---|---|---|---|---|---|---|']
-    for title, key, line in DEMO_ROWS:
-        record = records.get(key, {})
-        if line not in record:
-            continue
-        tars = record[line]
-        nearest = record.get(f'nn_{NEAREST_NEIGHBOUR_LINE[line]}', (0.0, 0.0))
-        lines.append(f'| {title} | {record["parameters"]:.2e} | {record["epochs"]} | {tars["coarse"][1]:.5f} '
-                     f'| {tars["fine"][1]:.5f} | {tars["coarse"][0]:.5f} | {nearest[0]:.5f} | {nearest[1]:.5f} |')
-    teacher, student = records.get('Swin_base', {}).get('test'), records.get('Swin_tiny', {}).get('test')
-    if teacher and student and teacher['coarse'][1] > 0:
-        ratio = student['coarse'][1] / teacher['coarse'][1]
-        lines += ['', f'Swin-tiny student / teacher, coarse TAR at FAR 1e-2: {ratio:.3f} '
-                  f'({"at least" if ratio >= 0.9 else "below"} the 0.9 the method should reach)']
-    return '\n'.join(lines) + '\n'
-
-
-def main():
-    parser = argparse.ArgumentParser(description='Write the demo results table from its run directories.')
-    parser.add_argument('--demo_results', required=True, help='the demo save_dir holding the runs')
-    parser.add_argument('--output', required=True, help='results.md to write')
-    args = parser.parse_args()
-    table = demo_results_table(args.demo_results)
-    with open(args.output, 'w', encoding='utf-8') as handle:
-        handle.write(table)
-    print(table, end='')
-
-
-if __name__ == '__main__':
-    main()

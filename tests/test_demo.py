@@ -24,10 +24,13 @@ def test_demo_runs_every_stage_and_writes_the_table(tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     with open(tmp_path / 'demo' / 'results.md', encoding='utf-8') as handle:
         table = handle.read()
-    assert table in finished.stdout
+    assert table.split('\n![')[0] in finished.stdout
+    assert '![TAR against FAR, training loss and validation accuracy](summary.png)' in table
+    with open(tmp_path / 'demo' / 'summary.png', 'rb') as image:
+        assert image.read(8) == b'\x89PNG\r\n\x1a\n'
     rows = {line.split('|')[1].strip(): line for line in table.splitlines() if line.startswith('| ')}
-    for title in ('Swin-base teacher', 'Resnet12 student', 'Swin-tiny student',
-                  'Swin-tiny query vs teacher gallery (cross)', 'untrained Swin-tiny (floor)',
+    for title in ('Swin-base teacher', 'Resnet12 student', 'Resnet12 query vs teacher gallery (cross)',
+                  'Swin-tiny student', 'Swin-tiny query vs teacher gallery (cross)', 'untrained Swin-tiny (floor)',
                   'untrained Swin-tiny query vs teacher gallery (cross floor)'):
         assert re.match(r'^\| .+ \| [0-9.e+]+ \| \d+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$',
                         rows[title]), rows.get(title)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_synthetic_landmarks
+from demo import make_synthetic_landmarks
 
 SIZES = dict(num_train_landmarks=6, train_views=3, val_views=2, num_test_landmarks=10, test_views=10,
              image_size=48)

@@ -1,5 +1,6 @@
 """main.py and trainer.py: losses, schedule, run directory outputs, DDP equivalence, exact resume, test-only."""
 import glob
+import json
 import math
 import os
 import re
@@ -186,6 +187,15 @@ def test_distillation_run_writes_the_specified_outputs(tiny_data, teacher_file, 
     assert not any(key.startswith('head') for key in best['params'])
     assert os.path.isfile(os.path.join(run_dir, 'roc.png'))
     assert glob.glob(os.path.join(run_dir, '**', 'events.out.tfevents.*'), recursive=True)
+    with open(os.path.join(run_dir, 'results.json'), encoding='utf-8') as handle:
+        results = json.load(handle)
+    assert results['parameters']['student_backbone'] == backbone_parameters
+    assert [entry['epoch'] for entry in results['epochs']] == [1, 2]
+    assert all(entry['val_accuracy'] is not None for entry in results['epochs'])
+    line = re.search(r'^test acc: coarsegrained:\[(.*)\]--finegrained', record, re.M).group(1)
+    assert results['test']['student']['coarse'] == pytest.approx([float(value) for value in line.split(',')])
+    assert set(results['test']) == {'student', 'teacher', 'cross'}
+    assert len(results['test']['cross']['fine_curve']['far']) == 2000
 
 
 def test_only_validated_epochs_compete_for_max_acc(tiny_data, tmp_path):
