@@ -163,7 +163,7 @@ def render_landmark(landmark, canvas_size):
         top = plinth_top - block['height'] * canvas_size
         body = palette['body_alternate'] if block['alternate_body'] else palette['body']
         draw.rectangle([left, top, right, plinth_top], fill=body + (255,))
-        _draw_roof(draw, block, left, right, top, palette['roof'] + (255,))
+        _draw_roof(draw, block, left, right, top=top, colour=palette['roof'] + (255,))
         facades.append((block, int(round(left)), int(round(right)), int(round(top)), int(round(plinth_top))))
     pixels = np.array(canvas)
     for block, left, right, top, bottom in facades:
@@ -339,17 +339,19 @@ def make_synthetic_landmarks(out_dir, seed=0, num_train_landmarks=150, train_vie
         landmark_image = render_landmark(landmark, canvas_size)
         name = f'train_landmark_{label:04d}'
         keys = (seed, SPLIT_CODES['train'], label, VIEW_STREAM)
-        paths = _write_views(out_dir, f'train/{label:04d}', landmark_image, keys, range(train_views), image_size)
+        paths = _write_views(out_dir, f'train/{label:04d}', landmark_image, keys, view_indices=range(train_views),
+                             image_size=image_size)
         train_rows += [(path, name, label) for path in paths]
         paths = _write_views(out_dir, f'val/{label:04d}', landmark_image, keys,
-                             range(train_views, train_views + val_views), image_size)
+                             view_indices=range(train_views, train_views + val_views), image_size=image_size)
         val_rows += [(path, name, label) for path in paths]
     test_landmarks, sites = _landmarks_with_twins(seed, SPLIT_CODES['test'], num_test_landmarks)
     for fine_label, (landmark, site) in enumerate(zip(test_landmarks, sites)):
         landmark_image = render_landmark(landmark, canvas_size)
         name = f'test_site_{site:04d}_landmark_{fine_label:04d}'
         keys = (seed, SPLIT_CODES['test'], fine_label, VIEW_STREAM)
-        paths = _write_views(out_dir, f'test/{fine_label:04d}', landmark_image, keys, range(test_views), image_size)
+        paths = _write_views(out_dir, f'test/{fine_label:04d}', landmark_image, keys, view_indices=range(test_views),
+                             image_size=image_size)
         test_rows += [(path, name, site, fine_label) for path in paths]
     lists = {'train_list': os.path.join(out_dir, 'train.txt'), 'val_list': os.path.join(out_dir, 'val.txt'),
              'test_list': os.path.join(out_dir, 'test.txt')}
@@ -467,9 +469,9 @@ def main(argv=None):
     report.add_argument('out_dir')
     arguments = parser.parse_args(argv)
     if arguments.command == 'data':
-        result = make_synthetic_landmarks(arguments.out_dir, arguments.seed, arguments.num_train_landmarks,
-                                          arguments.train_views, arguments.num_test_landmarks,
-                                          arguments.test_views, arguments.image_size, arguments.val_views)
+        options = vars(arguments)
+        del options['command']
+        result = make_synthetic_landmarks(**options)
         print('\n'.join(f'{key}: {value}' for key, value in result.items()))
         return
     runs = read_runs(arguments.runs_dir)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import RandomResizedCrop
@@ -21,7 +20,8 @@ import model as models
 
 # ============================================================================================ data
 
-# SPEC §4 constants, in BGR channel order (the images are reversed to BGR before any float work).
+# The original's normalisation and AlexNet-style PCA lighting, in BGR channel order (images are reversed to BGR
+# before any float work, and the lighting noise is added after that reversal, as the original did).
 PIXEL_MEAN_BGR = (0.406, 0.456, 0.485)
 PIXEL_STD_BGR = (0.225, 0.224, 0.229)
 LIGHTING_STD = 0.1
@@ -429,7 +429,7 @@ def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0):
     loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
 
 
-def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int
+def build_train_loader(dataset, batch_size: int, num_workers: int, *, seed: int, rank: int, world_size: int
                        ) -> DataLoader:
     """Shuffled, seeded loader over this rank's part; call start_epoch before each epoch.
 
@@ -444,7 +444,7 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, ra
 
 
 def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, world_size: int) -> DataLoader:
-    """Loader over this rank's contiguous shard, in list order, no padding (see gather_in_order)."""
+    """Loader over this rank's contiguous shard, in list order, no padding (see trainer.gather_in_order)."""
     sampler = ContiguousShardSampler(len(dataset), rank, world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=False, persistent_workers=num_workers > 0,
@@ -454,7 +454,7 @@ def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, wor
 class BatchTransform:
     """uint8 BGR batch (B, 3, H, W) -> normalised float32 on the batch's device.
 
-    to [0, 1], PCA lighting noise (SPEC §4) when augment and train, then (x - mean) / std, in
+    to [0, 1], PCA lighting noise when augment and train, then (x - mean) / std, in
     `memory_format` (channels_last for a channels-last ResNet12).
     """
 
@@ -485,46 +485,12 @@ class BatchTransform:
         return images.contiguous(memory_format=self.memory_format)
 
 
-def gather_in_order(local_values: torch.Tensor, local_indices: torch.Tensor, total: int) -> torch.Tensor:
-    """Collect every process's rows (all_gather when distributed) into a (total, ...) tensor in list order.
-
-    Raises RuntimeError unless the indices over all processes are exactly 0..total-1 once each.
-    """
-    local_indices = local_indices.to(device=local_values.device, dtype=torch.long)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        world_size = dist.get_world_size()
-        count = torch.tensor([local_values.shape[0]], device=local_values.device)
-        counts = [torch.zeros_like(count) for _ in range(world_size)]
-        dist.all_gather(counts, count)
-        counts = [int(value) for value in counts]
-        longest = max(counts)
-        padded_values = local_values.new_zeros((longest, *local_values.shape[1:]))
-        padded_values[:local_values.shape[0]] = local_values
-        padded_indices = local_indices.new_zeros(longest)
-        padded_indices[:local_indices.shape[0]] = local_indices
-        gathered_values = [torch.empty_like(padded_values) for _ in range(world_size)]
-        gathered_indices = [torch.empty_like(padded_indices) for _ in range(world_size)]
-        dist.all_gather(gathered_values, padded_values.contiguous())
-        dist.all_gather(gathered_indices, padded_indices)
-        values = torch.cat([part[:length] for part, length in zip(gathered_values, counts)])
-        indices = torch.cat([part[:length] for part, length in zip(gathered_indices, counts)])
-    else:
-        values, indices = local_values, local_indices
-    if indices.numel() != total or (indices.numel() and (
-            indices.min() < 0 or indices.max() >= total or
-            not bool((torch.bincount(indices, minlength=total) == 1).all()))):
-        raise RuntimeError(f"gathered {indices.numel()} rows for {total} images with missing or repeated "
-                           f"indices; every process must evaluate its own contiguous shard once")
-    ordered = values.new_empty((total, *values.shape[1:]))
-    ordered[indices] = values
-    return ordered
-
 # ============================================================================ model and optimizer
 DEFAULT_NUM_CLASSES = 252903
 
 
-def build_model(student_name: str, img_size: int, num_classes: int | None, student_weights: str | None,
-                teacher_name: str | None, teacher_weights: str | None, head_fixed: bool,
+def build_model(student_name: str, img_size: int, num_classes: int | None, student_weights: str | None, *,
+                teacher_name: str | None = None, teacher_weights: str | None = None, head_fixed: bool = False,
                 width_divisor: int = 1, grad_checkpointing: bool = False, channels_last: bool = False,
                 init_head_from_teacher: bool = False, stochastic_teacher: bool = True,
                 drop_block_schedule: str = 'published') -> models.DistillationModel:

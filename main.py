@@ -5,14 +5,10 @@ Several GPUs:    torchrun --nproc_per_node 8 main.py ...   (DDP; --batch_size is
 """
 import argparse
 import dataclasses
-import math
 import os
-import random
-import signal
 import socket
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,13 +21,10 @@ import swin_transformer
 import trainer
 import utils
 
-CHECKPOINT_NAME = 'checkpoint.pth.tar'
-PREVIOUS_CHECKPOINT_NAME = 'checkpoint.prev.pth.tar'
-BEST_NAME = 'max_acc.pth'
 
 
 def get_parser() -> argparse.ArgumentParser:
-    """The original's flags (SPEC §6) plus this project's."""
+    """The original's flags, under their names, plus this project's."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add('--backbone_class', default='Swin_tiny', choices=models.BACKBONE_NAMES)
@@ -208,30 +201,10 @@ def init_distributed():
     return dist.get_rank(), world_size, device
 
 
-def seed_epoch(seed: int, epoch: int, rank: int):
-    """Reseed every generator from (seed, epoch, rank): a resumed epoch draws what an uninterrupted one drew."""
-    value = (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 31
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-
-
 def run_directory(args) -> str:
-    """save_dir/<first>/<second> as SPEC §6 names it."""
-    return utils.run_directory(
-        save_dir=args.save_dir, dataset=args.dataset, backbone_class=args.backbone_class,
-        is_distill=args.is_distill, kd_loss=args.kd_loss, kd_weight=args.kd_weight, init_weights=args.init_weights,
-        augment=args.augment, lr=args.lr, optim=args.optim, lr_scheduler=args.lr_scheduler,
-        step_size=args.step_size, gamma=args.gamma, max_epoch=args.max_epoch, warmup_epoch=args.warmup_epoch,
-        batch_size=args.batch_size, head_fixed=args.head_fixed, suffix=args.suffix)
-
-
-class RunInterrupted(Exception):
-    """The run stopped on a signal after writing its checkpoint; carries the exit status."""
-
-    def __init__(self, exit_status: int):
-        super().__init__(exit_status)
-        self.exit_status = exit_status
+    """save_dir/<first>/<second>, named from the flags as the original named it (see utils.RunName)."""
+    naming = {field.name: getattr(args, field.name) for field in dataclasses.fields(utils.RunName)}
+    return utils.RunName(**naming).directory(args.save_dir)
 
 
 def main(args):
@@ -245,16 +218,17 @@ def main(args):
         logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())))
         args.num_workers = loader_workers_that_fit(args.num_workers, args.batch_size // world_size, args.img_size,
                                                    logger)
+        place = trainer.RunPlace(run_dir, logger, rank, world_size, device)
         if args.test_only:
-            test_only(args, run_dir, logger, rank, world_size, device)
+            test_only(args, place)
         else:
-            train(args, run_dir, logger, rank, world_size, device)
+            train(args, place)
         logger.close()
     except (ValueError, FileNotFoundError, helpers.ImageReadError, trainer.NonFiniteLossError,
             trainer.StopOnEveryRank) as error:
         # bad lists, labels, weights files, images or a diverged loss: the message says what to fix, said once
         raise SystemExit(f'error: {error}' if rank == 0 else 1) from None
-    except RunInterrupted as interrupted:
+    except trainer.RunInterrupted as interrupted:
         raise SystemExit(interrupted.exit_status) from None
     except KeyboardInterrupt:
         raise SystemExit('interrupted: the checkpoint files on disk are whole (a save under way was discarded); '
@@ -349,9 +323,10 @@ def loader_workers_that_fit(requested: int, batch_size: int, img_size: int, logg
     return fitting
 
 
-def train(args, run_dir, logger, rank, world_size, device):
-    """Data, model, optimizer, resume, the epoch loop with validation and checkpoints, then the test."""
-    seed_epoch(args.seed, 0, rank)
+def train(args, place: trainer.RunPlace):
+    """Wire a training run: lists, model, loaders, optimizer and schedule; trainer.Trainer runs it and tests."""
+    logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
+    trainer.seed_epoch(args.seed, 0, rank)
     train_samples, _ = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
     # what would only fail after the last epoch is found now
     val_samples = read_checked_list(args.val_root, args.val_list, '--val_root')
@@ -368,121 +343,70 @@ def train(args, run_dir, logger, rank, world_size, device):
     logger.info(helpers.parameter_report(counts))
     logger.result('parameters', counts)
     train_loader, val_loader, batch_transform = build_data(args, train_samples, val_samples,
-                                                           distiller.student.head.num_classes, rank, world_size)
-
+                                                           num_classes=distiller.student.head.num_classes,
+                                                           world_size=world_size, rank=rank)
     optimizer = helpers.build_optimizer(args.optim, distiller.trainable_parameters(), args.lr,
                                         args.weight_decay, args.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    student = distiller.student
+    milestones = step_sizes(args.step_size)
+
+    def schedule(epoch_progress, epoch):
+        return trainer.learning_rate(epoch_progress, epoch, base_lr=args.lr, min_lr=args.min_lr,
+                                     warmup_epochs=args.warmup_epoch, max_epoch=args.max_epoch,
+                                     scheduler=args.lr_scheduler, step_size=milestones, gamma=args.gamma)
+
+    parts = trainer.TrainingParts(
+        distiller=distiller, student=prepare_student(args, distiller, world_size, device),
+        criterion=trainer.DistillationLoss(args.kd_loss if args.is_distill else None, args.kd_weight,
+                                           world_size=world_size),
+        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'),
+        train_loader=train_loader, val_loader=val_loader, batch_transform=batch_transform, schedule=schedule)
+    run = trainer.Trainer(args, parts, place)
+    run.fit()
+    if test_samples:
+        trainer.run_test(args, place, loader=test_loader(args, test_samples, rank, world_size),
+                         batch_transform=helpers.BatchTransform(augment=False), student_backbone=run.best_student(),
+                         teacher_backbone=distiller.teacher.backbone if distiller.teacher is not None else None,
+                         logged_images=run.logged_images)
+
+
+def prepare_student(args, distiller, world_size: int, device: torch.device) -> nn.Module:
+    """The student as the training step calls it: fused attention, compiled, and under DDP as asked."""
     if args.fused_attention:
         for network in (distiller.student.backbone, distiller.teacher.backbone if distiller.teacher else None):
             if isinstance(network, swin_transformer.SwinBackbone):
                 swin_transformer.use_fused_attention(network)
     if args.compile:
-        student.backbone.compile()  # in place, so that state_dict keys keep their names
+        distiller.student.backbone.compile()  # in place, so that state_dict keys keep their names
     if device.type == 'cuda':
         # ResNet12's shapes never change: let cuDNN pick its fastest kernels once
         torch.backends.cudnn.benchmark = args.backbone_class == 'Resnet12'
-    if world_size > 1:
-        student = distributed_student(distiller.student, device)
-    criterion = trainer.DistillationLoss(args.kd_loss if args.is_distill else None, args.kd_weight,
-                                         world_size=world_size)
-    milestones = step_sizes(args.step_size)
-
-    def schedule(epoch_progress, epoch):
-        return trainer.learning_rate(epoch_progress, epoch, args.lr, args.min_lr, args.warmup_epoch,
-                                     args.max_epoch, args.lr_scheduler, milestones, args.gamma)
-
-    checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    best_path = os.path.join(run_dir, BEST_NAME)
-    progress = {'epoch': 0, 'iteration': 0, 'best_accuracy': -1.0, 'best_epoch': 0}
-    epoch_progress = trainer.EpochProgress()
-    chosen = choose_checkpoint(run_dir, rank, logger)
-    if chosen:
-        progress, epoch_progress = resume(chosen, distiller, optimizer, scaler, args.seed, args.head_fixed, rank,
-                                          world_size)
-        where = f'epoch {progress["epoch"] + 1} iteration {epoch_progress.iteration}' if epoch_progress.iteration \
-            else f'the end of epoch {progress["epoch"]}'
-        logger.info(f'resumed from {chosen} at {where}')
-
-    def write_checkpoint(epoch, current):
-        every_process = trainer.gather_objects(checkpoint_epoch_state(current))
-        if rank == 0:
-            state = training_state(distiller, optimizer, scaler, dict(progress, epoch=epoch - 1,
-                                                                       iteration=current.iteration), args)
-            state['epoch_progress'] = every_process
-            utils.save_checkpoint(state, checkpoint_path, os.path.join(run_dir, PREVIOUS_CHECKPOINT_NAME))
-        if world_size > 1:
-            dist.barrier()
-
-    control = trainer.RunControl(args.checkpoint_minutes * 60, device, write_checkpoint)
-    logged_images = set()
-    control.install_signal_handlers()
-    try:
-        epochs(args, distiller, student, criterion, optimizer, scaler, train_loader, val_loader, batch_transform,
-               schedule, control, progress, epoch_progress, run_dir, logger, logged_images, rank, world_size, device)
-    finally:
-        control.restore_signal_handlers()
-    if val_loader is not None and progress['best_epoch']:
-        logger.info(f'best epoch {progress["best_epoch"]}: eval_acc={progress["best_accuracy"]:.4f}')
-        logger.result('best_epoch', progress['best_epoch'])
-        logger.result('best_accuracy', progress['best_accuracy'])
-
-    if test_samples:
-        # --max_epoch 0 tests the untrained student (the demo's floor)
-        student_backbone = (models.load_backbone(args.backbone_class, best_path, args.img_size,
-                                                 args.demo_width_divisor, args.drop_block).to(device)
-                            if os.path.exists(best_path) else distiller.student.backbone)
-        teacher_backbone = distiller.teacher.backbone if distiller.teacher is not None else None
-        run_test(args, test_samples, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device,
-                 logged_images)
+    return distributed_student(distiller.student, device) if world_size > 1 else distiller.student
 
 
-def epochs(args, distiller, student, criterion, optimizer, scaler, train_loader, val_loader, batch_transform,
-           schedule, control, progress, epoch_progress, run_dir, logger, logged_images, rank, world_size, device):
-    """The epoch loop: train, validate, keep the best student, write the checkpoint; stop on a signal.
+def test_loader(args, samples, rank: int, world_size: int):
+    """The test list's loader, each process over its contiguous part."""
+    return helpers.build_eval_loader(helpers.ImageDataset(samples, args.img_size, train=False, augment=False),
+                                     max(1, args.batch_size // world_size), args.num_workers, rank, world_size)
 
-    `progress` (epochs done, best accuracy and epoch) is updated in place."""
-    checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    best_path = os.path.join(run_dir, BEST_NAME)
-    for epoch in range(progress['epoch'] + 1, args.max_epoch + 1):
-        seed_epoch(args.seed, epoch, rank)
-        helpers.start_epoch(train_loader, epoch, skip_batches=epoch_progress.iteration)
-        stats = trainer.train_one_epoch(distiller, student, criterion, optimizer, scaler, train_loader,
-                                        batch_transform, epoch, schedule, device, args.amp, logger,
-                                        args.log_interval, world_size, show_progress=rank == 0,
-                                        progress=epoch_progress, control=control)
-        epoch_progress = trainer.EpochProgress()
-        if stats['stopped']:
-            logger.info(f'stopped by {stats["stopped"]} in epoch {epoch} after iteration {stats["iteration"]}: '
-                        f'checkpoint written to {checkpoint_path}; the same command resumes from there')
-            raise RunInterrupted(128 + getattr(signal, stats['stopped'], signal.SIGTERM))
-        check_bad_images(stats, args.max_bad_images, epoch, logger, logged_images)
-        trainer.broadcast_batch_norm_statistics(distiller.student)
-        validation = None
-        if val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch):
-            validation = trainer.validate(distiller.student, val_loader, batch_transform, device, args.amp)
-            log_truncated(validation['truncated_images'], logger, logged_images)
-        log_epoch(logger, epoch, stats, validation)
-        # without a validation list the latest epoch is the one kept; ties go to the later epoch, as the original
-        improved = val_loader is None or (validation is not None and
-                                          validation['accuracy'] >= progress['best_accuracy'])
-        if improved:
-            progress.update(best_accuracy=validation['accuracy'] if validation else -1.0, best_epoch=epoch)
-        progress.update(epoch=epoch, iteration=0)
-        if rank == 0:
-            if improved:
-                utils.save_atomically(models.student_weights(distiller.student, include_head=not args.head_fixed),
-                                      best_path)
-            utils.save_checkpoint(training_state(distiller, optimizer, scaler, progress, args), checkpoint_path,
-                                  os.path.join(run_dir, PREVIOUS_CHECKPOINT_NAME))
-        if world_size > 1:
-            dist.barrier()
-        stopped = control.stop_requested()
-        if stopped:
-            logger.info(f'stopped by {stopped} after epoch {epoch}: checkpoint written to {checkpoint_path}; '
-                        'the same command resumes from there')
-            raise RunInterrupted(128 + getattr(signal, stopped, signal.SIGTERM))
+
+def test_only(args, place: trainer.RunPlace):
+    """Evaluate --init_weights (original or own format) or the run's max_acc.pth; no teacher needed."""
+    logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
+    weights = args.init_weights or os.path.join(place.run_dir, trainer.BEST_NAME)
+    if not os.path.isfile(weights):
+        raise SystemExit(f'error: --test_only found no {weights}; give --init_weights or train this run first')
+    samples = read_checked_list(args.test_root, args.test_list, '--test_root')
+    announce_undefined_figures(samples, args.test_mask_coarse, args.test_mask_fine, logger)
+    student_backbone = models.load_backbone(args.backbone_class, weights, args.img_size,
+                                            args.demo_width_divisor).to(device)
+    logger.info(f'test only: {weights}')
+    teacher_backbone = None
+    if args.teacher_init_weights:
+        teacher_backbone = models.load_backbone(args.teacher_backbone_class, args.teacher_init_weights,
+                                                args.img_size, args.demo_width_divisor).to(device)
+    trainer.run_test(args, place, loader=test_loader(args, samples, rank, world_size),
+                     batch_transform=helpers.BatchTransform(augment=False), student_backbone=student_backbone,
+                     teacher_backbone=teacher_backbone, logged_images=set())
 
 
 def announce_undefined_figures(samples, coarse_mask: str | None, fine_mask: str | None, logger):
@@ -509,7 +433,7 @@ def build_data(args, train_samples, val_samples, num_classes: int, rank: int, wo
     per_process_batch = args.batch_size // world_size
     train_loader = helpers.build_train_loader(
         helpers.ImageDataset(train_samples, args.img_size, train=True, augment=args.augment, seed=args.seed),
-        per_process_batch, args.num_workers, args.seed, rank, world_size)
+        per_process_batch, args.num_workers, seed=args.seed, rank=rank, world_size=world_size)
     if len(train_loader) == 0:
         raise SystemExit(f'error: the training lists hold {len(train_samples)} images, fewer than one batch of '
                          f'--batch_size {args.batch_size}; lower --batch_size')
@@ -522,209 +446,6 @@ def build_data(args, train_samples, val_samples, num_classes: int, rank: int, wo
     batch_transform = helpers.BatchTransform(
         augment=args.augment, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     return train_loader, val_loader, batch_transform
-
-
-def test_only(args, run_dir, logger, rank, world_size, device):
-    """Evaluate --init_weights (original or own format) or the run's max_acc.pth; no teacher needed."""
-    weights = args.init_weights or os.path.join(run_dir, BEST_NAME)
-    if not os.path.isfile(weights):
-        raise SystemExit(f'error: --test_only found no {weights}; give --init_weights or train this run first')
-    test_samples = read_checked_list(args.test_root, args.test_list, '--test_root')
-    announce_undefined_figures(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
-    student_backbone = models.load_backbone(args.backbone_class, weights, args.img_size,
-                                            args.demo_width_divisor).to(device)
-    logger.info(f'test only: {weights}')
-    teacher_backbone = None
-    if args.teacher_init_weights:
-        teacher_backbone = models.load_backbone(args.teacher_backbone_class, args.teacher_init_weights,
-                                                args.img_size, args.demo_width_divisor).to(device)
-    run_test(args, test_samples, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device,
-             set())
-
-
-def run_test(args, samples, run_dir, logger, student_backbone, teacher_backbone, rank, world_size, device,
-             logged_images: set):
-    """Open-set features, TAR@FAR (coarse, fine, cross), nearest-neighbour accuracy, opensetFeat.npy, roc.png.
-
-    A figure that cannot exist (no positive or negative pair in a grain, fewer than two images) is written as nan
-    with a line saying why; the others are written as usual."""
-    loader = helpers.build_eval_loader(helpers.ImageDataset(samples, args.img_size, train=False, augment=False),
-                                       max(1, args.batch_size // world_size), args.num_workers, rank, world_size)
-    batch_transform = helpers.BatchTransform(augment=False)
-
-    def features_of(backbone):
-        features, truncated = trainer.extract_features(backbone, loader, batch_transform, device, args.amp,
-                                                       len(samples), helpers.gather_in_order,
-                                                       show_progress=rank == 0)
-        log_truncated(truncated, logger, logged_images)
-        return features
-
-    student_features = features_of(student_backbone)
-    teacher_features = features_of(teacher_backbone) if teacher_backbone is not None else None
-    if rank != 0:
-        return
-    np.save(os.path.join(run_dir, 'opensetFeat.npy'), student_features.numpy().astype(np.float32))
-    coarse = np.array([sample.label for sample in samples])
-    fine = np.array([sample.fine_label for sample in samples])
-    report = trainer.test_report(student_features, teacher_features, coarse, fine,
-                                 args.test_mask_coarse, args.test_mask_fine)
-    log_test(logger, report, os.path.join(run_dir, 'roc.png'))
-
-
-def log_test(logger, report, roc_path):
-    """The TAR lines and nearest-neighbour lines of record.txt, tensorboard scalars and roc.png."""
-    names = {'student': 'test acc', 'teacher': 'teacher acc', 'cross': 'cross acc'}
-    curves = {}
-    for name, result in report.items():
-        logger.info(utils.format_tar_line(names[name], result['coarse'], result['fine']))
-        logger.info(f'{name} nearest-neighbour top-1: coarse={result["coarse_nn_accuracy"]:.5f}, '
-                    f'fine={result["fine_nn_accuracy"]:.5f}')
-        for grain in ('coarse', 'fine'):
-            if result[f'{grain}_undefined']:
-                logger.info(f'{name} {grain} TARs are nan (undefined): {result[f"{grain}_undefined"]}')
-            for far, tar in zip(utils.DEFAULT_FARS, result[grain]):
-                if not math.isnan(tar):
-                    logger.scalar(f'test/{name}_{grain}_tar@far{far:.0e}', tar, 0)
-            if not result[f'{grain}_undefined']:
-                curves[f'{name} {grain}'] = result[f'{grain}_curve']
-    logger.result('test', {name: dict(result, **{f'{grain}_curve': dict(zip(('far', 'tar'), result[f'{grain}_curve']))
-                                                 for grain in ('coarse', 'fine')})
-                           for name, result in report.items()})
-    utils.plot_roc(curves, roc_path)
-
-
-def log_truncated(paths, logger, logged: set):
-    """Log each truncated image once a run; they are used, as the original used them."""
-    for path in sorted(set(paths) - logged):
-        logger.info(f'truncated image (decoded with its missing part filled in, as the original did): {path}')
-        logged.add(path)
-
-
-def check_bad_images(stats, max_fraction: float, epoch: int, logger, logged: set):
-    """Log each replaced or truncated image once a run; stop when more than `max_fraction` of the epoch was
-    unreadable (truncated images are used, and do not count)."""
-    log_truncated(stats['truncated_images'], logger, logged)
-    bad = sorted(set(stats['bad_images']))
-    for message in bad:
-        if message not in logged:
-            logger.info(f'bad image (replaced): {message}')
-            logged.add(message)
-    if bad:
-        logger.info(f'epoch {epoch}: {len(bad)} bad images replaced')
-    if len(bad) > max_fraction * max(stats['samples'], 1):
-        raise SystemExit(f'error: epoch {epoch}: {len(bad)} of {int(stats["samples"])} images were unreadable, '
-                         f'more than --max_bad_images {max_fraction}; fix the data (see record.txt)')
-
-
-def log_epoch(logger, epoch, stats, validation):
-    """The epoch line of record.txt (the original's format) and its tensorboard scalars; an epoch that was not
-    validated has no validation figures."""
-    evaluated = ''
-    scalars = [('train/accuracy', stats['accuracy']), ('train/epoch_ce_loss', stats['ce']),
-               ('train/epoch_kd_loss', stats['kd'])]
-    if validation is not None:
-        evaluated = (f'eval_loss={validation["loss"]:.4f}, '
-                     f'eval_acc={validation["accuracy"]:.4f}+{validation["interval"]:.4f}, ')
-        scalars += [('val/loss', validation['loss']), ('val/accuracy', validation['accuracy'])]
-    logger.info(f'epoch {epoch}  lr {stats["lr"]:.6g}: train_acc={stats["accuracy"]:.4f}, {evaluated}'
-                f'avg_ce_loss={stats["ce"]:.4f}, avg_kd_loss={stats["kd"]:.4f}')
-    logger.epoch_result({'epoch': epoch, 'lr': stats['lr'], 'train_accuracy': stats['accuracy'], 'loss': stats['loss'],
-                         'ce': stats['ce'], 'kd': stats['kd'],
-                         'val_loss': validation['loss'] if validation else None,
-                         'val_accuracy': validation['accuracy'] if validation else None})
-    for tag, value in scalars:
-        logger.scalar(tag, value, epoch)
-
-
-def training_state(distiller, optimizer, scaler, progress, args) -> dict:
-    """Everything an exact resume needs; the frozen shared head is not stored (it comes from the teacher)."""
-    student_state = {key: value for key, value in distiller.student.state_dict().items()
-                     if not (args.head_fixed and key.startswith('head.'))}
-    return {'student': student_state, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'progress': dict(progress), 'seed': args.seed,
-            'batches_seen': getattr(distiller.student.backbone, 'batches_seen', 0),
-            'sampler': {'seed': args.seed, 'epoch': progress['epoch']}}
-
-
-def checkpoint_epoch_state(progress) -> dict:
-    """An EpochProgress as plain Python data, which all_gather_object and a weights-only checkpoint can carry."""
-    state = dataclasses.asdict(progress)
-    generators = dict(state['random_state'])
-    name, keys, position, has_gauss, cached = generators['numpy']
-    generators['numpy'] = (name, keys.tolist(), position, has_gauss, cached)
-    for device in ('torch', 'cuda'):
-        if device in generators:
-            generators[device] = generators[device].tolist()
-    return dict(state, random_state=generators)
-
-
-def epoch_progress_from(state: dict):
-    """The inverse of checkpoint_epoch_state."""
-    generators = dict(state['random_state'])
-    name, keys, position, has_gauss, cached = generators['numpy']
-    generators['numpy'] = (name, np.array(keys, dtype=np.uint32), position, has_gauss, cached)
-    for device in ('torch', 'cuda'):
-        if device in generators:
-            generators[device] = torch.tensor(generators[device], dtype=torch.uint8)
-    return trainer.EpochProgress(**dict(state, random_state=generators))
-
-
-def choose_checkpoint(run_dir: str, rank: int, logger) -> str | None:
-    """The checkpoint to resume from, the same on every process: the latest if it loads, else the previous one;
-    a latest that does not load is set aside (renamed) and record.txt says why. None for a new run."""
-    latest = os.path.join(run_dir, CHECKPOINT_NAME)
-    previous = os.path.join(run_dir, PREVIOUS_CHECKPOINT_NAME)
-    decision, problems = [], []
-    if rank == 0:
-        failures = []
-        for path in (latest, previous):
-            if not os.path.exists(path):
-                continue
-            try:
-                torch.load(path, map_location='cpu', weights_only=True)
-            except Exception as error:  # any damage: truncated, zeroed, not a checkpoint at all
-                failures.append((path, models.first_line(error)))
-                continue
-            decision.append(path)
-            break
-        if failures and not decision:
-            problems.append('; '.join(f'{path} does not load ({reason})' for path, reason in failures) +
-                            ': move the damaged files away to start this run afresh, or put back a good copy')
-        elif failures:
-            path, reason = failures[0]
-            aside = f'{path}.damaged-{time.strftime("%Y%m%d-%H%M%S")}'
-            os.replace(path, aside)
-            logger.info(f'{path} does not load ({reason}): set aside as {aside}; resuming from {decision[0]}')
-    trainer.stop_if_any_process_failed(problems)
-    chosen = trainer.gather_messages(decision)
-    return chosen[0] if chosen else None
-
-
-def resume(path, distiller, optimizer, scaler, seed: int, head_fixed: bool, rank: int, world_size: int):
-    """Load the student, optimizer, scaler and DropBlock progress; return (progress dict, this process's
-    EpochProgress: where to resume within the epoch)."""
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    if state.get('seed') != seed:
-        raise SystemExit(f'error: {path} was written with --seed {state.get("seed")}; rerun with that seed or '
-                         'another --suffix')
-    missing, unexpected = distiller.student.load_state_dict(state['student'], strict=False)
-    missing = [key for key in missing if not (head_fixed and key.startswith('head.'))]
-    if missing or unexpected:
-        raise SystemExit(f'error: {path} does not fit the student: missing {missing[:5]}, '
-                         f'unexpected {unexpected[:5]}; was it written by another configuration?')
-    optimizer.load_state_dict(state['optimizer'])
-    if scaler.is_enabled() and state['scaler']:
-        scaler.load_state_dict(state['scaler'])
-    if hasattr(distiller.student.backbone, 'batches_seen'):
-        distiller.student.backbone.batches_seen = int(state['batches_seen'])
-    progress = dict(state['progress'])
-    progress.setdefault('iteration', 0)
-    within_epoch = state.get('epoch_progress') or []
-    if progress['iteration'] and len(within_epoch) != world_size:
-        raise SystemExit(f'error: {path} was written within an epoch by {len(within_epoch)} processes; resume it with '
-                         f'{len(within_epoch)} processes (the batches of the epoch are split among them)')
-    epoch_progress = epoch_progress_from(within_epoch[rank]) if progress['iteration'] else trainer.EpochProgress()
-    return progress, epoch_progress
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Backbones, the CosFace head, the distillation model, and loading of every supported weights file (SPEC 1, 6)."""
+"""Backbones, the CosFace head, the distillation model, and loading of every supported weights file."""
 import pickle
 import zipfile
 
@@ -137,14 +137,6 @@ class DistillationModel(nn.Module):
         if self.teacher is None:
             raise RuntimeError('this DistillationModel has no teacher')
         return self.teacher(images, labels)
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
-        """(student features, student logits, teacher features, teacher logits); teacher ones None without one."""
-        student_features, student_logits = self.student(images, labels)
-        if self.teacher is None:
-            return student_features, student_logits, None, None
-        teacher_features, teacher_logits = self.teacher_outputs(images, labels)
-        return student_features, student_logits, teacher_features, teacher_logits
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's parameters that require grad (never the teacher's, nor a shared head)."""

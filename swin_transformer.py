@@ -1,4 +1,6 @@
-"""Swin backbones of SPEC section 1 (Swin_base teacher, widened Swin_tiny student) built on timm's SwinTransformer.
+"""Swin backbones (the Swin_base teacher and the Swin_tiny student, widened to 128 channels so that its
+feature is 1024-d like the teacher's), built on timm's SwinTransformer: patch 4, window 12, MLP ratio 4, qkv bias, no
+absolute position embedding, stochastic depth 0.1, final LayerNorm then average pool.
 
 The backbones return the 1024-d average-pooled feature after the final LayerNorm (timm with num_classes=0).
 State-dict keys are timm's current layout (`layers.i.downsample` at the START of stage i, no fixed buffers);
@@ -6,7 +8,7 @@ State-dict keys are timm's current layout (`layers.i.downsample` at the START of
 
 Every attention block keeps the relative-position bias table of the configured 12x12 window, also when a small
 image makes a stage's token grid smaller than the window (timm, like the original Swin, then shrinks the window to
-the grid). Such a block reads the central offsets of the same table, so the parameter count is the SPEC count at
+the grid). Such a block reads the central offsets of the same table, so the parameter count is the full-size count at
 every image size and a checkpoint trained at 384 px loads unchanged at 96 or 192 px.
 """
 import re
@@ -132,7 +134,8 @@ def check_image_size(img_size: int, num_stages: int, window_size: int) -> None:
 
 
 def create_swin(name: str, img_size: int = 384, width_divisor: int = 1) -> SwinBackbone:
-    """Swin_base or Swin_tiny of SPEC section 1; width_divisor > 1 (CPU demo only) narrows every stage."""
+    """Swin_base (depths 2, 2, 18, 2) or Swin_tiny (2, 2, 6, 2); width_divisor > 1 (CPU demo only) narrows every
+    stage."""
     if name not in SWIN_CONFIGS:
         raise ValueError(f'unknown Swin backbone {name!r}; choose one of {sorted(SWIN_CONFIGS)}')
     if width_divisor < 1 or EMBED_DIM % width_divisor:

@@ -1,6 +1,8 @@
-"""The loss, the learning-rate schedule, and the train, validation and test loops."""
-import contextlib
+"""The run: the loss, the learning-rate schedule, the training epoch, validation, checkpoints and resume, and the
+final feature-matching test. main.py builds the pieces (TrainingParts) and hands them to a Trainer."""
+import dataclasses
 import math
+import os
 import random
 import signal
 import time
@@ -13,13 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import model as models
 import utils
 
 KD_LOSSES = ('KD', 'global_KD', 'tempered_KD')
 
 
 class DistillationLoss(nn.Module):
-    """Cross-entropy on the student's logits plus a distillation term (SPEC §2).
+    """Cross-entropy on the student's logits plus a distillation term.
 
     `KD` (the original): sum over batch and classes of p_t * (log p_t - log_softmax(s / T)), with
     p_t = softmax(teacher_logits) untempered and no T^2 factor. `global_KD`: summed squared error between
@@ -48,21 +51,22 @@ class DistillationLoss(nn.Module):
         if self.kind == 'global_KD':
             return self.world_size * (student_features - teacher_features).pow(2).sum()
         if self.kind == 'KD':
+            # the original's KL: the teacher untempered, the student at temperature T, summed, no T^2
             teacher_log_probs = F.log_softmax(teacher_logits, dim=1)
             student_log_probs = F.log_softmax(student_logits / self.temperature, dim=1)
-            return self.world_size * (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum()
+            return self.world_size * F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction='sum')
         teacher_log_probs = F.log_softmax(teacher_logits / self.temperature, dim=1)
         student_log_probs = F.log_softmax(student_logits / self.temperature, dim=1)
-        kl_per_sample = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=1)
         # a mean over the local batch is already the global mean once DDP averages gradients
-        return kl_per_sample.mean() * self.temperature ** 2
+        return F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction='batchmean') * \
+            self.temperature ** 2
 
 
-def learning_rate(epoch_progress: float, epoch: int, base_lr: float, min_lr: float, warmup_epochs: int,
+def learning_rate(epoch_progress: float, epoch: int, *, base_lr: float, min_lr: float, warmup_epochs: int,
                   max_epoch: int, scheduler: str, step_size: list[int], gamma: float) -> float:
     """The rate at `epoch_progress` = epoch + iteration / iterations_per_epoch (epochs numbered from 1).
 
-    Linear warm-up while epoch_progress < warmup_epochs, then cosine as the original (SPEC §3), or a
+    Linear warm-up while epoch_progress < warmup_epochs, then cosine as the original (which divides by max_epoch, not max_epoch - warmup), or a
     step decay by `gamma` every `step_size[0]` epochs (`step`) or at each epoch in `step_size` (`multistep`).
     """
     if epoch_progress < warmup_epochs:
@@ -79,24 +83,61 @@ def learning_rate(epoch_progress: float, epoch: int, base_lr: float, min_lr: flo
 
 
 def autocast_context(device: torch.device, amp: str):
-    """torch.autocast for `--amp bf16|fp16`, a null context for `none`."""
-    if amp == 'none':
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    """torch.autocast for `--amp bf16|fp16`, disabled for `none`."""
+    return torch.autocast(device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=amp != 'none')
+
+
+def distributed() -> bool:
+    """Whether this process is one of several under torch.distributed."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def global_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over all processes (identity without torch.distributed)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(tensor)
     return tensor.tolist()
 
 
+def gather_in_order(local_values: torch.Tensor, local_indices: torch.Tensor, total: int) -> torch.Tensor:
+    """Collect every process's rows (all_gather when distributed) into a (total, ...) tensor in list order.
+
+    Raises RuntimeError unless the indices over all processes are exactly 0..total-1 once each.
+    """
+    local_indices = local_indices.to(device=local_values.device, dtype=torch.long)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world_size = dist.get_world_size()
+        count = torch.tensor([local_values.shape[0]], device=local_values.device)
+        counts = [torch.zeros_like(count) for _ in range(world_size)]
+        dist.all_gather(counts, count)
+        counts = [int(value) for value in counts]
+        longest = max(counts)
+        padded_values = local_values.new_zeros((longest, *local_values.shape[1:]))
+        padded_values[:local_values.shape[0]] = local_values
+        padded_indices = local_indices.new_zeros(longest)
+        padded_indices[:local_indices.shape[0]] = local_indices
+        gathered_values = [torch.empty_like(padded_values) for _ in range(world_size)]
+        gathered_indices = [torch.empty_like(padded_indices) for _ in range(world_size)]
+        dist.all_gather(gathered_values, padded_values.contiguous())
+        dist.all_gather(gathered_indices, padded_indices)
+        values = torch.cat([part[:length] for part, length in zip(gathered_values, counts)])
+        indices = torch.cat([part[:length] for part, length in zip(gathered_indices, counts)])
+    else:
+        values, indices = local_values, local_indices
+    if indices.numel() != total or (indices.numel() and (
+            indices.min() < 0 or indices.max() >= total or
+            not bool((torch.bincount(indices, minlength=total) == 1).all()))):
+        raise RuntimeError(f"gathered {indices.numel()} rows for {total} images with missing or repeated "
+                           f"indices; every process must evaluate its own contiguous shard once")
+    ordered = values.new_empty((total, *values.shape[1:]))
+    ordered[indices] = values
+    return ordered
+
+
 def gather_objects(value) -> list:
     """Every process's `value`, in rank order, on every process (a one-element list without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return [value]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
@@ -105,7 +146,7 @@ def gather_objects(value) -> list:
 
 def gather_messages(messages: list[str]) -> list[str]:
     """All processes' messages, in rank order, on every process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return messages
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, messages)
@@ -165,89 +206,103 @@ def set_random_state(state: dict):
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def train_one_epoch(model, student, criterion, optimizer, scaler, loader, batch_transform, epoch: int,
-                    schedule, device: torch.device, amp: str, logger, log_interval: int, world_size: int,
-                    show_progress: bool, progress: EpochProgress | None = None, control=None):
-    """One pass over `loader` (from `progress.iteration` when resuming); returns a dict of epoch averages (over
-    all processes), the bad and truncated images, and 'stopped': the signal that stopped the epoch early, or None.
-
-    `model` is the DistillationModel (its teacher gives the targets), `student` the module that is trained
-    (the DDP wrapper of model.student when distributed), `schedule(epoch_progress, epoch)` the learning rate.
-    `control` (a RunControl) decides after each iteration whether to write a checkpoint or to stop.
+def train_one_epoch(parts: 'TrainingParts', epoch: int, *, device: torch.device, amp: str, logger,
+                    log_interval: int, world_size: int, show_progress: bool, progress: EpochProgress | None = None,
+                    control=None) -> dict:
+    """One pass over parts.train_loader (from `progress.iteration` when resuming); returns a dict of epoch
+    averages (over all processes), the bad and truncated images, and 'stopped': the signal that stopped the epoch
+    early, or None. `control` (a RunControl) decides after each iteration whether to write a checkpoint or to stop.
     Figures stay on the device between log points, so that a GPU is not made to wait every step.
     """
-    model.train()
+    parts.distiller.train()
     progress = progress or EpochProgress()
     first_iteration = progress.iteration
-    iterations = first_iteration + len(loader)
+    iterations = first_iteration + len(parts.train_loader)
     sums = torch.tensor(progress.sums, dtype=torch.float64, device=device)
-    non_finite = NonFiniteWatch(device, skips_allowed=scaler.is_enabled())
-    batches = iter(loader)
+    non_finite = NonFiniteWatch(device, skips_allowed=parts.scaler.is_enabled())
+    batches = iter(parts.train_loader)
     if progress.random_state is not None:
         # a resumed epoch draws on from where the interrupted one wrote its checkpoint
         set_random_state(progress.random_state)
     bar = tqdm(batches, desc=f'epoch {epoch}', disable=not show_progress, dynamic_ncols=True,
                initial=first_iteration, total=iterations)
-    start, lr, stopped = time.perf_counter(), schedule(epoch + first_iteration / iterations, epoch), None
+    start, lr, stopped = time.perf_counter(), parts.schedule(epoch + first_iteration / iterations, epoch), None
     for iteration, batch in enumerate(bar, start=first_iteration):
-        lr = schedule(epoch + iteration / iterations, epoch)
-        for group in optimizer.param_groups:
+        lr = parts.schedule(epoch + iteration / iterations, epoch)
+        for group in parts.optimizer.param_groups:
             group['lr'] = lr
         progress.bad_images.extend(path for message in _named(batch, 'bad') for path in message.split('; '))
         progress.truncated_images.extend(_named(batch, 'truncated'))
-        images = batch_transform(batch['image'].to(device, non_blocking=True), train=True)
-        labels = batch['label'].to(device, non_blocking=True)
-        with autocast_context(device, amp):
-            # the teacher first: its temporaries are freed before the student's activations are saved
-            teacher_features, teacher_logits = (model.teacher_outputs(images, labels)
-                                                if model.teacher is not None else (None, None))
-            student_features, student_logits = student(images, labels)
-        loss, cross_entropy, distillation = criterion(student_features, student_logits, teacher_features,
-                                                      teacher_logits, labels)
+        loss, cross_entropy, distillation, figures = training_step(parts, batch, device, amp)
         finite = torch.isfinite(loss)
         non_finite.update(finite, iteration)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-        batch_size = labels.numel()
-        progress.samples += batch_size
-        progress.iteration = iteration + 1
-        correct = (student_logits.argmax(dim=1) == labels).sum()
-        figures = torch.stack([loss.detach() * batch_size, cross_entropy * batch_size, distillation * batch_size,
-                               correct.to(loss.dtype)]).double()
         sums += torch.where(finite, figures, torch.zeros_like(figures))  # a step the scaler skipped adds nothing
+        progress.samples += batch['label'].numel()
+        progress.iteration = iteration + 1
         if (iteration + 1) % log_interval == 0 or iteration + 1 == iterations:
             non_finite.check(epoch)
             step = (epoch - 1) * iterations + iteration
-            logger.scalar('train/ce_loss', cross_entropy.item(), step)
-            logger.scalar('train/kd_loss', distillation.item(), step)
-            logger.scalar('train/lr', lr, step)
+            for tag, value in (('train/ce_loss', cross_entropy.item()), ('train/kd_loss', distillation.item()),
+                               ('train/lr', lr)):
+                logger.scalar(tag, value, step)
             if show_progress:
-                images_per_second = (progress.samples * world_size /
-                                     max(time.perf_counter() - start, 1e-9))
+                images_per_second = progress.samples * world_size / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}', img_s=f'{images_per_second:.1f}')
         if control is not None and iteration + 1 < iterations:
-            write_checkpoint, stopped = control.after_iteration()
-            if write_checkpoint or stopped:
-                # never a checkpoint of weights that a non-finite loss has already spoilt
-                non_finite.check(epoch)
-                progress.sums = sums.tolist()
-                progress.random_state = random_state()
-                control.write_checkpoint(epoch, progress)
+            stopped = _checkpoint_within_epoch(control, epoch, progress, sums, non_finite)
             if stopped:
                 bar.close()
                 break
     if control is not None:
         control.end_of_epoch()
+    return _epoch_figures(sums, progress, device, lr=lr, stopped=stopped)
+
+
+def training_step(parts: 'TrainingParts', batch: dict, device: torch.device, amp: str):
+    """One optimizer step on a batch: (loss, cross-entropy, distillation term, figures to sum: loss,
+    cross-entropy and distillation times the batch size, correct predictions)."""
+    images = parts.batch_transform(batch['image'].to(device, non_blocking=True), train=True)
+    labels = batch['label'].to(device, non_blocking=True)
+    teacher = parts.distiller.teacher
+    with autocast_context(device, amp):
+        # the teacher first: its temporaries are freed before the student's activations are saved
+        teacher_features, teacher_logits = (parts.distiller.teacher_outputs(images, labels)
+                                            if teacher is not None else (None, None))
+        student_features, student_logits = parts.student(images, labels)
+    loss, cross_entropy, distillation = parts.criterion(student_features, student_logits, teacher_features,
+                                                        teacher_logits, labels)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    batch_size = labels.numel()
+    correct = (student_logits.argmax(dim=1) == labels).sum()
+    figures = torch.stack([loss.detach() * batch_size, cross_entropy * batch_size, distillation * batch_size,
+                           correct.to(loss.dtype)]).double()
+    return loss, cross_entropy, distillation, figures
+
+
+def _checkpoint_within_epoch(control, epoch: int, progress: EpochProgress, sums: torch.Tensor,
+                             non_finite: 'NonFiniteWatch') -> str | None:
+    """Write a checkpoint when the processes agree it is time or that they must stop; the signal's name or None."""
+    write_checkpoint, stopped = control.after_iteration()
+    if write_checkpoint or stopped:
+        # never a checkpoint of weights that a non-finite loss has already spoilt
+        non_finite.check(epoch)
+        progress.sums = sums.tolist()
+        progress.random_state = random_state()
+        control.write_checkpoint(epoch, progress)
+    return stopped
+
+
+def _epoch_figures(sums: torch.Tensor, progress: EpochProgress, device: torch.device, lr: float,
+                   stopped: str | None) -> dict:
     totals = dict(zip(('loss', 'ce', 'kd', 'correct', 'samples'),
                       global_sum(sums.tolist() + [progress.samples], device)))
     samples = max(totals['samples'], 1.0)
     return {'lr': lr, 'loss': totals['loss'] / samples, 'ce': totals['ce'] / samples, 'kd': totals['kd'] / samples,
             'accuracy': totals['correct'] / samples, 'samples': totals['samples'], 'stopped': stopped,
-            'iteration': progress.iteration,
-            'bad_images': gather_messages(progress.bad_images),
+            'iteration': progress.iteration, 'bad_images': gather_messages(progress.bad_images),
             'truncated_images': gather_messages(progress.truncated_images)}
 
 
@@ -270,7 +325,7 @@ class RunControl:
         self._previous_handlers = {}
         self._last_checkpoint = time.monotonic()
         self._pending = None
-        self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self._distributed = distributed()
         self._is_clock = not self._distributed or dist.get_rank() == 0
 
     def install_signal_handlers(self):
@@ -356,7 +411,7 @@ class NonFiniteWatch:
     def check(self, epoch: int):
         """Raise NonFiniteLossError on every process once any of them has reached the limit."""
         figures = torch.stack([self.longest, self.last_iteration])
-        if dist.is_available() and dist.is_initialized():
+        if distributed():
             dist.all_reduce(figures, op=dist.ReduceOp.MAX)
         longest, iteration = figures.tolist()
         if longest >= self.limit:
@@ -371,7 +426,7 @@ class NonFiniteWatch:
 def broadcast_batch_norm_statistics(module: nn.Module):
     """Give every process rank 0's BatchNorm statistics, so that validation, the best-epoch choice and the saved
     weights are about one model (between DDP's broadcasts each process updates its own)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed():
         return
     for layer in module.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -412,7 +467,7 @@ def validate(classifier, loader, batch_transform, device: torch.device, amp: str
 
 @torch.no_grad()
 def extract_features(backbone, loader, batch_transform, device: torch.device, amp: str, total: int,
-                     gather_in_order, show_progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+                     show_progress: bool = False) -> tuple[torch.Tensor, list[str]]:
     """(L2-normalised float32 features of every image of `loader`'s list in list order, truncated files decoded on
     the way), on every process. An unreadable image on any process stops every process (StopOnEveryRank)."""
     backbone.eval()
@@ -445,3 +500,332 @@ def test_report(student_features, teacher_features, coarse_labels, fine_labels, 
         report[name] = utils.evaluate_features(features, coarse_labels, fine_labels, gallery_features=gallery,
                                                coarse_mask=coarse_mask, fine_mask=fine_mask)
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------- the run
+CHECKPOINT_NAME = 'checkpoint.pth.tar'
+PREVIOUS_CHECKPOINT_NAME = 'checkpoint.prev.pth.tar'
+BEST_NAME = 'max_acc.pth'
+
+
+class RunInterrupted(Exception):
+    """The run stopped on a signal after writing its checkpoint; carries the exit status."""
+
+    def __init__(self, exit_status: int):
+        super().__init__(exit_status)
+        self.exit_status = exit_status
+
+
+@dataclass
+class RunPlace:
+    """Where a run happens: its directory, its logger, and this process among the run's processes."""
+    run_dir: str
+    logger: object
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+@dataclass
+class TrainingParts:
+    """What main.py builds for training: `student` is the module the step calls (distiller.student, or its DDP
+    form), `schedule(epoch_progress, epoch)` the learning rate."""
+    distiller: nn.Module
+    student: nn.Module
+    criterion: DistillationLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: object
+    val_loader: object
+    batch_transform: object
+    schedule: object
+
+
+def seed_epoch(seed: int, epoch: int, rank: int):
+    """Reseed every generator from (seed, epoch, rank): a resumed epoch draws what an uninterrupted one drew."""
+    value = (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 31
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+class Trainer:
+    """Resume, then the epoch loop: train, validate, keep the best student, write the checkpoints; stop on a signal.
+
+    `progress` (epochs done, iterations into the next, best accuracy and epoch) is what the checkpoints carry
+    besides the weights; `logged_images` the files already reported bad or truncated in this run.
+    """
+
+    def __init__(self, args, parts: TrainingParts, place: RunPlace):
+        self.args, self.parts, self.place = args, parts, place
+        self.progress = {'epoch': 0, 'iteration': 0, 'best_accuracy': -1.0, 'best_epoch': 0}
+        self.logged_images = set()
+        self.control = RunControl(args.checkpoint_minutes * 60, place.device, self._write_within_epoch)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.place.run_dir, name)
+
+    def fit(self):
+        """Train from where the run directory's checkpoint left off to --max_epoch."""
+        epoch_progress = self._resume()
+        self.control.install_signal_handlers()
+        try:
+            for epoch in range(self.progress['epoch'] + 1, self.args.max_epoch + 1):
+                self._epoch(epoch, epoch_progress)
+                epoch_progress = EpochProgress()
+        finally:
+            self.control.restore_signal_handlers()
+        if self.parts.val_loader is not None and self.progress['best_epoch']:
+            logger = self.place.logger
+            logger.info(f'best epoch {self.progress["best_epoch"]}: eval_acc={self.progress["best_accuracy"]:.4f}')
+            logger.result('best_epoch', self.progress['best_epoch'])
+            logger.result('best_accuracy', self.progress['best_accuracy'])
+
+    def best_student(self) -> nn.Module:
+        """The backbone of max_acc.pth, or the student as it is when no epoch was trained (an untrained floor)."""
+        if not os.path.exists(self.path(BEST_NAME)):
+            return self.parts.distiller.student.backbone
+        args = self.args
+        return models.load_backbone(args.backbone_class, self.path(BEST_NAME), args.img_size,
+                                    args.demo_width_divisor, args.drop_block).to(self.place.device)
+
+    def _epoch(self, epoch: int, epoch_progress: EpochProgress):
+        args, parts, place = self.args, self.parts, self.place
+        seed_epoch(args.seed, epoch, place.rank)
+        parts.train_loader.sampler.set_epoch(epoch, skip=epoch_progress.iteration * parts.train_loader.batch_size)
+        stats = train_one_epoch(parts, epoch, device=place.device, amp=args.amp, logger=place.logger,
+                                log_interval=args.log_interval, world_size=place.world_size,
+                                show_progress=place.rank == 0, progress=epoch_progress, control=self.control)
+        if stats['stopped']:
+            self._stop(stats['stopped'], f'in epoch {epoch} after iteration {stats["iteration"]}')
+        check_bad_images(stats, args.max_bad_images, epoch, place.logger, self.logged_images)
+        broadcast_batch_norm_statistics(parts.distiller.student)
+        validation = None
+        if parts.val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch):
+            validation = validate(parts.distiller.student, parts.val_loader, parts.batch_transform, place.device,
+                                  args.amp)
+            log_truncated(validation['truncated_images'], place.logger, self.logged_images)
+        log_epoch(place.logger, epoch, stats, validation)
+        # without a validation list the latest epoch is the one kept; ties go to the later epoch, as the original
+        improved = parts.val_loader is None or (validation is not None and
+                                                validation['accuracy'] >= self.progress['best_accuracy'])
+        if improved:
+            self.progress.update(best_accuracy=validation['accuracy'] if validation else -1.0, best_epoch=epoch)
+        self.progress.update(epoch=epoch, iteration=0)
+        self._save_epoch_end(improved)
+        stopped = self.control.stop_requested()
+        if stopped:
+            self._stop(stopped, f'after epoch {epoch}')
+
+    def _stop(self, signal_name: str, where: str):
+        self.place.logger.info(f'stopped by {signal_name} {where}: checkpoint written to {self.path(CHECKPOINT_NAME)}; '
+                               'the same command resumes from there')
+        raise RunInterrupted(128 + getattr(signal, signal_name, signal.SIGTERM))
+
+    def _save_epoch_end(self, improved: bool):
+        if self.place.rank == 0:
+            if improved:
+                utils.save_atomically(models.student_weights(self.parts.distiller.student,
+                                                             include_head=not self.args.head_fixed),
+                                      self.path(BEST_NAME))
+            utils.save_checkpoint(self._state(self.progress), self.path(CHECKPOINT_NAME),
+                                  self.path(PREVIOUS_CHECKPOINT_NAME))
+        if self.place.world_size > 1:
+            dist.barrier()
+
+    def _write_within_epoch(self, epoch: int, current: EpochProgress):
+        every_process = gather_objects(checkpoint_epoch_state(current))
+        if self.place.rank == 0:
+            state = self._state(dict(self.progress, epoch=epoch - 1, iteration=current.iteration))
+            state['epoch_progress'] = every_process
+            utils.save_checkpoint(state, self.path(CHECKPOINT_NAME), self.path(PREVIOUS_CHECKPOINT_NAME))
+        if self.place.world_size > 1:
+            dist.barrier()
+
+    def _state(self, progress: dict) -> dict:
+        """Everything an exact resume needs; the frozen shared head is not stored (it comes from the teacher)."""
+        distiller = self.parts.distiller
+        student_state = {key: value for key, value in distiller.student.state_dict().items()
+                         if not (self.args.head_fixed and key.startswith('head.'))}
+        return {'student': student_state, 'optimizer': self.parts.optimizer.state_dict(),
+                'scaler': self.parts.scaler.state_dict(), 'progress': dict(progress), 'seed': self.args.seed,
+                'batches_seen': getattr(distiller.student.backbone, 'batches_seen', 0)}
+
+    def _resume(self) -> EpochProgress:
+        """Load the checkpoint chosen by choose_checkpoint, if any; return where to resume within the epoch."""
+        chosen = choose_checkpoint(self.place.run_dir, self.place.rank, self.place.logger)
+        if not chosen:
+            return EpochProgress()
+        state = torch.load(chosen, map_location='cpu', weights_only=True)
+        self._load_state(state, chosen)
+        self.progress = dict(state['progress'])
+        self.progress.setdefault('iteration', 0)
+        within_epoch = state.get('epoch_progress') or []
+        epoch_progress = EpochProgress()
+        if self.progress['iteration']:
+            if len(within_epoch) != self.place.world_size:
+                raise SystemExit(f'error: {chosen} was written within an epoch by {len(within_epoch)} processes; '
+                                 f'resume it with {len(within_epoch)} processes (the epoch\'s batches are split '
+                                 'among them)')
+            epoch_progress = epoch_progress_from(within_epoch[self.place.rank])
+            where = f'epoch {self.progress["epoch"] + 1} iteration {epoch_progress.iteration}'
+        else:
+            where = f'the end of epoch {self.progress["epoch"]}'
+        self.place.logger.info(f'resumed from {chosen} at {where}')
+        return epoch_progress
+
+    def _load_state(self, state: dict, path: str):
+        """The student, optimizer, scaler and DropBlock progress of a checkpoint of this configuration."""
+        if state.get('seed') != self.args.seed:
+            raise SystemExit(f'error: {path} was written with --seed {state.get("seed")}; rerun with that seed or '
+                             'another --suffix')
+        student = self.parts.distiller.student
+        missing, unexpected = student.load_state_dict(state['student'], strict=False)
+        missing = [key for key in missing if not (self.args.head_fixed and key.startswith('head.'))]
+        if missing or unexpected:
+            raise SystemExit(f'error: {path} does not fit the student: missing {missing[:5]}, '
+                             f'unexpected {unexpected[:5]}; was it written by another configuration?')
+        self.parts.optimizer.load_state_dict(state['optimizer'])
+        if self.parts.scaler.is_enabled() and state['scaler']:
+            self.parts.scaler.load_state_dict(state['scaler'])
+        if hasattr(student.backbone, 'batches_seen'):
+            student.backbone.batches_seen = int(state['batches_seen'])
+
+
+def checkpoint_epoch_state(progress: EpochProgress) -> dict:
+    """An EpochProgress as plain Python data, which all_gather_object and a weights-only checkpoint can carry."""
+    state = dataclasses.asdict(progress)
+    generators = dict(state['random_state'])
+    name, keys, position, has_gauss, cached = generators['numpy']
+    generators['numpy'] = (name, keys.tolist(), position, has_gauss, cached)
+    for device in ('torch', 'cuda'):
+        if device in generators:
+            generators[device] = generators[device].tolist()
+    return dict(state, random_state=generators)
+
+
+def epoch_progress_from(state: dict) -> EpochProgress:
+    """The inverse of checkpoint_epoch_state."""
+    generators = dict(state['random_state'])
+    name, keys, position, has_gauss, cached = generators['numpy']
+    generators['numpy'] = (name, np.array(keys, dtype=np.uint32), position, has_gauss, cached)
+    for device in ('torch', 'cuda'):
+        if device in generators:
+            generators[device] = torch.tensor(generators[device], dtype=torch.uint8)
+    return EpochProgress(**dict(state, random_state=generators))
+
+
+def choose_checkpoint(run_dir: str, rank: int, logger) -> str | None:
+    """The checkpoint to resume from, the same on every process: the latest if it loads, else the previous one;
+    a latest that does not load is set aside (renamed) and record.txt says why. None for a new run."""
+    decision, problems = [], []
+    if rank == 0:
+        failures = []
+        for path in (os.path.join(run_dir, CHECKPOINT_NAME), os.path.join(run_dir, PREVIOUS_CHECKPOINT_NAME)):
+            if not os.path.exists(path):
+                continue
+            try:
+                torch.load(path, map_location='cpu', weights_only=True)
+            except Exception as error:  # any damage: truncated, zeroed, not a checkpoint at all
+                failures.append((path, models.first_line(error)))
+                continue
+            decision.append(path)
+            break
+        if failures and not decision:
+            problems.append('; '.join(f'{path} does not load ({reason})' for path, reason in failures) +
+                            ': move the damaged files away to start this run afresh, or put back a good copy')
+        elif failures:
+            path, reason = failures[0]
+            aside = f'{path}.damaged-{time.strftime("%Y%m%d-%H%M%S")}'
+            os.replace(path, aside)
+            logger.info(f'{path} does not load ({reason}): set aside as {aside}; resuming from {decision[0]}')
+    stop_if_any_process_failed(problems)
+    chosen = gather_messages(decision)
+    return chosen[0] if chosen else None
+
+
+def run_test(args, place: RunPlace, loader, batch_transform, student_backbone: nn.Module,
+             teacher_backbone: nn.Module | None, logged_images: set):
+    """Open-set features, TAR@FAR (coarse, fine, cross), nearest-neighbour accuracy, opensetFeat.npy, roc.png.
+
+    A figure that cannot exist (no positive or negative pair in a grain, fewer than two images) is written as nan
+    with a line saying why; the others are written as usual."""
+    def features_of(backbone):
+        features, truncated = extract_features(backbone, loader, batch_transform, place.device, args.amp,
+                                               total=len(loader.dataset), show_progress=place.rank == 0)
+        log_truncated(truncated, place.logger, logged_images)
+        return features
+
+    student_features = features_of(student_backbone)
+    teacher_features = features_of(teacher_backbone) if teacher_backbone is not None else None
+    if place.rank != 0:
+        return
+    np.save(os.path.join(place.run_dir, 'opensetFeat.npy'), student_features.numpy().astype(np.float32))
+    report = test_report(student_features, teacher_features, loader.dataset.labels, loader.dataset.fine_labels,
+                         coarse_mask=args.test_mask_coarse, fine_mask=args.test_mask_fine)
+    log_test(place.logger, report, os.path.join(place.run_dir, 'roc.png'))
+
+
+def log_test(logger, report, roc_path):
+    """The TAR lines and nearest-neighbour lines of record.txt, tensorboard scalars and roc.png."""
+    names = {'student': 'test acc', 'teacher': 'teacher acc', 'cross': 'cross acc'}
+    curves = {}
+    for name, result in report.items():
+        logger.info(utils.format_tar_line(names[name], result['coarse'], result['fine']))
+        logger.info(f'{name} nearest-neighbour top-1: coarse={result["coarse_nn_accuracy"]:.5f}, '
+                    f'fine={result["fine_nn_accuracy"]:.5f}')
+        for grain in ('coarse', 'fine'):
+            if result[f'{grain}_undefined']:
+                logger.info(f'{name} {grain} TARs are nan (undefined): {result[f"{grain}_undefined"]}')
+            for far, tar in zip(utils.DEFAULT_FARS, result[grain]):
+                if not math.isnan(tar):
+                    logger.scalar(f'test/{name}_{grain}_tar@far{far:.0e}', tar, 0)
+            if not result[f'{grain}_undefined']:
+                curves[f'{name} {grain}'] = result[f'{grain}_curve']
+    logger.result('test', {name: dict(result, **{f'{grain}_curve': dict(zip(('far', 'tar'), result[f'{grain}_curve']))
+                                                 for grain in ('coarse', 'fine')})
+                           for name, result in report.items()})
+    utils.plot_roc(curves, roc_path)
+
+
+def log_truncated(paths, logger, logged: set):
+    """Log each truncated image once a run; they are used, as the original used them."""
+    for path in sorted(set(paths) - logged):
+        logger.info(f'truncated image (decoded with its missing part filled in, as the original did): {path}')
+        logged.add(path)
+
+
+def check_bad_images(stats, max_fraction: float, epoch: int, logger, logged: set):
+    """Log each replaced or truncated image once a run; stop when more than `max_fraction` of the epoch was
+    unreadable (truncated images are used, and do not count)."""
+    log_truncated(stats['truncated_images'], logger, logged)
+    bad = sorted(set(stats['bad_images']))
+    for message in bad:
+        if message not in logged:
+            logger.info(f'bad image (replaced): {message}')
+            logged.add(message)
+    if bad:
+        logger.info(f'epoch {epoch}: {len(bad)} bad images replaced')
+    if len(bad) > max_fraction * max(stats['samples'], 1):
+        raise SystemExit(f'error: epoch {epoch}: {len(bad)} of {int(stats["samples"])} images were unreadable, '
+                         f'more than --max_bad_images {max_fraction}; fix the data (see record.txt)')
+
+
+def log_epoch(logger, epoch, stats, validation):
+    """The epoch line of record.txt (the original's format) and its tensorboard scalars; an epoch that was not
+    validated has no validation figures."""
+    evaluated = ''
+    scalars = [('train/accuracy', stats['accuracy']), ('train/epoch_ce_loss', stats['ce']),
+               ('train/epoch_kd_loss', stats['kd'])]
+    if validation is not None:
+        evaluated = (f'eval_loss={validation["loss"]:.4f}, '
+                     f'eval_acc={validation["accuracy"]:.4f}+{validation["interval"]:.4f}, ')
+        scalars += [('val/loss', validation['loss']), ('val/accuracy', validation['accuracy'])]
+    logger.info(f'epoch {epoch}  lr {stats["lr"]:.6g}: train_acc={stats["accuracy"]:.4f}, {evaluated}'
+                f'avg_ce_loss={stats["ce"]:.4f}, avg_kd_loss={stats["kd"]:.4f}')
+    logger.epoch_result({'epoch': epoch, 'lr': stats['lr'], 'train_accuracy': stats['accuracy'], 'loss': stats['loss'],
+                         'ce': stats['ce'], 'kd': stats['kd'],
+                         'val_loss': validation['loss'] if validation else None,
+                         'val_accuracy': validation['accuracy'] if validation else None})
+    for tag, value in scalars:
+        logger.scalar(tag, value, epoch)

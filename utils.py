@@ -1,4 +1,4 @@
-"""Run directories, logging, files, and the feature-matching evaluation (SPEC sections 5 and 6)."""
+"""Run directories, logging, results, checkpoint files, the run lock, and the feature-matching evaluation."""
 import json
 import math
 import os
@@ -8,6 +8,7 @@ import tempfile
 import threading
 import time
 from contextlib import suppress
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,9 +18,9 @@ DEFAULT_FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 
 # Scores per tile of the pair matrix: bounds working memory independently of N.
 DEFAULT_TILE_ELEMENTS = 1 << 23
-# The FAR at the lower bracketing threshold must be below this multiple of the target (SPEC §5).
+# The FAR at the lower bracketing threshold must be below this multiple of the target (the original's 8x rule).
 FAR_BRACKET_FACTOR = 8.0
-# Offset of the histogram edges above t - unit/2 (SPEC §5).
+# Offset of the original's histogram edges above t - unit/2.
 EDGE_OFFSET = 2e-6
 # Positive pairs listed explicitly up to this many (two int64 arrays); beyond, tiles compare labels.
 SPARSE_POSITIVE_LIMIT = 1 << 23
@@ -33,32 +34,51 @@ MIN_ARITHMETIC_STEP = 1e-5
 # Run directory and logging
 # ----------------------------------------------------------------------------------------------------------------------
 
-def run_directory(save_dir, dataset, backbone_class, is_distill, kd_loss, kd_weight, init_weights, augment,
-                  lr, optim, lr_scheduler, step_size, gamma, max_epoch, warmup_epoch, batch_size,
-                  head_fixed, suffix) -> str:
-    """Return `save_dir/<first>/<second>` named exactly as SPEC §6.
+@dataclass(frozen=True)
+class RunName:
+    """The flags that name a run directory, and the name the original gave it (directory)."""
+    dataset: str
+    backbone_class: str
+    is_distill: bool
+    kd_loss: str
+    kd_weight: float
+    init_weights: str | None
+    augment: bool
+    lr: float
+    optim: str
+    lr_scheduler: str
+    step_size: str
+    gamma: float
+    max_epoch: int
+    warmup_epoch: int
+    batch_size: int
+    head_fixed: bool
+    suffix: str
 
-    `<first>` = `{dataset}-{backbone_class}` + `-{kd_loss}-{kd_weight}` (distillation) or `-no_distill`,
-    + `-Pre` when `init_weights` is set, + `-NoAug` unless `augment`.
-    `<second>` = `lr{lr:.2g}_{optim}_{lr_scheduler}_epoch{max_epoch}_warmup{warmup_epoch}_bs{batch_size}`
-    + `-head_fixed` when `head_fixed`, + `suffix`; for `step`/`multistep` schedules the optimizer part is
-    `{optim}-step{step_size}-gamma{gamma}`.
-    """
-    first = f'{dataset}-{backbone_class}'
-    first += f'-{kd_loss}-{kd_weight}' if is_distill else '-no_distill'
-    if init_weights:
-        first += '-Pre'
-    if not augment:
-        first += '-NoAug'
-    optimizer_part = optim
-    if lr_scheduler in ('step', 'multistep'):
-        optimizer_part = f'{optim}-step{step_size}-gamma{gamma}'
-    second = (f'lr{lr:.2g}_{optimizer_part}_{lr_scheduler}_epoch{max_epoch}_warmup{warmup_epoch}'
-              f'_bs{batch_size}')
-    if head_fixed:
-        second += '-head_fixed'
-    second += suffix or ''
-    return os.path.join(save_dir, first, second)
+    def directory(self, save_dir: str) -> str:
+        """`save_dir/<first>/<second>`.
+
+        `<first>` = `{dataset}-{backbone_class}` + `-{kd_loss}-{kd_weight}` (distillation) or `-no_distill`,
+        + `-Pre` when `init_weights` is set, + `-NoAug` unless `augment`.
+        `<second>` = `lr{lr:.2g}_{optim}_{lr_scheduler}_epoch{max_epoch}_warmup{warmup_epoch}_bs{batch_size}`
+        + `-head_fixed` when `head_fixed`, + `suffix`; for `step`/`multistep` schedules the optimizer part is
+        `{optim}-step{step_size}-gamma{gamma}`.
+        """
+        first = f'{self.dataset}-{self.backbone_class}'
+        first += f'-{self.kd_loss}-{self.kd_weight}' if self.is_distill else '-no_distill'
+        if self.init_weights:
+            first += '-Pre'
+        if not self.augment:
+            first += '-NoAug'
+        optimizer_part = self.optim
+        if self.lr_scheduler in ('step', 'multistep'):
+            optimizer_part = f'{self.optim}-step{self.step_size}-gamma{self.gamma}'
+        second = (f'lr{self.lr:.2g}_{optimizer_part}_{self.lr_scheduler}_epoch{self.max_epoch}'
+                  f'_warmup{self.warmup_epoch}_bs{self.batch_size}')
+        if self.head_fixed:
+            second += '-head_fixed'
+        second += self.suffix or ''
+        return os.path.join(save_dir, first, second)
 
 
 class Logger:
@@ -278,7 +298,7 @@ class RunLock:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Feature-matching evaluation (SPEC §5)
+# Feature-matching evaluation: the original's TAR at FAR
 # ----------------------------------------------------------------------------------------------------------------------
 
 def default_device():
@@ -668,8 +688,8 @@ def _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, dev
         neighbours = _NearestNeighbours(num_items, device)
     smallest, largest = _score_range(queries, gallery, tile_elements)
     edges, edges32 = _threshold_edges(smallest, largest, num_thresholds)
-    positive_counts, all_counts = _pair_histograms(queries, gallery, label_sets, edges, edges32, tile_elements,
-                                                   neighbours)
+    positive_counts, all_counts = _pair_histograms(queries, gallery, label_sets, edges, edges32,
+                                                   tile_elements=tile_elements, neighbours=neighbours)
     total_pairs = num_items * (num_items - 1) // 2
     curves = [_curves(counts, total_positive, all_counts, total_pairs) for counts, total_positive in positive_counts]
     return curves, neighbours
@@ -677,7 +697,7 @@ def _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, dev
 
 def tar_at_far(features, labels=None, mask=None, fars=DEFAULT_FARS, num_thresholds=2000,
                gallery_features=None, device=None, tile_elements=DEFAULT_TILE_ELEMENTS) -> list[float]:
-    """TAR at each target FAR over all unordered pairs i < j of `features` (SPEC §5), one float per FAR.
+    """TAR at each target FAR over all unordered pairs i < j of `features`, one float per FAR.
 
     Positive pairs come from `labels` (one per feature: same label = positive) or from `mask` (boolean array
     over numpy.triu_indices(N, 1) order, or the path of such a .npy, read memory-mapped block by block);
@@ -704,7 +724,8 @@ def tar_at_far(features, labels=None, mask=None, fars=DEFAULT_FARS, num_threshol
     """
     _check_fars(fars)
     label_pairs = [(labels, mask)]
-    curves, _ = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device, tile_elements)
+    curves, _ = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds=num_thresholds,
+                                device=device, tile_elements=tile_elements)
     far, tar = curves[0]
     return _tars_from_curve(far, tar, fars)
 
@@ -714,7 +735,8 @@ def far_tar_curve(features, labels=None, mask=None, num_thresholds=2000, gallery
     """(far, tar) float64 arrays of length num_thresholds, one point per threshold, as in tar_at_far (empty for
     fewer than two features)."""
     label_pairs = [(labels, mask)]
-    curves, _ = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device, tile_elements)
+    curves, _ = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds=num_thresholds,
+                                device=device, tile_elements=tile_elements)
     return curves[0]
 
 
@@ -786,8 +808,8 @@ def evaluate_features(features, coarse_labels, fine_labels, gallery_features=Non
         fine_labels, fine_mask = coarse_labels, coarse_mask
     label_pairs = [(None if coarse_mask is not None else coarse_labels, coarse_mask),
                    (None if fine_mask is not None else fine_labels, fine_mask)]
-    curves, neighbours = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device,
-                                         tile_elements, with_neighbours=True)
+    curves, neighbours = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds=num_thresholds,
+                                         device=device, tile_elements=tile_elements, with_neighbours=True)
     result = {}
     for level, (far, tar), labels in zip(('coarse', 'fine'), curves, (coarse_labels, fine_labels)):
         result[level] = _tars_from_curve(far, tar, fars)

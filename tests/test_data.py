@@ -14,6 +14,7 @@ from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import helpers  # noqa: E402  (the repository root is put on the path just above)
+import trainer  # noqa: E402
 
 IMG_SIZE = 96
 MEAN = torch.tensor(helpers.PIXEL_MEAN_BGR)
@@ -39,7 +40,7 @@ def noisy_image(width, height, seed):
 
 
 def reference_eval(path, img_size):
-    """SPEC §4 evaluation, written independently: PIL RGB, reversed to BGR, bilinear resize, /255, normalise."""
+    """The original's evaluation transform, written independently: PIL RGB, reversed to BGR, bilinear resize, /255, normalise."""
     rgb = np.asarray(Image.open(path).convert('RGB'))
     bgr = Image.fromarray(np.ascontiguousarray(rgb[:, :, ::-1]))
     resized = np.asarray(bgr.resize((img_size, img_size), Image.Resampling.BILINEAR))
@@ -434,12 +435,12 @@ def test_train_loader_uses_seeded_distributed_sampler_and_full_batches(tmp_path)
 def test_gather_in_order_single_process_and_checks():
     values = torch.arange(10.0).view(5, 2)
     indices = torch.tensor([3, 0, 4, 1, 2])
-    ordered = helpers.gather_in_order(values, indices, 5)
+    ordered = trainer.gather_in_order(values, indices, 5)
     assert torch.equal(ordered[indices], values)
     with pytest.raises(RuntimeError, match='missing or repeated'):
-        helpers.gather_in_order(values, torch.tensor([0, 0, 1, 2, 3]), 5)
+        trainer.gather_in_order(values, torch.tensor([0, 0, 1, 2, 3]), 5)
     with pytest.raises(RuntimeError, match='missing or repeated'):
-        helpers.gather_in_order(values, indices, 6)
+        trainer.gather_in_order(values, indices, 6)
 
 
 def image_features(batch):
@@ -458,7 +459,7 @@ def sharded_evaluation(rank, world_size, rendezvous, root, list_path, output_pat
             features.append(image_features(batch))
             indices.append(batch['index'])
         local_indices = torch.cat(indices)
-        gathered = helpers.gather_in_order(torch.cat(features), local_indices, len(dataset))
+        gathered = trainer.gather_in_order(torch.cat(features), local_indices, len(dataset))
         torch.save({'gathered': gathered, 'local_indices': local_indices}, f'{output_path}.{rank}')
     finally:
         dist.destroy_process_group()

@@ -334,7 +334,7 @@ def test_nearest_neighbour_accuracy_matches_brute_force():
 # Run directory, logging, formatting
 # ----------------------------------------------------------------------------------------------------------------------
 
-RECIPE = dict(save_dir='runs', dataset='TLD', backbone_class='Swin_tiny', is_distill=True, kd_loss='KD',
+RECIPE = dict(dataset='TLD', backbone_class='Swin_tiny', is_distill=True, kd_loss='KD',
               kd_weight=1.0, init_weights=None, augment=True, lr=0.001, optim='AdamW', lr_scheduler='cosine',
               step_size=20, gamma=0.1, max_epoch=200, warmup_epoch=10, batch_size=256, head_fixed=True, suffix='')
 
@@ -352,7 +352,7 @@ RECIPE = dict(save_dir='runs', dataset='TLD', backbone_class='Swin_tiny', is_dis
      'TLD-Swin_tiny-KD-1.0/lr0.00012_AdamW-step30,60-gamma0.2_multistep_epoch200_warmup10_bs256-head_fixed'),
 ])
 def test_run_directory_names(changes, expected):
-    assert utils.run_directory(**{**RECIPE, **changes}) == os.path.join('runs', expected)
+    assert utils.RunName(**{**RECIPE, **changes}).directory('runs') == os.path.join('runs', expected)
 
 
 def test_logger_appends_and_is_silent_off_rank_zero(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Backbones, CosFace head, distillation model and checkpoint loading (SPEC sections 1 and 6)."""
+"""Backbones, CosFace head, distillation model and checkpoint loading."""
 import math
 import os
 import pickle
@@ -18,16 +18,16 @@ import swin_transformer  # noqa: E402
 
 SMALL_IMAGE = 96
 NUM_LANDMARKS = 252903
-SPEC_PARAMETER_COUNTS = {'Swin_base': 86878584, 'Swin_tiny': 48899740, 'Resnet12': 32137856}
-SPEC_SWIN = {
+ORIGINAL_PARAMETER_COUNTS = {'Swin_base': 86878584, 'Swin_tiny': 48899740, 'Resnet12': 32137856}
+ORIGINAL_SWIN = {
     'Swin_base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
     'Swin_tiny': dict(embed_dim=128, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16)),
 }
 
 
 def stock_timm_swin(name, img_size, embed_dim=None, num_heads=None):
-    """timm's own SwinTransformer with the SPEC configuration, untouched by this project."""
-    config = dict(SPEC_SWIN[name])
+    """timm's own SwinTransformer with the original's configuration, untouched by this project."""
+    config = dict(ORIGINAL_SWIN[name])
     config['embed_dim'] = embed_dim or config['embed_dim']
     config['num_heads'] = num_heads or config['num_heads']
     return SwinTransformer(img_size=img_size, patch_size=4, window_size=12, num_classes=0, mlp_ratio=4.0,
@@ -80,14 +80,14 @@ def resnet12_full():
 
 
 def test_swin_base_parameters_and_output(swin_base_small):
-    assert parameter_count(swin_base_small) == SPEC_PARAMETER_COUNTS['Swin_base']
+    assert parameter_count(swin_base_small) == ORIGINAL_PARAMETER_COUNTS['Swin_base']
     assert swin_base_small.feature_dim == model.FEATURE_DIM
     with torch.no_grad():
         assert swin_base_small.eval()(images(2)).shape == (2, 1024)
 
 
 def test_resnet12_parameters_and_output(resnet12_full):
-    assert parameter_count(resnet12_full) == SPEC_PARAMETER_COUNTS['Resnet12']
+    assert parameter_count(resnet12_full) == ORIGINAL_PARAMETER_COUNTS['Resnet12']
     with torch.no_grad():
         assert resnet12_full.eval()(images(2)).shape == (2, 1024)
 
@@ -95,7 +95,7 @@ def test_resnet12_parameters_and_output(resnet12_full):
 def test_swin_tiny_parameters_at_every_supported_size():
     for img_size in (SMALL_IMAGE, 192):
         backbone = model.create_backbone('Swin_tiny', img_size=img_size)
-        assert parameter_count(backbone) == SPEC_PARAMETER_COUNTS['Swin_tiny']
+        assert parameter_count(backbone) == ORIGINAL_PARAMETER_COUNTS['Swin_tiny']
     with torch.no_grad():
         assert backbone.eval()(images(1, 192)).shape == (1, 1024)
 
@@ -197,7 +197,7 @@ def test_batches_seen_counts_training_forwards_only():
 
 
 def expected_dropped_fraction(keep_rate, side, block=5):
-    """SPEC formula: seeds with probability gamma on the (side-4)^2 valid positions, each zeroing a 5x5 block."""
+    """The original's formula: seeds with probability gamma on the (side-4)^2 valid positions, each zeroing a 5x5 block."""
     gamma = (1 - keep_rate) / block ** 2 * side ** 2 / (side - block + 1) ** 2
     covering = torch.tensor([min(i, side - block) - max(0, i - block + 1) + 1 for i in range(side)],
                             dtype=torch.float64)
@@ -312,7 +312,8 @@ def test_distillation_step_updates_only_the_student_backbone(optimizer_name):
     student_before = snapshot(distillation.student.backbone.named_parameters())
     head_before = head.weight.detach().clone()
     batch, labels = images(2), torch.tensor([1, 7])
-    student_features, student_logits, teacher_features, teacher_logits = distillation(batch, labels)
+    teacher_features, teacher_logits = distillation.teacher_outputs(batch, labels)
+    student_features, student_logits = distillation.student(batch, labels)
     assert teacher_logits.shape == student_logits.shape == (2, 10)
     kd = F.kl_div(F.log_softmax(student_logits / 4, dim=1), F.softmax(teacher_logits, dim=1), reduction='sum')
     (F.cross_entropy(student_logits, labels) + kd).backward()
@@ -353,7 +354,7 @@ def test_full_size_shared_head_is_held_once(swin_base_small, resnet12_full):
     persistent_bytes = unique_storage_bytes(list(distillation.parameters()) + list(resnet12_full.buffers()))
     assert unique_storage_bytes(distillation.state_dict().values()) == persistent_bytes
     trainable = distillation.trainable_parameters()
-    assert sum(parameter.numel() for parameter in trainable) == SPEC_PARAMETER_COUNTS['Resnet12']
+    assert sum(parameter.numel() for parameter in trainable) == ORIGINAL_PARAMETER_COUNTS['Resnet12']
     teacher_features, teacher_logits = distillation.teacher_outputs(images(1), torch.tensor([NUM_LANDMARKS - 1]))
     assert teacher_logits.shape == (1, NUM_LANDMARKS) and not teacher_logits.requires_grad
     margin_free = distillation.teacher.head(teacher_features)

@@ -1,4 +1,4 @@
-"""The synthetic landmark generator: determinism, the SPEC section 4 list format, decodable images."""
+"""The synthetic landmark generator: determinism, the real list format, decodable images."""
 import collections
 import os
 

@@ -105,7 +105,8 @@ def test_global_kd_tempered_kd_and_ce_only():
 
 # ---------------------------------------------------------------------------------------------- schedule
 def schedule(progress, epoch, scheduler='cosine', warmup=10, steps=(30,)):
-    return trainer.learning_rate(progress, epoch, 0.001, 1e-5, warmup, 200, scheduler, list(steps), 0.1)
+    return trainer.learning_rate(progress, epoch, base_lr=0.001, min_lr=1e-5, warmup_epochs=warmup, max_epoch=200,
+                                 scheduler=scheduler, step_size=list(steps), gamma=0.1)
 
 
 def test_warmup_then_cosine_at_chosen_iterations():
@@ -113,7 +114,8 @@ def test_warmup_then_cosine_at_chosen_iterations():
     assert schedule(5.5, 5) == pytest.approx(0.001 * 5.5 / 10)
     assert schedule(10.0, 10) == pytest.approx(0.001)
     assert schedule(110.0, 110) == pytest.approx(1e-5 + (0.001 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 100 / 200)))
-    assert trainer.learning_rate(1.25, 1, 0.01, 0.0, 0, 40, 'cosine', [30], 0.1) == pytest.approx(
+    assert trainer.learning_rate(1.25, 1, base_lr=0.01, min_lr=0.0, warmup_epochs=0, max_epoch=40, scheduler='cosine',
+                                 step_size=[30], gamma=0.1) == pytest.approx(
         0.01 * 0.5 * (1 + math.cos(math.pi * 1.25 / 40)))
 
 
@@ -367,8 +369,9 @@ def test_two_processes_take_the_same_steps_as_one_with_the_same_global_batch(tin
     assert double.returncode == 0, double.stderr[-3000:]
     one = torch.load(os.path.join(only_run_dir(tmp_path / 'one'), 'max_acc.pth'), weights_only=True)['params']
     two = torch.load(os.path.join(only_run_dir(tmp_path / 'two'), 'max_acc.pth'), weights_only=True)['params']
-    main.seed_epoch(0, 0, 0)
-    initial = helpers.build_model('Swin_tiny', 96, None, None, 'Swin_tiny', teacher, True, 8).student.backbone
+    trainer.seed_epoch(0, 0, 0)
+    initial = helpers.build_model('Swin_tiny', 96, None, None, teacher_name='Swin_tiny', teacher_weights=teacher,
+                                  head_fixed=True, width_divisor=8).student.backbone
     initial = initial.state_dict()
     changed = 0
     for key, value in one.items():
@@ -434,8 +437,8 @@ def test_precision_and_memory_switches_train(tiny_data, tmp_path, backbone, swit
     losses = re.search(r'avg_ce_loss=([0-9.]+)', record_of(run_dir))
     assert losses and math.isfinite(float(losses.group(1)))
     trained = torch.load(os.path.join(run_dir, 'max_acc.pth'), weights_only=True)['params']
-    main.seed_epoch(0, 0, 0)
-    initial = helpers.build_model(backbone, 96, 4, None, None, None, False, 8).student.backbone.state_dict()
+    trainer.seed_epoch(0, 0, 0)
+    initial = helpers.build_model(backbone, 96, 4, None, width_divisor=8).student.backbone.state_dict()
     assert trained.keys() - {'head.weight'} == initial.keys()
     assert sum(not torch.equal(trained[key], initial[key]) for key in initial) > 10
 
