@@ -79,7 +79,11 @@ def get_parser() -> argparse.ArgumentParser:
     add('--img_size', type=int, default=384)
     add('--num_classes', type=int, default=None, help="default: the teacher's classifier, else 252903")
     add('--seed', type=int, default=0)
-    add('--test_only', action='store_true', help='evaluate --init_weights or the run\'s max_acc.pth')
+    add('--test_only', action='store_true',
+        help="evaluate --init_weights (weights of any supported format, or an exported .onnx) or the run's max_acc.pth")
+    add('--export_onnx', default=None, metavar='OUT.onnx',
+        help="write --init_weights (or the run's max_acc.pth) as an ONNX serving graph: BGR images in [0, 1] -> "
+             'L2-normalised features')
     add('--max_bad_images', type=float, default=0.01, help='fraction of an epoch that may be unreadable')
     add('--amp', default='none', choices=('none', 'bf16', 'fp16'), help='mixed precision')
     add('--channels_last', action='store_true', help='channels-last memory format (Resnet12)')
@@ -112,8 +116,10 @@ def combination_problems(args, world_size: int) -> list[str]:
     if len(args.train_root) != len(args.train_list):
         problems.append(f'--train_root has {len(args.train_root)} entries, --train_list {len(args.train_list)}: '
                         'give one root per list')
-    if not args.test_only and not args.train_list:
-        problems.append('training needs --train_root and --train_list (or use --test_only)')
+    if not (args.test_only or args.export_onnx) and not args.train_list:
+        problems.append('training needs --train_root and --train_list (or use --test_only or --export_onnx)')
+    if args.export_onnx and args.test_only:
+        problems.append('--export_onnx and --test_only are two runs: export first, then test the .onnx file')
     if args.test_only and not args.test_list:
         problems.append('--test_only needs --test_root and --test_list')
     if bool(args.val_root) != bool(args.val_list) or bool(args.test_root) != bool(args.test_list):
@@ -219,7 +225,9 @@ def main(args):
         args.num_workers = loader_workers_that_fit(args.num_workers, args.batch_size // world_size, args.img_size,
                                                    logger)
         place = trainer.RunPlace(run_dir, logger, rank, world_size, device)
-        if args.test_only:
+        if args.export_onnx:
+            export(args, place)
+        elif args.test_only:
             test_only(args, place)
         else:
             train(args, place)
@@ -397,8 +405,11 @@ def test_only(args, place: trainer.RunPlace):
         raise SystemExit(f'error: --test_only found no {weights}; give --init_weights or train this run first')
     samples = read_checked_list(args.test_root, args.test_list, '--test_root')
     announce_undefined_figures(samples, args.test_mask_coarse, args.test_mask_fine, logger)
-    student_backbone = models.load_backbone(args.backbone_class, weights, args.img_size,
-                                            args.demo_width_divisor).to(device)
+    if weights.endswith('.onnx'):
+        student_backbone = models.OnnxBackbone(weights, args.img_size, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR)
+    else:
+        student_backbone = models.load_backbone(args.backbone_class, weights, args.img_size,
+                                                args.demo_width_divisor).to(device)
     logger.info(f'test only: {weights}')
     teacher_backbone = None
     if args.teacher_init_weights:
@@ -407,6 +418,19 @@ def test_only(args, place: trainer.RunPlace):
     trainer.run_test(args, place, loader=test_loader(args, samples, rank, world_size),
                      batch_transform=helpers.BatchTransform(augment=False), student_backbone=student_backbone,
                      teacher_backbone=teacher_backbone, logged_images=set())
+
+
+def export(args, place: trainer.RunPlace):
+    """Write --init_weights (or the run's max_acc.pth) as an ONNX serving graph and say its input contract."""
+    weights = args.init_weights or os.path.join(place.run_dir, trainer.BEST_NAME)
+    if not os.path.isfile(weights):
+        raise SystemExit(f'error: --export_onnx found no {weights}; give --init_weights or train this run first')
+    backbone = models.load_backbone(args.backbone_class, weights, args.img_size, args.demo_width_divisor)
+    contract = models.export_onnx(backbone, args.export_onnx, args.img_size, helpers.PIXEL_MEAN_BGR,
+                                  helpers.PIXEL_STD_BGR, description={'backbone': args.backbone_class,
+                                                                      'weights': weights})
+    place.logger.info(f'exported {weights} to {args.export_onnx}: ' +
+                      '; '.join(f'{key}: {value}' for key, value in contract.items()))
 
 
 def announce_undefined_figures(samples, coarse_mask: str | None, fine_mask: str | None, logger):

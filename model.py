@@ -312,3 +312,64 @@ def student_weights(classifier: Classifier, include_head: bool) -> dict:
     if include_head:
         params[HEAD_KEY] = classifier.head.weight.detach()
     return {'params': params}
+
+
+class ServingNetwork(nn.Module):
+    """What an exported student computes: BGR images with values in [0, 1], (B, 3, S, S) float32 -> L2-normalised
+    float32 features. The pixel normalisation is inside, so that serving code only decodes, resizes and divides
+    by 255."""
+
+    def __init__(self, backbone: nn.Module, pixel_mean, pixel_std):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer('pixel_mean', torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer('pixel_std', torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone((images - self.pixel_mean) / self.pixel_std).float(), dim=1)
+
+
+def export_onnx(backbone: nn.Module, path: str, img_size: int, pixel_mean, pixel_std, description: dict) -> dict:
+    """Write `backbone` as an ONNX serving graph (ServingNetwork, any batch size) to `path`; the input contract and
+    `description` go into the model's metadata, and are returned."""
+    import onnx
+    network = ServingNetwork(backbone, pixel_mean, pixel_std).eval()
+    example = torch.rand(2, 3, img_size, img_size)
+    batch = torch.export.Dim('batch', min=1, max=4096)
+    with torch.no_grad():
+        torch.onnx.export(network, (example,), path, dynamo=True, input_names=['images'], output_names=['features'],
+                          dynamic_shapes=({0: batch},), verbose=False)
+    contract = {'input': f'images: float32 (batch, 3, {img_size}, {img_size}), BGR channel order, values in [0, 1] '
+                         '(decoded pixels / 255, resized to the size)',
+                'output': f'features: float32 (batch, {backbone.feature_dim}), L2-normalised',
+                **{key: str(value) for key, value in description.items()}}
+    proto = onnx.load(path)
+    onnx.helper.set_model_props(proto, contract)
+    onnx.save(proto, path)
+    return contract
+
+
+class OnnxBackbone(nn.Module):
+    """An exported student run by ONNX Runtime where the test pipeline expects a backbone: it takes the normalised
+    batch the pipeline makes and undoes the normalisation, which the graph applies itself."""
+
+    def __init__(self, path: str, img_size: int, pixel_mean, pixel_std):
+        super().__init__()
+        import onnxruntime
+        try:
+            self.session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+        except Exception as error:  # not an ONNX file, or a damaged one
+            raise WeightsFileError(f'{path}: not a readable ONNX model ({first_line(error)})') from None
+        graph_input = self.session.get_inputs()[0]
+        if list(graph_input.shape[1:]) != [3, img_size, img_size]:
+            raise ValueError(f'{path} takes images of shape {graph_input.shape[1:]}, not (3, {img_size}, {img_size}): '
+                             f'run with --img_size {graph_input.shape[-1]}, or export again at --img_size {img_size}')
+        self.input_name = graph_input.name
+        self.feature_dim = self.session.get_outputs()[0].shape[1]
+        self.register_buffer('pixel_mean', torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer('pixel_std', torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, normalised_images: torch.Tensor) -> torch.Tensor:
+        images = normalised_images.float().cpu() * self.pixel_std.cpu() + self.pixel_mean.cpu()
+        features = self.session.run(None, {self.input_name: images.numpy()})[0]
+        return torch.from_numpy(features).to(normalised_images.device)

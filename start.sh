@@ -20,8 +20,9 @@
 #   TEST_ROOT=/data/test TEST_LIST=/data/test.txt [TEACHER=...] [STUDENT=Resnet12] \
 #   sh start.sh --test_only --init_weights /path/max_acc.pth
 #
-#   With neither TEACHER nor TRAIN_LIST: the demo (synthetic landmarks, CPU, about 6 minutes), written to
-#   DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md. Smaller or larger demos:
+#   With neither TEACHER nor TRAIN_LIST: the demo (synthetic landmarks, CPU, about 12 minutes), written to
+#   DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md, its figure DEMO_DIR/summary.png.
+#   Smaller or larger demos:
 #   DEMO_LANDMARKS (150), DEMO_TEST_LANDMARKS (50), DEMO_IMG_SIZE (32), DEMO_WIDTH_DIVISOR (4),
 #   DEMO_TEACHER_EPOCHS (30), DEMO_STUDENT_EPOCHS (15), DEMO_AMP (bf16; none on a CPU without bf16).
 set -eu

@@ -1,0 +1,89 @@
+"""ONNX export of a student: ONNX Runtime's features equal PyTorch's, --test_only scores an exported file."""
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import helpers
+import model
+import utils
+from conftest import run_main
+
+onnx = pytest.importorskip('onnx')
+onnxruntime = pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxscript')
+
+SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4']
+
+
+def student_file(tmp_path, backbone, seed=0):
+    torch.manual_seed(seed)
+    network = model.create_backbone(backbone, 96, width_divisor=8)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(torch.randn(parameter.shape) * 0.02)  # beyond the constant initial norms and biases
+    path = str(tmp_path / f'{backbone}.pth')
+    torch.save({'params': network.state_dict()}, path)
+    return path
+
+
+def export(tmp_path, backbone, weights, img_size='96'):
+    out = str(tmp_path / f'{backbone}.onnx')
+    run_main(SMALL[:4] + ['--img_size', img_size] + ['--backbone_class', backbone, '--init_weights', weights,
+                                                     '--export_onnx', out, '--save_dir', str(tmp_path / 'runs')])
+    return out
+
+
+@pytest.mark.parametrize('backbone', ['Swin_base', 'Swin_tiny', 'Resnet12'])
+def test_onnx_runtime_features_equal_pytorch_features(tmp_path, backbone):
+    weights = student_file(tmp_path, backbone)
+    path = export(tmp_path, backbone, weights)
+    metadata = {entry.key: entry.value for entry in onnx.load(path).metadata_props}
+    assert metadata['input'].startswith('images: float32 (batch, 3, 96, 96), BGR channel order, values in [0, 1]')
+    assert metadata['output'] == 'features: float32 (batch, 128), L2-normalised' and metadata['backbone'] == backbone
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    pytorch = model.load_backbone(backbone, weights, 96, width_divisor=8)
+    mean, std = torch.tensor(helpers.PIXEL_MEAN_BGR), torch.tensor(helpers.PIXEL_STD_BGR)
+    for batch in (1, 3):
+        images = torch.rand(batch, 3, 96, 96, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = torch.nn.functional.normalize(pytorch((images - mean[:, None, None]) / std[:, None, None]))
+        features = session.run(None, {'images': images.numpy()})[0]
+        assert features.dtype == np.float32 and features.shape == (batch, 128)
+        np.testing.assert_allclose(features, expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_test_only_scores_an_exported_file_as_its_weights(tiny_data, tmp_path):
+    weights = student_file(tmp_path, 'Resnet12', seed=3)
+    path = export(tmp_path, 'Resnet12', weights)
+    lines = {}
+    for name, file in (('pytorch', weights), ('onnx', path)):
+        save_dir = tmp_path / name
+        run_main(SMALL + ['--backbone_class', 'Resnet12', '--test_only', '--init_weights', file,
+                          '--test_root', tiny_data['root'], '--test_list', tiny_data['test'], '--save_dir', str(save_dir)])
+        record_path = next(save_dir.glob('*/*/record.txt'))
+        lines[name] = re.search(r'^test acc: .*$', record_path.read_text(), re.M).group(0)
+        features = np.load(record_path.parent / 'opensetFeat.npy')
+        lines[name + '_features'] = features
+    assert lines['onnx'] == lines['pytorch']
+    np.testing.assert_allclose(lines['onnx_features'], lines['pytorch_features'], atol=1e-4)
+    labels = np.array([10 + label for label in range(3) for _ in range(4)])
+    assert utils.tar_at_far(lines['onnx_features'], labels) == utils.tar_at_far(lines['pytorch_features'], labels)
+
+
+def test_an_onnx_file_of_another_image_size_is_refused(tiny_data, tmp_path):
+    path = export(tmp_path, 'Resnet12', student_file(tmp_path, 'Resnet12'), img_size='64')
+    with pytest.raises(SystemExit, match=re.escape(f'error: {path} takes images of shape [3, 64, 64], not (3, 96, 96): '
+                                                   'run with --img_size 64, or export again at --img_size 96')):
+        run_main(SMALL + ['--backbone_class', 'Resnet12', '--test_only', '--init_weights', path,
+                          '--test_root', tiny_data['root'], '--test_list', tiny_data['test'],
+                          '--save_dir', str(tmp_path / 'runs')])
+
+
+def test_exporting_a_file_of_another_backbone_says_what_it_fits(tmp_path):
+    weights = student_file(tmp_path, 'Resnet12')
+    with pytest.raises(SystemExit, match=r'does not fit backbone Swin_tiny'):
+        export(tmp_path, 'Swin_tiny', weights)
+    assert not os.path.exists(tmp_path / 'Swin_tiny.onnx')
