@@ -363,8 +363,9 @@ class ImageDataset(Dataset):
                 return self._item(index, *self._decode(path), '')
             except IMAGE_READ_ERRORS as error:
                 blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
-                return self._item(index, blank, False, f"{path}: {image_problem(path, error)} "
-                                                       f"({self.origins[index]}); fix the file or remove it from the list")
+                problem = (f"{path}: {image_problem(path, error)} ({self.origins[index]}); fix the file or remove it "
+                           f"from the list")
+                return self._item(index, blank, False, problem)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 63))
             return self._train_item(index)

@@ -22,7 +22,6 @@ import trainer
 import utils
 
 
-
 def get_parser() -> argparse.ArgumentParser:
     """The original's flags, under their names, plus this project's."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

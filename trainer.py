@@ -66,8 +66,9 @@ def learning_rate(epoch_progress: float, epoch: int, *, base_lr: float, min_lr: 
                   max_epoch: int, scheduler: str, step_size: list[int], gamma: float) -> float:
     """The rate at `epoch_progress` = epoch + iteration / iterations_per_epoch (epochs numbered from 1).
 
-    Linear warm-up while epoch_progress < warmup_epochs, then cosine as the original (which divides by max_epoch, not max_epoch - warmup), or a
-    step decay by `gamma` every `step_size[0]` epochs (`step`) or at each epoch in `step_size` (`multistep`).
+    Linear warm-up while epoch_progress < warmup_epochs, then cosine as the original (which divides by max_epoch,
+    not max_epoch - warmup), or a step decay by `gamma` every `step_size[0]` epochs (`step`) or at each epoch in
+    `step_size` (`multistep`).
     """
     if epoch_progress < warmup_epochs:
         return base_lr * epoch_progress / warmup_epochs

@@ -40,7 +40,8 @@ def noisy_image(width, height, seed):
 
 
 def reference_eval(path, img_size):
-    """The original's evaluation transform, written independently: PIL RGB, reversed to BGR, bilinear resize, /255, normalise."""
+    """The original's evaluation transform, written independently: PIL RGB, reversed to BGR, bilinear resize,
+    /255, normalise."""
     rgb = np.asarray(Image.open(path).convert('RGB'))
     bgr = Image.fromarray(np.ascontiguousarray(rgb[:, :, ::-1]))
     resized = np.asarray(bgr.resize((img_size, img_size), Image.Resampling.BILINEAR))

@@ -197,7 +197,8 @@ def test_batches_seen_counts_training_forwards_only():
 
 
 def expected_dropped_fraction(keep_rate, side, block=5):
-    """The original's formula: seeds with probability gamma on the (side-4)^2 valid positions, each zeroing a 5x5 block."""
+    """The original's formula: seeds with probability gamma on the (side-4)^2 valid positions, each zeroing a 5x5
+    block."""
     gamma = (1 - keep_rate) / block ** 2 * side ** 2 / (side - block + 1) ** 2
     covering = torch.tensor([min(i, side - block) - max(0, i - block + 1) + 1 for i in range(side)],
                             dtype=torch.float64)
