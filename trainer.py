@@ -311,15 +311,14 @@ class RunControl:
     """When to write a checkpoint within an epoch and when to stop, decided the same way on every process.
 
     SIGTERM (eviction) and SIGINT (Ctrl-C) only ask the run to stop: the processes agree on it through an
-    all-reduce issued after one iteration and read after the next, so that no GPU waits for it, and all stop
-    after the same iteration. A third signal interrupts at once. `checkpoint_seconds` > 0 asks for a checkpoint
+    all-reduce of CPU tensors (over gloo, beside NCCL) issued after one iteration and read after the next, so that
+    no GPU stream waits for it, and all stop after the same iteration. A third signal interrupts at once. `checkpoint_seconds` > 0 asks for a checkpoint
     whenever that much time has passed since the last one (rank 0's clock decides).
     """
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, checkpoint_seconds: float, device: torch.device, write_checkpoint):
+    def __init__(self, checkpoint_seconds: float, write_checkpoint):
         self.checkpoint_seconds = checkpoint_seconds
-        self.device = device
         self._write = write_checkpoint
         self.signal_name = None
         self._signals_seen = 0
@@ -328,6 +327,8 @@ class RunControl:
         self._pending = None
         self._distributed = distributed()
         self._is_clock = not self._distributed or dist.get_rank() == 0
+        # a CPU group for these flags: a device tensor would copy from the host, and wait for the GPU, each step
+        self._group = dist.new_group(backend='gloo') if self._distributed and dist.get_backend() != 'gloo' else None
 
     def install_signal_handlers(self):
         """Route SIGTERM and SIGINT to a stop request (main thread only)."""
@@ -348,14 +349,14 @@ class RunControl:
     def _local_flags(self) -> torch.Tensor:
         due = (self.checkpoint_seconds > 0 and self._is_clock and
                time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds)
-        return torch.tensor([float(self.signal_name is not None), float(due)], device=self.device)
+        return torch.tensor([float(self.signal_name is not None), float(due)])
 
     def after_iteration(self) -> tuple[bool, str | None]:
         """(write a checkpoint now, the name of the signal to stop for or None), the same on every process."""
         flags = self._local_flags()
         if self._distributed:
             decided = self._collect()
-            self._pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True))
+            self._pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True))
             flags = decided
         if flags is None:
             return False, None
@@ -379,7 +380,7 @@ class RunControl:
         """Whether any process was asked to stop (a collective: every process calls it at the same point)."""
         flags = self._local_flags()
         if self._distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         return (self.signal_name or 'a signal on another process') if flags[0].item() else None
 
     def write_checkpoint(self, epoch: int, progress: EpochProgress):
@@ -561,7 +562,7 @@ class Trainer:
         self.args, self.parts, self.place = args, parts, place
         self.progress = {'epoch': 0, 'iteration': 0, 'best_accuracy': -1.0, 'best_epoch': 0}
         self.logged_images = set()
-        self.control = RunControl(args.checkpoint_minutes * 60, place.device, self._write_within_epoch)
+        self.control = RunControl(args.checkpoint_minutes * 60, self._write_within_epoch)
 
     def path(self, name: str) -> str:
         return os.path.join(self.place.run_dir, name)
