@@ -147,11 +147,7 @@ def gather_objects(value) -> list:
 
 def gather_messages(messages: list[str]) -> list[str]:
     """All processes' messages, in rank order, on every process."""
-    if not distributed():
-        return messages
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, messages)
-    return [message for rank_messages in gathered for message in rank_messages]
+    return [message for rank_messages in gather_objects(messages) for message in rank_messages]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -630,8 +626,8 @@ class Trainer:
                 utils.save_atomically(models.student_weights(self.parts.distiller.student,
                                                              include_head=not self.args.head_fixed),
                                       self.path(BEST_NAME))
-            utils.save_checkpoint(self._state(self.progress), self.path(CHECKPOINT_NAME),
-                                  self.path(PREVIOUS_CHECKPOINT_NAME))
+            utils.save_atomically(self._state(self.progress), self.path(CHECKPOINT_NAME),
+                                  self.path(PREVIOUS_CHECKPOINT_NAME), verify=True)
         if self.place.world_size > 1:
             dist.barrier()
 
@@ -640,7 +636,7 @@ class Trainer:
         if self.place.rank == 0:
             state = self._state(dict(self.progress, epoch=epoch - 1, iteration=current.iteration))
             state['epoch_progress'] = every_process
-            utils.save_checkpoint(state, self.path(CHECKPOINT_NAME), self.path(PREVIOUS_CHECKPOINT_NAME))
+            utils.save_atomically(state, self.path(CHECKPOINT_NAME), self.path(PREVIOUS_CHECKPOINT_NAME), verify=True)
         if self.place.world_size > 1:
             dist.barrier()
 
@@ -655,10 +651,11 @@ class Trainer:
 
     def _resume(self) -> EpochProgress:
         """Load the checkpoint chosen by choose_checkpoint, if any; return where to resume within the epoch."""
-        chosen = choose_checkpoint(self.place.run_dir, self.place.rank, self.place.logger)
+        chosen, state = choose_checkpoint(self.place.run_dir, self.place.rank, self.place.logger)
         if not chosen:
             return EpochProgress()
-        state = torch.load(chosen, map_location='cpu', weights_only=True)
+        if state is None:
+            state = torch.load(chosen, map_location='cpu', weights_only=True)
         self._load_state(state, chosen)
         self.progress = dict(state['progress'])
         self.progress.setdefault('iteration', 0)
@@ -717,17 +714,18 @@ def epoch_progress_from(state: dict) -> EpochProgress:
     return EpochProgress(**dict(state, random_state=generators))
 
 
-def choose_checkpoint(run_dir: str, rank: int, logger) -> str | None:
-    """The checkpoint to resume from, the same on every process: the latest if it loads, else the previous one;
-    a latest that does not load is set aside (renamed) and record.txt says why. None for a new run."""
-    decision, problems = [], []
+def choose_checkpoint(run_dir: str, rank: int, logger) -> tuple[str | None, dict | None]:
+    """(the checkpoint to resume from, the same on every process, or None for a new run; its state on rank 0,
+    which read it to choose it, else None). The latest wins if it loads, else the previous one; a latest that does
+    not load is set aside (renamed) and record.txt says why."""
+    decision, problems, state = [], [], None
     if rank == 0:
         failures = []
         for path in (os.path.join(run_dir, CHECKPOINT_NAME), os.path.join(run_dir, PREVIOUS_CHECKPOINT_NAME)):
             if not os.path.exists(path):
                 continue
             try:
-                torch.load(path, map_location='cpu', weights_only=True)
+                state = torch.load(path, map_location='cpu', weights_only=True)
             except Exception as error:  # any damage: truncated, zeroed, not a checkpoint at all
                 failures.append((path, models.first_line(error)))
                 continue
@@ -743,7 +741,7 @@ def choose_checkpoint(run_dir: str, rank: int, logger) -> str | None:
             logger.info(f'{path} does not load ({reason}): set aside as {aside}; resuming from {decision[0]}')
     stop_if_any_process_failed(problems)
     chosen = gather_messages(decision)
-    return chosen[0] if chosen else None
+    return (chosen[0], state) if chosen else (None, None)
 
 
 def run_test(args, place: RunPlace, loader, batch_transform, student_backbone: nn.Module,

@@ -89,8 +89,10 @@ class Logger:
         self.active = rank == 0
         self.record_path = os.path.join(run_dir, 'record.txt')
         self.writer = None
+        self.results = {}
         if not self.active:
             return
+        self.results = read_results(run_dir)  # a resumed run adds to its figures
         os.makedirs(run_dir, exist_ok=True)
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -115,15 +117,14 @@ class Logger:
         """Set one top-level entry of the run's results.json (see RESULTS_NAME) and rewrite the file."""
         if not self.active:
             return
-        results = read_results(self.run_dir)
-        results[key] = value
-        _write_json(results, os.path.join(self.run_dir, RESULTS_NAME))
+        self.results[key] = value
+        _write_json(self.results, os.path.join(self.run_dir, RESULTS_NAME))
 
     def epoch_result(self, figures: dict):
         """Add an epoch's figures to results.json, replacing those of the same or later epochs (a resumed run)."""
         if not self.active:
             return
-        epochs = [entry for entry in read_results(self.run_dir).get('epochs', []) if entry['epoch'] < figures['epoch']]
+        epochs = [entry for entry in self.results.get('epochs', []) if entry['epoch'] < figures['epoch']]
         self.result('epochs', epochs + [figures])
 
     def close(self):
@@ -175,9 +176,11 @@ def _current_umask() -> int:
     return umask
 
 
-def save_atomically(obj, path: str):
+def save_atomically(obj, path: str, previous_path: str | None = None, verify: bool = False):
     """torch.save `obj` to a temporary file beside `path`, then rename it over `path`: an interrupted save
-    leaves the previous file intact and no temporary behind."""
+    leaves the previous file intact and no temporary behind. `verify` reads the file back before it replaces
+    anything; `previous_path` keeps the file it replaces, so that a damaged latest checkpoint never leaves a run
+    without a good one."""
     directory = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
     try:
@@ -185,27 +188,10 @@ def save_atomically(obj, path: str):
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
+        if verify:
+            torch.load(temporary, map_location='cpu', weights_only=True)
         os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes files private; checkpoints are shared
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def save_checkpoint(obj, path: str, previous_path: str):
-    """Write `obj` to `path` atomically, read it back to verify it, and keep the checkpoint it replaces as
-    `previous_path`, so that a damaged latest file never leaves a run without a good one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
-    try:
-        with os.fdopen(handle, 'wb') as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        torch.load(temporary, map_location='cpu', weights_only=True)
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        if os.path.exists(path):
+        if previous_path is not None and os.path.exists(path):
             os.replace(path, previous_path)
         os.replace(temporary, path)
     except BaseException:

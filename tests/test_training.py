@@ -259,15 +259,21 @@ def evaluation_batch(tiny_data) -> torch.Tensor:
     return torch.stack(images)
 
 
-def test_non_finite_loss_stops_with_epoch_and_iteration_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
+def spoil_losses(monkeypatch, spoilt, factor):
+    """Multiply the loss of the training steps for which spoilt(step number from 1) holds by `factor` (nan or
+    inf)."""
     original_forward = trainer.DistillationLoss.forward
     calls = []
 
-    def forward_turning_nan_in_epoch_two(self, *arguments):
+    def forward_with_spoilt_steps(self, *arguments):
         loss, cross_entropy, distillation = original_forward(self, *arguments)
         calls.append(1)
-        return (loss * float('nan') if len(calls) > 6 else loss), cross_entropy, distillation
-    monkeypatch.setattr(trainer.DistillationLoss, 'forward', forward_turning_nan_in_epoch_two)
+        return (loss * factor if spoilt(len(calls)) else loss), cross_entropy, distillation
+    monkeypatch.setattr(trainer.DistillationLoss, 'forward', forward_with_spoilt_steps)
+
+
+def test_non_finite_loss_stops_with_epoch_and_iteration_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
+    spoil_losses(monkeypatch, lambda step: step > 6, float('nan'))  # from the first step of epoch 2
     argv = SMALL + data_args(tiny_data) + ['--backbone_class', 'Resnet12', '--num_classes', '4',
                                            '--max_epoch', '3', '--save_dir', str(tmp_path)]
     with pytest.raises(SystemExit, match='epoch 2 iteration 0: the loss is not finite'):
@@ -574,16 +580,8 @@ def test_two_processes_validate_and_save_one_and_the_same_model(tiny_data, tmp_p
 
 
 def test_fp16_skips_non_finite_steps_and_stops_only_when_they_persist(tiny_data, tmp_path, monkeypatch):
-    original_forward = trainer.DistillationLoss.forward
-    calls = []
-
-    def forward_with_non_finite_steps(self, *arguments):
-        loss, cross_entropy, distillation = original_forward(self, *arguments)
-        calls.append(1)
-        # steps 2-3 of epoch 1 overflow (skipped), then from the second step of epoch 2 every step does
-        spoilt = len(calls) in (2, 3) or len(calls) >= 8
-        return (loss * float('inf') if spoilt else loss), cross_entropy, distillation
-    monkeypatch.setattr(trainer.DistillationLoss, 'forward', forward_with_non_finite_steps)
+    # steps 2-3 of epoch 1 overflow (skipped), then from the second step of epoch 2 every step does
+    spoil_losses(monkeypatch, lambda step: step in (2, 3) or step >= 8, float('inf'))
     monkeypatch.setattr(trainer.NonFiniteWatch, 'FP16_SKIPS_ALLOWED', 3)
     argv = SMALL + data_args(tiny_data)[:8] + ['--backbone_class', 'Resnet12', '--num_classes', '4', '--amp', 'fp16',
                                                '--max_epoch', '3', '--save_dir', str(tmp_path)]
