@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -192,12 +193,23 @@ def save_atomically(obj, path: str, previous_path: str | None = None, verify: bo
             torch.load(temporary, map_location='cpu', weights_only=True)
         os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes files private; checkpoints are shared
         if previous_path is not None and os.path.exists(path):
-            os.replace(path, previous_path)
+            _keep_as(path, previous_path)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def _keep_as(path: str, kept_path: str):
+    """Make `kept_path` hold what `path` holds while `path` stays in place, so that a kill at any moment leaves a
+    latest file: a hard link renamed over `kept_path` (a copy where links are not supported)."""
+    link = f'{kept_path}.{os.getpid()}.link'
+    try:
+        os.link(path, link)
+    except OSError:
+        shutil.copyfile(path, link)
+    os.replace(link, kept_path)
 
 
 class RunDirectoryBusy(RuntimeError):
