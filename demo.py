@@ -190,11 +190,13 @@ def _perspective_coefficients(output_points, input_points):
 
 def _background(rng, size):
     """A fresh outdoor background: sky gradient, horizon, ground, distant clutter."""
-    sky_hue = rng.uniform(0.5, 0.7) if rng.random() < 0.6 else rng.uniform(0, 1)
-    sky_top = np.array(_hsv_to_rgb(sky_hue, rng.uniform(0.1, 0.7), rng.uniform(0.5, 1.0)), np.float32)
-    sky_bottom = np.array(_hsv_to_rgb(sky_hue + rng.uniform(-0.1, 0.1), rng.uniform(0.0, 0.4),
-                                      rng.uniform(0.6, 1.0)), np.float32)
-    ground_colour = np.array(_hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.1, 0.6), rng.uniform(0.2, 0.7)),
+    # skies run from blue to overcast grey and grounds are earthy and unsaturated, as outdoors: the strong colours
+    # of a view belong to the landmark
+    sky_hue = rng.uniform(0.52, 0.65)
+    sky_top = np.array(_hsv_to_rgb(sky_hue, rng.uniform(0.0, 0.6), rng.uniform(0.6, 1.0)), np.float32)
+    sky_bottom = np.array(_hsv_to_rgb(sky_hue + rng.uniform(-0.03, 0.03), rng.uniform(0.0, 0.3),
+                                      rng.uniform(0.7, 1.0)), np.float32)
+    ground_colour = np.array(_hsv_to_rgb(rng.uniform(0.05, 0.35), rng.uniform(0.05, 0.35), rng.uniform(0.25, 0.6)),
                              np.float32)
     horizon = int(size * rng.uniform(0.55, 0.9))
     fraction = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None]
@@ -204,7 +206,7 @@ def _background(rng, size):
     background = Image.fromarray(pixels, 'RGB').convert('RGBA')
     draw = ImageDraw.Draw(background)
     for _ in range(int(rng.integers(0, 5))):
-        colour = _hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 0.5), rng.uniform(0.2, 0.8)) + (255,)
+        colour = _hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 0.25), rng.uniform(0.3, 0.7)) + (255,)
         width = size * rng.uniform(0.05, 0.3)
         height = size * rng.uniform(0.05, 0.35)
         left = size * rng.uniform(-0.1, 1.0)
@@ -249,7 +251,8 @@ def _relight(image, rng):
 
 def render_view(landmark_image, rng, image_size):
     """One photograph of a rendered landmark: viewpoint, scale, crop, background, occlusion, lighting."""
-    side = image_size * rng.uniform(0.8, 1.4)
+    # photographs of a landmark frame it: it fills most of the view
+    side = image_size * rng.uniform(1.0, 1.45)
     centre_x = image_size * (0.5 + rng.uniform(-0.15, 0.15))
     centre_y = image_size * (0.5 + rng.uniform(-0.1, 0.15))
     rotation = np.deg2rad(rng.uniform(-8, 8))

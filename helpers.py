@@ -12,10 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageFile
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import RandomResizedCrop
 
 import model as models
+import swin_transformer
 
 
 # ============================================================================================ data
@@ -270,6 +273,19 @@ def decode_train_crop(path: str, img_size: int) -> torch.Tensor:
     return _bgr_tensor(crop)
 
 
+def decode_image(path: str, img_size: int, augment: bool) -> tuple[torch.Tensor, bool]:
+    """(uint8 BGR image: a random resized crop and flip with `augment`, else the evaluation resize; whether the file
+    was truncated and decoded with its missing part filled in, as the original's PIL LOAD_TRUNCATED_IMAGES did)."""
+    decode = decode_train_crop if augment else decode_eval_image
+    try:
+        return decode(path, img_size), False
+    except FileNotFoundError:
+        raise
+    except OSError:
+        with _truncated_images_allowed():
+            return decode(path, img_size), True
+
+
 def image_problem(path: str, error: BaseException) -> str:
     """Short reason why `path` could not be read."""
     if isinstance(error, FileNotFoundError):
@@ -311,8 +327,7 @@ class ImageDataset(Dataset):
     labels and index are returned) and 'bad' lists each skipped 'path: reason', joined by '; '.
     train=False: an unreadable image gives a black image and 'bad' = 'path: reason (list:line); what to do', for
     the evaluation loop to stop every process with (raising in a loader worker would bury the message).
-    augment (train only): random resized crop + flip; otherwise the evaluation resize.
-    The samples are stored packed (see PackedStrings); `sample(index)` gives one back.
+    augment (train only): see decode_image. The samples are stored packed (see PackedStrings).
     """
 
     def __init__(self, samples, img_size: int, train: bool, augment: bool, seed: int = 0):
@@ -333,22 +348,6 @@ class ImageDataset(Dataset):
         return Sample(self.paths[index], int(self.labels[index]), int(self.fine_labels[index]),
                       self.origins[index])
 
-    def _decode_once(self, path: str) -> torch.Tensor:
-        if self.augment:
-            return decode_train_crop(path, self.img_size)
-        return decode_eval_image(path, self.img_size)
-
-    def _decode(self, path: str) -> tuple[torch.Tensor, bool]:
-        """(image, whether the file was truncated and decoded with its missing part filled in)."""
-        try:
-            return self._decode_once(path), False
-        except FileNotFoundError:
-            raise
-        except OSError:
-            # the original decoded every file with PIL's LOAD_TRUNCATED_IMAGES; retry as it did
-            with _truncated_images_allowed():
-                return self._decode_once(path), True
-
     def _item(self, index: int, image: torch.Tensor, truncated: bool, bad: str) -> dict:
         return dict(image=image, label=int(self.labels[index]), fine_label=int(self.fine_labels[index]),
                     index=index, bad=bad, truncated=self.paths[index] if truncated else '')
@@ -360,7 +359,7 @@ class ImageDataset(Dataset):
         if not self.train:
             path = self.paths[index]
             try:
-                return self._item(index, *self._decode(path), '')
+                return self._item(index, *decode_image(path, self.img_size, self.augment), '')
             except IMAGE_READ_ERRORS as error:
                 blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
                 problem = (f"{path}: {image_problem(path, error)} ({self.origins[index]}); fix the file or remove it "
@@ -376,7 +375,7 @@ class ImageDataset(Dataset):
             candidate = (index + attempt) % len(self)
             path = self.paths[candidate]
             try:
-                return self._item(candidate, *self._decode(path), '; '.join(problems))
+                return self._item(candidate, *decode_image(path, self.img_size, self.augment), '; '.join(problems))
             except IMAGE_READ_ERRORS as error:
                 problems.append(f"{path}: {image_problem(path, error)}")
         raise RuntimeError(f"{len(problems)} consecutive training images are unreadable, starting at "
@@ -450,6 +449,65 @@ def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, wor
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=False, persistent_workers=num_workers > 0,
                       worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
+
+
+def read_checked_list(root: str | None, list_path: str | None, root_flag: str) -> list[Sample]:
+    """The samples of a validation or test list (none without one), every listed image checked to exist."""
+    if not list_path:
+        return []
+    samples = read_eval_samples(root, list_path)
+    check_images_exist(samples, root_flag)
+    return samples
+
+
+def build_training_loaders(train_samples, val_samples, *, val_list: str | None, num_classes: int, img_size: int,
+                           batch_size: int, num_workers: int, augment: bool, seed: int, rank: int, world_size: int):
+    """(train loader, validation loader or None) over this process's part, every label checked against the head;
+    `batch_size` is the global batch."""
+    check_labels(train_samples, num_classes, 'the training lists')
+    per_process_batch = batch_size // world_size
+    train_loader = build_train_loader(ImageDataset(train_samples, img_size, train=True, augment=augment, seed=seed),
+                                      per_process_batch, num_workers, seed=seed, rank=rank, world_size=world_size)
+    if len(train_loader) == 0:
+        raise ValueError(f'the training lists hold {len(train_samples)} images, fewer than one batch of '
+                         f'--batch_size {batch_size}; lower --batch_size')
+    val_loader = None
+    if val_samples:
+        check_labels(val_samples, num_classes, val_list)
+        val_loader = build_eval_loader(ImageDataset(val_samples, img_size, train=False, augment=False),
+                                       per_process_batch, num_workers, rank, world_size)
+    return train_loader, val_loader
+
+
+def build_test_loader(samples, img_size: int, batch_size: int, num_workers: int, rank: int, world_size: int):
+    """The test list's loader, each process over its contiguous part; `batch_size` is the global batch."""
+    return build_eval_loader(ImageDataset(samples, img_size, train=False, augment=False),
+                             max(1, batch_size // world_size), num_workers, rank, world_size)
+
+
+def shared_memory_free_bytes() -> int | None:
+    """Free bytes of /dev/shm, through which loader workers hand batches over; None where there is none."""
+    try:
+        status = os.statvfs('/dev/shm')
+    except OSError:
+        return None
+    return status.f_bavail * status.f_frsize
+
+
+def loader_workers_that_fit(requested: int, batch_size: int, img_size: int, logger) -> int:
+    """As many loader workers as asked, unless their batches in flight (two per worker, for every process of this
+    host, with room to spare) would not fit in /dev/shm: then fewer, said in one line."""
+    free = shared_memory_free_bytes()
+    if requested == 0 or free is None:
+        return requested
+    processes = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    per_worker = 2 * 2 * processes * batch_size * 3 * img_size * img_size
+    fitting = min(requested, int(free // per_worker))
+    if fitting < requested:
+        logger.info(f'/dev/shm has {free / 2 ** 20:.0f} MB free, too little for {requested} loader workers in each of '
+                    f'{processes} processes (about {requested * per_worker / 2 ** 20:.0f} MB): using {fitting}; give '
+                    'the container more shared memory (e.g. docker run --shm-size 16g) for full speed')
+    return fitting
 
 
 class BatchTransform:
@@ -528,6 +586,33 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
     else:
         head = models.CosFaceHead(num_classes, backbone.feature_dim)
     return models.DistillationModel(models.Classifier(backbone, head), teacher, stochastic_teacher)
+
+
+def prepare_student(distiller: models.DistillationModel, *, fused_attention: bool, compile_backbone: bool,
+                    world_size: int, device: torch.device) -> nn.Module:
+    """The student as the training step calls it: with fused attention, compiled, and under DDP as asked."""
+    if fused_attention:
+        for network in (distiller.student.backbone, distiller.teacher.backbone if distiller.teacher else None):
+            if isinstance(network, swin_transformer.SwinBackbone):
+                swin_transformer.use_fused_attention(network)
+    if compile_backbone:
+        distiller.student.backbone.compile()  # in place, so that state_dict keys keep their names
+    if device.type == 'cuda':
+        # ResNet12's shapes never change: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = isinstance(distiller.student.backbone, models.ResNet12)
+    return distributed_student(distiller.student, device) if world_size > 1 else distiller.student
+
+
+def distributed_student(classifier: models.Classifier, device: torch.device) -> nn.Module:
+    """The student under DDP, without waste: a frozen (shared) head stays outside DDP, so its 1 GB is neither
+    broadcast at start nor bucketed; constant buffers are broadcast only where BatchNorm statistics need it;
+    gradients live in the communication buckets (no second copy)."""
+    has_batch_norm = any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in classifier.modules())
+    options = dict(device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=has_batch_norm,
+                   gradient_as_bucket_view=True)
+    if classifier.head.weight.requires_grad:
+        return DistributedDataParallel(classifier, **options)
+    return models.Classifier(DistributedDataParallel(classifier.backbone, **options), classifier.head)
 
 
 def parameter_counts(distiller: models.DistillationModel) -> dict:

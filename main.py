@@ -6,13 +6,9 @@ Several GPUs:    torchrun --nproc_per_node 8 main.py ...   (DDP; --batch_size is
 import argparse
 import dataclasses
 import os
-import socket
-import time
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import helpers
 import model as models
@@ -23,11 +19,21 @@ import utils
 
 
 def get_parser() -> argparse.ArgumentParser:
-    """The original's flags, under their names, plus this project's."""
+    """The original's flags, under their names, plus this project's, in groups."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
+    add_recipe_flags(parser.add_argument_group('model and schedule'))
+    add_distillation_flags(parser.add_argument_group('distillation'))
+    add_data_flags(parser.add_argument_group('data'))
+    add_run_flags(parser.add_argument_group('the run'))
+    return parser
+
+
+def add_recipe_flags(group):
+    add = group.add_argument
     add('--backbone_class', default='Swin_tiny', choices=models.BACKBONE_NAMES)
-    add('--dataset', default='TLD', help='only names the run directory')
+    add('--init_weights', default=None, help='student weights to start from (or to test with --test_only)')
+    add('--img_size', type=int, default=384)
+    add('--num_classes', type=int, default=None, help="default: the teacher's classifier, else 252903")
     add('--max_epoch', type=int, default=200)
     add('--warmup_epoch', type=int, default=10)
     add('--batch_size', type=int, default=256, help='global batch over all processes')
@@ -39,22 +45,21 @@ def get_parser() -> argparse.ArgumentParser:
     add('--lr_scheduler', default='cosine', choices=('cosine', 'step', 'multistep'))
     add('--step_size', default='30', help='epochs between decays (step) or comma-separated epochs (multistep)')
     add('--gamma', type=float, default=0.1)
-    add('--augment', action='store_true', help='random resized crop, flip and PCA lighting')
-    add('--multi_gpu', action='store_true', help='accepted for old scripts; launch with torchrun for DDP')
-    add('--init_weights', default=None, help='student weights to start from (or to test with --test_only)')
-    add('--num_workers', type=int, default=8, help='data loading processes per training process')
-    add('--log_interval', type=int, default=50, help='iterations between tensorboard points')
-    add('--checkpoint_minutes', type=float, default=30.0,
-        help='also write the resumable checkpoint within an epoch every this many minutes (0: at epoch ends only)')
-    add('--eval_interval', type=int, default=1, help='epochs between validations')
-    add('--save_dir', default='./checkpoints')
+    add('--drop_block', default='published', choices=resnet12.DROP_BLOCK_SCHEDULES,
+        help="Resnet12: 'published' keeps the keep rate of the published multi-GPU run (1 - 0.1/40000: DropBlock "
+             "in effect off); 'annealed' lowers it from 1 to 0.9 over the first 40,000 batches")
+    add('--seed', type=int, default=0)
+    add('--demo_width_divisor', type=int, default=1,
+        help='CPU demo only: divide every channel width (and the 1024-d feature) by this')
+
+
+def add_distillation_flags(group):
+    add = group.add_argument
     add('--is_distill', action='store_true')
     add('--teacher_backbone_class', default='Swin_base', choices=models.BACKBONE_NAMES)
     add('--teacher_init_weights', default=None, help='teacher file with its cosine classifier')
     add('--kd_loss', default='KD', choices=trainer.KD_LOSSES)
     add('--kd_weight', type=float, default=1.0)
-    add('--resume', nargs='?', const=True, default=False, type=parse_bool,
-        help='accepted for old scripts (also as `--resume True`); a run with a checkpoint always resumes')
     add('--head_fixed', action='store_true', help="the student uses the teacher's classifier, frozen")
     add('--init_head_from_teacher', action='store_true',
         help="without --head_fixed, start the student's own head as a trainable copy of the teacher's "
@@ -62,10 +67,11 @@ def get_parser() -> argparse.ArgumentParser:
     add('--teacher_eval', action='store_true',
         help="run the teacher deterministically (eval mode) while distilling; default: as the published runs, "
              'with its stochastic depth active (never any gradient)')
-    add('--drop_block', default='published', choices=resnet12.DROP_BLOCK_SCHEDULES,
-        help="Resnet12: 'published' keeps the keep rate of the published multi-GPU run (1 - 0.1/40000: DropBlock "
-             "in effect off); 'annealed' lowers it from 1 to 0.9 over the first 40,000 batches")
-    add('--suffix', default='', help='appended to the run directory name')
+
+
+def add_data_flags(group):
+    add = group.add_argument
+    add('--dataset', default='TLD', help='only names the run directory')
     add('--train_root', nargs='+', default=[], help='image roots, one per --train_list')
     add('--train_list', nargs='+', default=[], help='tab-separated lists: path, name, label')
     add('--label_map', default=None, help='saved dict label -> (final_label, score)')
@@ -75,24 +81,33 @@ def get_parser() -> argparse.ArgumentParser:
     add('--test_list', default=None, help='open-set list: path, name, coarse label[, fine label]')
     add('--test_mask_coarse', default=None, help="the original's upper-triangle pair mask (.npy)")
     add('--test_mask_fine', default=None)
-    add('--img_size', type=int, default=384)
-    add('--num_classes', type=int, default=None, help="default: the teacher's classifier, else 252903")
-    add('--seed', type=int, default=0)
+    add('--augment', action='store_true', help='random resized crop, flip and PCA lighting')
+    add('--num_workers', type=int, default=8, help='data loading processes per training process')
+    add('--max_bad_images', type=float, default=0.01, help='fraction of an epoch that may be unreadable')
+
+
+def add_run_flags(group):
+    add = group.add_argument
+    add('--save_dir', default='./checkpoints')
+    add('--suffix', default='', help='appended to the run directory name')
+    add('--eval_interval', type=int, default=1, help='epochs between validations')
+    add('--log_interval', type=int, default=50, help='iterations between tensorboard points')
+    add('--checkpoint_minutes', type=float, default=30.0,
+        help='also write the resumable checkpoint within an epoch every this many minutes (0: at epoch ends only)')
+    add('--resume', nargs='?', const=True, default=False, type=parse_bool,
+        help='accepted for old scripts (also as `--resume True`); a run with a checkpoint always resumes')
+    add('--multi_gpu', action='store_true', help='accepted for old scripts; launch with torchrun for DDP')
     add('--test_only', action='store_true',
         help="evaluate --init_weights (weights of any supported format, or an exported .onnx) or the run's max_acc.pth")
     add('--export_onnx', default=None, metavar='OUT.onnx',
         help="write --init_weights (or the run's max_acc.pth) as an ONNX serving graph: BGR images in [0, 1] -> "
              'L2-normalised features')
-    add('--max_bad_images', type=float, default=0.01, help='fraction of an epoch that may be unreadable')
     add('--amp', default='none', choices=('none', 'bf16', 'fp16'), help='mixed precision')
     add('--channels_last', action='store_true', help='channels-last memory format (Resnet12)')
     add('--compile', action='store_true', help='torch.compile the student backbone')
     add('--grad_checkpointing', action='store_true', help='recompute Swin blocks in backward to save memory')
     add('--fused_attention', action='store_true',
         help="Swin: torch's scaled_dot_product_attention for the window attention (same features; for GPUs)")
-    add('--demo_width_divisor', type=int, default=1,
-        help='CPU demo only: divide every channel width (and the 1024-d feature) by this')
-    return parser
 
 
 def check_args(args, world_size: int):
@@ -218,11 +233,11 @@ def main(args):
     try:
         check_args(args, world_size)
         run_dir = run_directory(args)
-        lock = hold_run_directory(run_dir, rank, world_size)
+        lock = trainer.hold_run_directory(run_dir, rank, world_size)
         logger = utils.Logger(run_dir, rank=rank)
         logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())))
-        args.num_workers = loader_workers_that_fit(args.num_workers, args.batch_size // world_size, args.img_size,
-                                                   logger)
+        args.num_workers = helpers.loader_workers_that_fit(args.num_workers, args.batch_size // world_size, args.img_size,
+                                                           logger)
         place = trainer.RunPlace(run_dir, logger, rank, world_size, device)
         if args.export_onnx:
             export(args, place)
@@ -247,98 +262,15 @@ def main(args):
             dist.destroy_process_group()
 
 
-def distributed_student(classifier, device: torch.device) -> nn.Module:
-    """The student under DDP, without waste: a frozen (shared) head stays outside DDP, so its 1 GB is neither
-    broadcast at start nor bucketed; constant buffers are broadcast only where BatchNorm statistics need it;
-    gradients live in the communication buckets (no second copy)."""
-    has_batch_norm = any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in classifier.modules())
-    options = dict(device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=has_batch_norm,
-                   gradient_as_bucket_view=True)
-    if classifier.head.weight.requires_grad:
-        return DistributedDataParallel(classifier, **options)
-    return models.Classifier(DistributedDataParallel(classifier.backbone, **options), classifier.head)
-
-
-def hold_run_directory(run_dir: str, rank: int, world_size: int):
-    """Create the run directory and take its lock (rank 0); every process stops if another run holds it, or if
-    the run directory is not on storage that every process shares."""
-    lock, problems = None, []
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        try:
-            lock = utils.RunLock(run_dir).acquire()
-        except utils.RunDirectoryBusy as error:
-            problems.append(str(error))
-    trainer.stop_if_any_process_failed(problems)
-    try:
-        if world_size > 1:
-            check_shared_storage(run_dir, rank)
-    except trainer.StopOnEveryRank:
-        if lock is not None:
-            lock.release()
-        raise
-    return lock
-
-
-def check_shared_storage(run_dir: str, rank: int):
-    """Every process must read the token that rank 0 wrote into the run directory: checkpoints, max_acc.pth and
-    the resume decision are written by rank 0 and read by all."""
-    token_path = os.path.join(run_dir, '.shared_storage_check')
-    token = []
-    if rank == 0:
-        token = [f'{socket.gethostname()}:{os.getpid()}:{time.time()}']
-        with open(token_path, 'w', encoding='utf-8') as handle:
-            handle.write(token[0])
-    token = trainer.gather_messages(token)[0]  # every process waits here until the token is written
-    try:
-        with open(token_path, encoding='utf-8') as handle:
-            seen = handle.read()
-    except OSError:
-        seen = None
-    problems = [] if seen == token else [
-        f'process {rank} on host {socket.gethostname()} does not see {run_dir} as rank 0 wrote it: --save_dir must '
-        'be storage that every host shares (SAVE_DIR in start.sh)']
-    problems = trainer.gather_messages(problems)
-    if rank == 0:
-        os.remove(token_path)
-    if problems:
-        raise trainer.StopOnEveryRank(problems[0])
-
-
-def shared_memory_free_bytes() -> int | None:
-    """Free bytes of /dev/shm, through which loader workers hand batches over; None where there is none."""
-    try:
-        status = os.statvfs('/dev/shm')
-    except OSError:
-        return None
-    return status.f_bavail * status.f_frsize
-
-
-def loader_workers_that_fit(requested: int, batch_size: int, img_size: int, logger) -> int:
-    """As many loader workers as asked, unless their batches in flight (two per worker, for every process of this
-    host, with room to spare) would not fit in /dev/shm: then fewer, said in one line."""
-    free = shared_memory_free_bytes()
-    if requested == 0 or free is None:
-        return requested
-    processes = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
-    per_worker = 2 * 2 * processes * batch_size * 3 * img_size * img_size
-    fitting = min(requested, int(free // per_worker))
-    if fitting < requested:
-        logger.info(f'/dev/shm has {free / 2 ** 20:.0f} MB free, too little for {requested} loader workers in each of '
-                    f'{processes} processes (about {requested * per_worker / 2 ** 20:.0f} MB): using {fitting}; give '
-                    'the container more shared memory (e.g. docker run --shm-size 16g) for full speed')
-    return fitting
-
-
 def train(args, place: trainer.RunPlace):
     """Wire a training run: lists, model, loaders, optimizer and schedule; trainer.Trainer runs it and tests."""
     logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
     trainer.seed_epoch(args.seed, 0, rank)
     train_samples, _ = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
     # what would only fail after the last epoch is found now
-    val_samples = read_checked_list(args.val_root, args.val_list, '--val_root')
-    test_samples = read_checked_list(args.test_root, args.test_list, '--test_root')
-    announce_undefined_figures(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
+    val_samples = helpers.read_checked_list(args.val_root, args.val_list, '--val_root')
+    test_samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root')
+    trainer.announce_undefined_figures(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
     distiller = helpers.build_model(
         args.backbone_class, args.img_size, args.num_classes, args.init_weights,
         teacher_name=args.teacher_backbone_class if args.is_distill else None,
@@ -349,11 +281,10 @@ def train(args, place: trainer.RunPlace):
     counts = helpers.parameter_counts(distiller)
     logger.info(helpers.parameter_report(counts))
     logger.result('parameters', counts)
-    train_loader, val_loader, batch_transform = build_data(args, train_samples, val_samples,
-                                                           num_classes=distiller.student.head.num_classes,
-                                                           world_size=world_size, rank=rank)
-    optimizer = helpers.build_optimizer(args.optim, distiller.trainable_parameters(), args.lr,
-                                        args.weight_decay, args.momentum)
+    train_loader, val_loader = helpers.build_training_loaders(
+        train_samples, val_samples, val_list=args.val_list, num_classes=distiller.student.head.num_classes,
+        img_size=args.img_size, batch_size=args.batch_size, num_workers=args.num_workers, augment=args.augment,
+        seed=args.seed, rank=rank, world_size=world_size)
     milestones = step_sizes(args.step_size)
 
     def schedule(epoch_progress, epoch):
@@ -362,48 +293,39 @@ def train(args, place: trainer.RunPlace):
                                      scheduler=args.lr_scheduler, step_size=milestones, gamma=args.gamma)
 
     parts = trainer.TrainingParts(
-        distiller=distiller, student=prepare_student(args, distiller, world_size, device),
+        distiller=distiller,
+        student=helpers.prepare_student(distiller, fused_attention=args.fused_attention, compile_backbone=args.compile,
+                                        world_size=world_size, device=device),
         criterion=trainer.DistillationLoss(args.kd_loss if args.is_distill else None, args.kd_weight,
                                            world_size=world_size),
-        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'),
-        train_loader=train_loader, val_loader=val_loader, batch_transform=batch_transform, schedule=schedule)
+        optimizer=helpers.build_optimizer(args.optim, distiller.trainable_parameters(), args.lr, args.weight_decay,
+                                          args.momentum),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'),
+        train_loader=train_loader, val_loader=val_loader, schedule=schedule,
+        batch_transform=helpers.BatchTransform(args.augment, memory_format=torch.channels_last if args.channels_last
+                                               else torch.contiguous_format))
     run = trainer.Trainer(args, parts, place)
     run.fit()
     if test_samples:
-        trainer.run_test(args, place, loader=test_loader(args, test_samples, rank, world_size),
+        trainer.run_test(args, place, loader=test_loader(args, test_samples, place),
                          batch_transform=helpers.BatchTransform(augment=False), student_backbone=run.best_student(),
                          teacher_backbone=distiller.teacher.backbone if distiller.teacher is not None else None,
                          logged_images=run.logged_images)
 
 
-def prepare_student(args, distiller, world_size: int, device: torch.device) -> nn.Module:
-    """The student as the training step calls it: fused attention, compiled, and under DDP as asked."""
-    if args.fused_attention:
-        for network in (distiller.student.backbone, distiller.teacher.backbone if distiller.teacher else None):
-            if isinstance(network, swin_transformer.SwinBackbone):
-                swin_transformer.use_fused_attention(network)
-    if args.compile:
-        distiller.student.backbone.compile()  # in place, so that state_dict keys keep their names
-    if device.type == 'cuda':
-        # ResNet12's shapes never change: let cuDNN pick its fastest kernels once
-        torch.backends.cudnn.benchmark = args.backbone_class == 'Resnet12'
-    return distributed_student(distiller.student, device) if world_size > 1 else distiller.student
-
-
-def test_loader(args, samples, rank: int, world_size: int):
-    """The test list's loader, each process over its contiguous part."""
-    return helpers.build_eval_loader(helpers.ImageDataset(samples, args.img_size, train=False, augment=False),
-                                     max(1, args.batch_size // world_size), args.num_workers, rank, world_size)
+def test_loader(args, samples, place: trainer.RunPlace):
+    return helpers.build_test_loader(samples, args.img_size, args.batch_size, args.num_workers, place.rank,
+                                     place.world_size)
 
 
 def test_only(args, place: trainer.RunPlace):
     """Evaluate --init_weights (original or own format) or the run's max_acc.pth; no teacher needed."""
-    logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
+    logger, device = place.logger, place.device
     weights = args.init_weights or os.path.join(place.run_dir, trainer.BEST_NAME)
     if not os.path.isfile(weights):
         raise SystemExit(f'error: --test_only found no {weights}; give --init_weights or train this run first')
-    samples = read_checked_list(args.test_root, args.test_list, '--test_root')
-    announce_undefined_figures(samples, args.test_mask_coarse, args.test_mask_fine, logger)
+    samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root')
+    trainer.announce_undefined_figures(samples, args.test_mask_coarse, args.test_mask_fine, logger)
     if weights.endswith('.onnx'):
         student_backbone = models.OnnxBackbone(weights, args.img_size, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR)
     else:
@@ -414,7 +336,7 @@ def test_only(args, place: trainer.RunPlace):
     if args.teacher_init_weights:
         teacher_backbone = models.load_backbone(args.teacher_backbone_class, args.teacher_init_weights,
                                                 args.img_size, args.demo_width_divisor).to(device)
-    trainer.run_test(args, place, loader=test_loader(args, samples, rank, world_size),
+    trainer.run_test(args, place, loader=test_loader(args, samples, place),
                      batch_transform=helpers.BatchTransform(augment=False), student_backbone=student_backbone,
                      teacher_backbone=teacher_backbone, logged_images=set())
 
@@ -430,45 +352,6 @@ def export(args, place: trainer.RunPlace):
                                                                       'weights': weights})
     place.logger.info(f'exported {weights} to {args.export_onnx}: ' +
                       '; '.join(f'{key}: {value}' for key, value in contract.items()))
-
-
-def announce_undefined_figures(samples, coarse_mask: str | None, fine_mask: str | None, logger):
-    """Say before any work which test figures the test list cannot give (they are reported as nan at the end)."""
-    for grain, labels, mask in (('coarse', [sample.label for sample in samples], coarse_mask),
-                                ('fine', [sample.fine_label for sample in samples], fine_mask)):
-        problem = utils.labels_problem(labels) if samples and not mask else None
-        if problem:
-            logger.info(f'note: the test list gives no {grain} TARs: {problem}; they will be reported as nan')
-
-
-def read_checked_list(root: str | None, list_path: str | None, root_flag: str) -> list:
-    """The samples of a validation or test list (none without one), every listed image checked to exist."""
-    if not list_path:
-        return []
-    samples = helpers.read_eval_samples(root, list_path)
-    helpers.check_images_exist(samples, root_flag)
-    return samples
-
-
-def build_data(args, train_samples, val_samples, num_classes: int, rank: int, world_size: int):
-    """(train loader, validation loader or None, batch transform), every label checked against the head."""
-    helpers.check_labels(train_samples, num_classes, 'the training lists')
-    per_process_batch = args.batch_size // world_size
-    train_loader = helpers.build_train_loader(
-        helpers.ImageDataset(train_samples, args.img_size, train=True, augment=args.augment, seed=args.seed),
-        per_process_batch, args.num_workers, seed=args.seed, rank=rank, world_size=world_size)
-    if len(train_loader) == 0:
-        raise SystemExit(f'error: the training lists hold {len(train_samples)} images, fewer than one batch of '
-                         f'--batch_size {args.batch_size}; lower --batch_size')
-    val_loader = None
-    if val_samples:
-        helpers.check_labels(val_samples, num_classes, args.val_list)
-        val_loader = helpers.build_eval_loader(
-            helpers.ImageDataset(val_samples, args.img_size, train=False, augment=False),
-            per_process_batch, args.num_workers, rank, world_size)
-    batch_transform = helpers.BatchTransform(
-        augment=args.augment, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    return train_loader, val_loader, batch_transform
 
 
 if __name__ == '__main__':

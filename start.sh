@@ -20,11 +20,12 @@
 #   TEST_ROOT=/data/test TEST_LIST=/data/test.txt [TEACHER=...] [STUDENT=Resnet12] \
 #   sh start.sh --test_only --init_weights /path/max_acc.pth
 #
-#   With neither TEACHER nor TRAIN_LIST: the demo (synthetic landmarks, CPU, about 12 minutes), written to
+#   With neither TEACHER nor TRAIN_LIST: the demo (synthetic landmarks, CPU, about 8 minutes), written to
 #   DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md, its figure DEMO_DIR/summary.png.
 #   Smaller or larger demos:
-#   DEMO_LANDMARKS (150), DEMO_TEST_LANDMARKS (50), DEMO_IMG_SIZE (32), DEMO_WIDTH_DIVISOR (4),
-#   DEMO_TEACHER_EPOCHS (30), DEMO_STUDENT_EPOCHS (15), DEMO_AMP (bf16; none on a CPU without bf16).
+#   DEMO_LANDMARKS (300), DEMO_VIEWS (40 per training landmark), DEMO_TEST_LANDMARKS (50), DEMO_IMG_SIZE (32),
+#   DEMO_WIDTH_DIVISOR (4), DEMO_TEACHER_EPOCHS (7), DEMO_STUDENT_EPOCHS (3, Swin-tiny), DEMO_RESNET12_EPOCHS (2),
+#   DEMO_AMP (bf16; none on a CPU without bf16).
 set -eu
 # paths stay relative to the caller's directory; the project's scripts are found beside this file
 here=$(dirname "$0")
@@ -33,35 +34,38 @@ PYTHON=${PYTHON:-$(command -v python3 || command -v python || echo python)}
 run_demo() {
     demo_dir=${DEMO_DIR:-./demo_output}
     size=${DEMO_IMG_SIZE:-32}
-    landmarks=${DEMO_LANDMARKS:-150}
+    landmarks=${DEMO_LANDMARKS:-300}
     data="$demo_dir/data"
     runs="$demo_dir/runs"
     echo "demo: synthetic landmarks in $data, runs in $runs"
-    teacher_epochs=${DEMO_TEACHER_EPOCHS:-30}
+    teacher_epochs=${DEMO_TEACHER_EPOCHS:-7}
     "$PYTHON" "$here/demo.py" data "$data" --seed 0 --num_train_landmarks "$landmarks" \
-        --num_test_landmarks "${DEMO_TEST_LANDMARKS:-50}" > /dev/null
-    # the CPU demo narrows every width by DEMO_WIDTH_DIVISOR; the architectures are otherwise the real ones
+        --train_views "${DEMO_VIEWS:-40}" --num_test_landmarks "${DEMO_TEST_LANDMARKS:-50}" > /dev/null
+    # the CPU demo narrows every width by DEMO_WIDTH_DIVISOR; the architectures are otherwise the real ones.
+    # Batches of 128 keep two CPU cores busy (tiny widths leave small batches to per-operation overheads).
     common="--dataset Synthetic --img_size $size --demo_width_divisor ${DEMO_WIDTH_DIVISOR:-4} --amp ${DEMO_AMP:-bf16}
-            --num_workers 1 --batch_size 32 --optim AdamW --weight_decay 0.05 --warmup_epoch 1 --eval_interval 1
+            --num_workers 1 --batch_size 128 --optim AdamW --weight_decay 0.05 --warmup_epoch 1 --eval_interval 1
             --log_interval 10
             --save_dir $runs --train_root $data --train_list $data/train.txt --val_root $data
             --val_list $data/val.txt --test_root $data --test_list $data/test.txt"
     echo "demo: Swin_base teacher trained with cross-entropy on its cosine head"
     # shellcheck disable=SC2086
     "$PYTHON" "$here/main.py" $common --backbone_class Swin_base --num_classes "$landmarks" \
-        --max_epoch "$teacher_epochs" --lr 0.0004
-    teacher="$runs/Synthetic-Swin_base-no_distill-NoAug/lr0.0004_AdamW_cosine_epoch${teacher_epochs}_warmup1_bs32/max_acc.pth"
+        --max_epoch "$teacher_epochs" --lr 0.001
+    teacher="$runs/Synthetic-Swin_base-no_distill-NoAug/lr0.001_AdamW_cosine_epoch${teacher_epochs}_warmup1_bs128/max_acc.pth"
     distill="--is_distill --teacher_backbone_class Swin_base --teacher_init_weights $teacher --head_fixed
-             --kd_loss KD --kd_weight 1.0 --max_epoch ${DEMO_STUDENT_EPOCHS:-15}"
+             --kd_loss KD --kd_weight 1.0"
     echo "demo: Swin_tiny student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
-    "$PYTHON" "$here/main.py" $common $distill --backbone_class Swin_tiny --lr 0.0004
+    "$PYTHON" "$here/main.py" $common $distill --backbone_class Swin_tiny --lr 0.001 \
+        --max_epoch "${DEMO_STUDENT_EPOCHS:-3}"
     echo "demo: Resnet12 student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
-    "$PYTHON" "$here/main.py" $common $distill --backbone_class Resnet12 --lr 0.001
+    "$PYTHON" "$here/main.py" $common $distill --backbone_class Resnet12 --lr 0.002 \
+        --max_epoch "${DEMO_RESNET12_EPOCHS:-2}"
     echo "demo: untrained Swin_tiny student (the floor)"
     # shellcheck disable=SC2086
-    "$PYTHON" "$here/main.py" $common $distill --backbone_class Swin_tiny --lr 0.0004 --max_epoch 0 --suffix=-untrained
+    "$PYTHON" "$here/main.py" $common $distill --backbone_class Swin_tiny --lr 0.001 --max_epoch 0 --suffix=-untrained
     "$PYTHON" "$here/demo.py" report "$runs" "$demo_dir"
 }
 

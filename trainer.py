@@ -5,6 +5,7 @@ import math
 import os
 import random
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -303,22 +304,46 @@ def _epoch_figures(sums: torch.Tensor, progress: EpochProgress, device: torch.de
             'truncated_images': gather_messages(progress.truncated_images)}
 
 
+class StopSignals:
+    """SIGTERM (eviction) and SIGINT (Ctrl-C) only ask the run to stop (`name` is then the first signal's name);
+    a third signal interrupts at once."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.name = None
+        self._seen = 0
+        self._previous_handlers = {}
+
+    def install(self):
+        """Route SIGTERM and SIGINT here (main thread only)."""
+        for number in self.SIGNALS:
+            self._previous_handlers[number] = signal.signal(number, self._on_signal)
+
+    def restore(self):
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        self._previous_handlers = {}
+
+    def _on_signal(self, number, frame):
+        self._seen += 1
+        self.name = self.name or signal.Signals(number).name
+        if self._seen >= 3:
+            raise KeyboardInterrupt(f'{signal.Signals(number).name} received three times')
+
+
 class RunControl:
     """When to write a checkpoint within an epoch and when to stop, decided the same way on every process.
 
-    SIGTERM (eviction) and SIGINT (Ctrl-C) only ask the run to stop: the processes agree on it through an
-    all-reduce of CPU tensors (over gloo, beside NCCL) issued after one iteration and read after the next, so that
-    no GPU stream waits for it, and all stop after the same iteration. A third signal interrupts at once. `checkpoint_seconds` > 0 asks for a checkpoint
-    whenever that much time has passed since the last one (rank 0's clock decides).
+    A stop request (see StopSignals) is agreed through an all-reduce of CPU tensors (over gloo, beside NCCL)
+    issued after one iteration and read after the next, so that no GPU stream waits for it, and all processes stop
+    after the same iteration. `checkpoint_seconds` > 0 asks for a checkpoint whenever that much time has passed
+    since the last one (rank 0's clock decides).
     """
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, checkpoint_seconds: float, write_checkpoint):
         self.checkpoint_seconds = checkpoint_seconds
         self._write = write_checkpoint
-        self.signal_name = None
-        self._signals_seen = 0
-        self._previous_handlers = {}
+        self.signals = StopSignals()
         self._last_checkpoint = time.monotonic()
         self._pending = None
         self._distributed = distributed()
@@ -326,26 +351,10 @@ class RunControl:
         # a CPU group for these flags: a device tensor would copy from the host, and wait for the GPU, each step
         self._group = dist.new_group(backend='gloo') if self._distributed and dist.get_backend() != 'gloo' else None
 
-    def install_signal_handlers(self):
-        """Route SIGTERM and SIGINT to a stop request (main thread only)."""
-        for number in self.SIGNALS:
-            self._previous_handlers[number] = signal.signal(number, self._on_signal)
-
-    def restore_signal_handlers(self):
-        for number, handler in self._previous_handlers.items():
-            signal.signal(number, handler)
-        self._previous_handlers = {}
-
-    def _on_signal(self, number, frame):
-        self._signals_seen += 1
-        self.signal_name = self.signal_name or signal.Signals(number).name
-        if self._signals_seen >= 3:
-            raise KeyboardInterrupt(f'{signal.Signals(number).name} received three times')
-
     def _local_flags(self) -> torch.Tensor:
         due = (self.checkpoint_seconds > 0 and self._is_clock and
                time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds)
-        return torch.tensor([float(self.signal_name is not None), float(due)])
+        return torch.tensor([float(self.signals.name is not None), float(due)])
 
     def after_iteration(self) -> tuple[bool, str | None]:
         """(write a checkpoint now, the name of the signal to stop for or None), the same on every process."""
@@ -357,7 +366,7 @@ class RunControl:
         if flags is None:
             return False, None
         stop, due = (bool(value) for value in flags.tolist())
-        return due, (self.signal_name or 'a signal on another process') if stop else None
+        return due, (self.signals.name or 'a signal on another process') if stop else None
 
     def _collect(self):
         if self._pending is None:
@@ -377,7 +386,7 @@ class RunControl:
         flags = self._local_flags()
         if self._distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        return (self.signal_name or 'a signal on another process') if flags[0].item() else None
+        return (self.signals.name or 'a signal on another process') if flags[0].item() else None
 
     def write_checkpoint(self, epoch: int, progress: EpochProgress):
         """Write the mid-epoch checkpoint through the run's writer (every process calls it)."""
@@ -539,12 +548,64 @@ class TrainingParts:
     schedule: object
 
 
+def hold_run_directory(run_dir: str, rank: int, world_size: int) -> utils.RunLock | None:
+    """Create the run directory and take its lock (rank 0; returned for release); every process stops if another
+    run holds it, or if the run directory is not on storage that every process shares."""
+    lock, problems = None, []
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        try:
+            lock = utils.RunLock(run_dir).acquire()
+        except utils.RunDirectoryBusy as error:
+            problems.append(str(error))
+    stop_if_any_process_failed(problems)
+    try:
+        if world_size > 1:
+            check_shared_storage(run_dir, rank)
+    except StopOnEveryRank:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+def check_shared_storage(run_dir: str, rank: int):
+    """Every process must read the token that rank 0 wrote into the run directory: checkpoints, max_acc.pth and
+    the resume decision are written by rank 0 and read by all."""
+    token_path = os.path.join(run_dir, '.shared_storage_check')
+    token = []
+    if rank == 0:
+        token = [f'{socket.gethostname()}:{os.getpid()}:{time.time()}']
+        with open(token_path, 'w', encoding='utf-8') as handle:
+            handle.write(token[0])
+    token = gather_messages(token)[0]  # every process waits here until the token is written
+    try:
+        with open(token_path, encoding='utf-8') as handle:
+            seen = handle.read()
+    except OSError:
+        seen = None
+    problems = [] if seen == token else [
+        f'process {rank} on host {socket.gethostname()} does not see {run_dir} as rank 0 wrote it: --save_dir must '
+        'be storage that every host shares (SAVE_DIR in start.sh)']
+    problems = gather_messages(problems)
+    if rank == 0:
+        os.remove(token_path)
+    if problems:
+        raise StopOnEveryRank(problems[0])
+
+
 def seed_epoch(seed: int, epoch: int, rank: int):
     """Reseed every generator from (seed, epoch, rank): a resumed epoch draws what an uninterrupted one drew."""
     value = (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 31
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
+
+
+def is_improvement(validation: dict | None, best_accuracy: float, validating: bool) -> bool:
+    """Whether this epoch's student is the one to keep: without a validation list the latest is; ties go to the
+    later epoch, as the original."""
+    return not validating or (validation is not None and validation['accuracy'] >= best_accuracy)
 
 
 class Trainer:
@@ -558,34 +619,30 @@ class Trainer:
         self.args, self.parts, self.place = args, parts, place
         self.progress = {'epoch': 0, 'iteration': 0, 'best_accuracy': -1.0, 'best_epoch': 0}
         self.logged_images = set()
+        self.checkpoints = Checkpoints(place, parts, head_fixed=args.head_fixed, seed=args.seed)
         self.control = RunControl(args.checkpoint_minutes * 60, self._write_within_epoch)
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.place.run_dir, name)
 
     def fit(self):
         """Train from where the run directory's checkpoint left off to --max_epoch."""
-        epoch_progress = self._resume()
-        self.control.install_signal_handlers()
+        resumed, epoch_progress = self.checkpoints.resume()
+        self.progress = resumed or self.progress
+        self.control.signals.install()
         try:
             for epoch in range(self.progress['epoch'] + 1, self.args.max_epoch + 1):
                 self._epoch(epoch, epoch_progress)
                 epoch_progress = EpochProgress()
         finally:
-            self.control.restore_signal_handlers()
+            self.control.signals.restore()
         if self.parts.val_loader is not None and self.progress['best_epoch']:
-            logger = self.place.logger
-            logger.info(f'best epoch {self.progress["best_epoch"]}: eval_acc={self.progress["best_accuracy"]:.4f}')
-            logger.result('best_epoch', self.progress['best_epoch'])
-            logger.result('best_accuracy', self.progress['best_accuracy'])
+            log_best_epoch(self.place.logger, self.progress)
 
     def best_student(self) -> nn.Module:
         """The backbone of max_acc.pth, or the student as it is when no epoch was trained (an untrained floor)."""
-        if not os.path.exists(self.path(BEST_NAME)):
+        best, args = self.checkpoints.path(BEST_NAME), self.args
+        if not os.path.exists(best):
             return self.parts.distiller.student.backbone
-        args = self.args
-        return models.load_backbone(args.backbone_class, self.path(BEST_NAME), args.img_size,
-                                    args.demo_width_divisor, args.drop_block).to(self.place.device)
+        return models.load_backbone(args.backbone_class, best, args.img_size, args.demo_width_divisor,
+                                    args.drop_block).to(self.place.device)
 
     def _epoch(self, epoch: int, epoch_progress: EpochProgress):
         args, parts, place = self.args, self.parts, self.place
@@ -604,91 +661,123 @@ class Trainer:
                                   args.amp)
             log_truncated(validation['truncated_images'], place.logger, self.logged_images)
         log_epoch(place.logger, epoch, stats, validation)
-        # without a validation list the latest epoch is the one kept; ties go to the later epoch, as the original
-        improved = parts.val_loader is None or (validation is not None and
-                                                validation['accuracy'] >= self.progress['best_accuracy'])
+        improved = is_improvement(validation, self.progress['best_accuracy'], parts.val_loader is not None)
         if improved:
             self.progress.update(best_accuracy=validation['accuracy'] if validation else -1.0, best_epoch=epoch)
         self.progress.update(epoch=epoch, iteration=0)
-        self._save_epoch_end(improved)
+        self.checkpoints.save_epoch_end(self.progress, improved)
         stopped = self.control.stop_requested()
         if stopped:
             self._stop(stopped, f'after epoch {epoch}')
 
-    def _stop(self, signal_name: str, where: str):
-        self.place.logger.info(f'stopped by {signal_name} {where}: checkpoint written to {self.path(CHECKPOINT_NAME)}; '
-                               'the same command resumes from there')
-        raise RunInterrupted(128 + getattr(signal, signal_name, signal.SIGTERM))
+    def _write_within_epoch(self, epoch: int, current: EpochProgress):
+        self.checkpoints.save_within_epoch(dict(self.progress, epoch=epoch - 1, iteration=current.iteration), current)
 
-    def _save_epoch_end(self, improved: bool):
+    def _stop(self, signal_name: str, where: str):
+        stop_run(self.place.logger, signal_name, where, self.checkpoints.path(CHECKPOINT_NAME))
+
+
+def stop_run(logger, signal_name: str, where: str, checkpoint_path: str):
+    """Say where the run stopped and how to resume it, and end it with the signal's exit status."""
+    logger.info(f'stopped by {signal_name} {where}: checkpoint written to {checkpoint_path}; the same command '
+                'resumes from there')
+    raise RunInterrupted(128 + getattr(signal, signal_name, signal.SIGTERM))
+
+
+def log_best_epoch(logger, progress: dict):
+    logger.info(f'best epoch {progress["best_epoch"]}: eval_acc={progress["best_accuracy"]:.4f}')
+    logger.result('best_epoch', progress['best_epoch'])
+    logger.result('best_accuracy', progress['best_accuracy'])
+
+
+class Checkpoints:
+    """The run's files for resuming: the latest state (the previous one kept beside it) and max_acc.pth. Rank 0
+    writes them, atomically, and every process waits for the write; `resume` chooses and loads one."""
+
+    def __init__(self, place: RunPlace, parts: TrainingParts, *, head_fixed: bool, seed: int):
+        self.place, self.parts, self.head_fixed, self.seed = place, parts, head_fixed, seed
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.place.run_dir, name)
+
+    def save_epoch_end(self, progress: dict, improved: bool):
+        """The checkpoint after an epoch, and max_acc.pth when the epoch improved."""
         if self.place.rank == 0:
             if improved:
                 utils.save_atomically(models.student_weights(self.parts.distiller.student,
-                                                             include_head=not self.args.head_fixed),
-                                      self.path(BEST_NAME))
-            utils.save_atomically(self._state(self.progress), self.path(CHECKPOINT_NAME),
-                                  self.path(PREVIOUS_CHECKPOINT_NAME), verify=True)
-        if self.place.world_size > 1:
-            dist.barrier()
+                                                             include_head=not self.head_fixed), self.path(BEST_NAME))
+            self._save(training_state(self.parts, progress, head_fixed=self.head_fixed, seed=self.seed))
+        self._wait()
 
-    def _write_within_epoch(self, epoch: int, current: EpochProgress):
+    def save_within_epoch(self, progress: dict, current: EpochProgress):
+        """The checkpoint within an epoch, with every process's position, partial sums and random generators."""
         every_process = gather_objects(checkpoint_epoch_state(current))
         if self.place.rank == 0:
-            state = self._state(dict(self.progress, epoch=epoch - 1, iteration=current.iteration))
-            state['epoch_progress'] = every_process
-            utils.save_atomically(state, self.path(CHECKPOINT_NAME), self.path(PREVIOUS_CHECKPOINT_NAME), verify=True)
+            state = training_state(self.parts, progress, head_fixed=self.head_fixed, seed=self.seed)
+            self._save(dict(state, epoch_progress=every_process))
+        self._wait()
+
+    def _save(self, state: dict):
+        utils.save_atomically(state, self.path(CHECKPOINT_NAME), self.path(PREVIOUS_CHECKPOINT_NAME), verify=True)
+
+    def _wait(self):
         if self.place.world_size > 1:
             dist.barrier()
 
-    def _state(self, progress: dict) -> dict:
-        """Everything an exact resume needs; the frozen shared head is not stored (it comes from the teacher)."""
-        distiller = self.parts.distiller
-        student_state = {key: value for key, value in distiller.student.state_dict().items()
-                         if not (self.args.head_fixed and key.startswith('head.'))}
-        return {'student': student_state, 'optimizer': self.parts.optimizer.state_dict(),
-                'scaler': self.parts.scaler.state_dict(), 'progress': dict(progress), 'seed': self.args.seed,
-                'batches_seen': getattr(distiller.student.backbone, 'batches_seen', 0)}
-
-    def _resume(self) -> EpochProgress:
-        """Load the checkpoint chosen by choose_checkpoint, if any; return where to resume within the epoch."""
+    def resume(self) -> tuple[dict | None, EpochProgress]:
+        """(the progress of the checkpoint chosen by choose_checkpoint, or None for a new run; where to resume
+        within the epoch), the student, optimizer and scaler loaded from it."""
         chosen, state = choose_checkpoint(self.place.run_dir, self.place.rank, self.place.logger)
         if not chosen:
-            return EpochProgress()
+            return None, EpochProgress()
         if state is None:
             state = torch.load(chosen, map_location='cpu', weights_only=True)
-        self._load_state(state, chosen)
-        self.progress = dict(state['progress'])
-        self.progress.setdefault('iteration', 0)
-        within_epoch = state.get('epoch_progress') or []
+        load_training_state(self.parts, state, chosen, head_fixed=self.head_fixed, seed=self.seed)
+        progress = dict(state['progress'])
+        progress.setdefault('iteration', 0)
         epoch_progress = EpochProgress()
-        if self.progress['iteration']:
-            if len(within_epoch) != self.place.world_size:
-                raise SystemExit(f'error: {chosen} was written within an epoch by {len(within_epoch)} processes; '
-                                 f'resume it with {len(within_epoch)} processes (the epoch\'s batches are split '
-                                 'among them)')
-            epoch_progress = epoch_progress_from(within_epoch[self.place.rank])
-            where = f'epoch {self.progress["epoch"] + 1} iteration {epoch_progress.iteration}'
+        if progress['iteration']:
+            epoch_progress = this_process_epoch_progress(state.get('epoch_progress') or [], chosen, self.place)
+            where = f'epoch {progress["epoch"] + 1} iteration {epoch_progress.iteration}'
         else:
-            where = f'the end of epoch {self.progress["epoch"]}'
+            where = f'the end of epoch {progress["epoch"]}'
         self.place.logger.info(f'resumed from {chosen} at {where}')
-        return epoch_progress
+        return progress, epoch_progress
 
-    def _load_state(self, state: dict, path: str):
-        """The student, optimizer, scaler and DropBlock progress of a checkpoint of this configuration."""
-        if state.get('seed') != self.args.seed:
-            raise SystemExit(f'error: {path} was written with --seed {state.get("seed")}; rerun with that seed or '
-                             'another --suffix')
-        student = self.parts.distiller.student
-        missing, unexpected = student.load_state_dict(state['student'], strict=False)
-        missing = [key for key in missing if not (self.args.head_fixed and key.startswith('head.'))]
-        if missing or unexpected:
-            raise SystemExit(f'error: {path} does not fit the student: missing {missing[:5]}, '
-                             f'unexpected {unexpected[:5]}; was it written by another configuration?')
-        self.parts.optimizer.load_state_dict(state['optimizer'])
-        if self.parts.scaler.is_enabled() and state['scaler']:
-            self.parts.scaler.load_state_dict(state['scaler'])
-        if hasattr(student.backbone, 'batches_seen'):
-            student.backbone.batches_seen = int(state['batches_seen'])
+
+def this_process_epoch_progress(every_process: list, path: str, place: RunPlace) -> EpochProgress:
+    """This process's position within the epoch of a checkpoint written within an epoch."""
+    if len(every_process) != place.world_size:
+        raise SystemExit(f'error: {path} was written within an epoch by {len(every_process)} processes; resume it '
+                         f'with {len(every_process)} processes (the epoch\'s batches are split among them)')
+    return epoch_progress_from(every_process[place.rank])
+
+
+def training_state(parts: TrainingParts, progress: dict, *, head_fixed: bool, seed: int) -> dict:
+    """Everything an exact resume needs; the frozen shared head is not stored (it comes from the teacher)."""
+    student = parts.distiller.student
+    student_state = {key: value for key, value in student.state_dict().items()
+                     if not (head_fixed and key.startswith('head.'))}
+    return {'student': student_state, 'optimizer': parts.optimizer.state_dict(), 'scaler': parts.scaler.state_dict(),
+            'progress': dict(progress), 'seed': seed, 'batches_seen': getattr(student.backbone, 'batches_seen', 0)}
+
+
+def load_training_state(parts: TrainingParts, state: dict, path: str, *, head_fixed: bool, seed: int):
+    """The student, optimizer, scaler and DropBlock progress of a checkpoint of this configuration."""
+    if state.get('seed') != seed:
+        raise SystemExit(f'error: {path} was written with --seed {state.get("seed")}; rerun with that seed or '
+                         'another --suffix')
+    student = parts.distiller.student
+    missing, unexpected = student.load_state_dict(state['student'], strict=False)
+    missing = [key for key in missing if not (head_fixed and key.startswith('head.'))]
+    if missing or unexpected:
+        raise SystemExit(f'error: {path} does not fit the student: missing {missing[:5]}, '
+                         f'unexpected {unexpected[:5]}; was it written by another configuration?')
+    parts.optimizer.load_state_dict(state['optimizer'])
+    if parts.scaler.is_enabled() and state['scaler']:
+        parts.scaler.load_state_dict(state['scaler'])
+    if hasattr(student.backbone, 'batches_seen'):
+        student.backbone.batches_seen = int(state['batches_seen'])
 
 
 def checkpoint_epoch_state(progress: EpochProgress) -> dict:
@@ -742,6 +831,15 @@ def choose_checkpoint(run_dir: str, rank: int, logger) -> tuple[str | None, dict
     stop_if_any_process_failed(problems)
     chosen = gather_messages(decision)
     return (chosen[0], state) if chosen else (None, None)
+
+
+def announce_undefined_figures(samples, coarse_mask: str | None, fine_mask: str | None, logger):
+    """Say before any work which test figures the test list cannot give (they are reported as nan at the end)."""
+    for grain, labels, mask in (('coarse', [sample.label for sample in samples], coarse_mask),
+                                ('fine', [sample.fine_label for sample in samples], fine_mask)):
+        problem = utils.labels_problem(labels) if samples and not mask else None
+        if problem:
+            logger.info(f'note: the test list gives no {grain} TARs: {problem}; they will be reported as nan')
 
 
 def run_test(args, place: RunPlace, loader, batch_transform, student_backbone: nn.Module,

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,6 +216,34 @@ class RunDirectoryBusy(RuntimeError):
     """Another live run holds the run directory."""
 
 
+def read_lock_holder(path: str) -> dict | None:
+    """The holder a run.lock names, or None when it cannot be read."""
+    try:
+        with open(path, encoding='utf-8') as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None  # unreadable: half written by a run that died, or removed meanwhile
+
+
+def lock_is_stale(path: str, holder: dict, own_holder: dict) -> bool:
+    """Whether the run.lock at `path`, held by `holder`, may be taken over by `own_holder`: its process is gone
+    (same host) or its heartbeat is older than RunLock.STALE_SECONDS (another host)."""
+    if holder.get('host') == own_holder['host']:
+        if holder.get('pid') == own_holder['pid']:
+            return True  # left by an earlier run in this same process
+        try:
+            os.kill(int(holder.get('pid', -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+        return False
+    try:
+        return time.time() - os.path.getmtime(path) > RunLock.STALE_SECONDS
+    except OSError:
+        return True
+
+
 class RunLock:
     """`run.lock` in a run directory: one run at a time.
 
@@ -239,8 +267,8 @@ class RunLock:
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._read_holder()
-                if holder is not None and not self._is_stale(holder):
+                holder = read_lock_holder(self.path)
+                if holder is not None and not lock_is_stale(self.path, holder, self.holder):
                     raise RunDirectoryBusy(
                         f'{os.path.dirname(self.path)} is in use by another run (host {holder.get("host")}, process '
                         f'{holder.get("pid")}, started {holder.get("started")}); wait for it to end, or give another '
@@ -262,7 +290,7 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-            if self._read_holder() == self.holder:
+            if read_lock_holder(self.path) == self.holder:
                 with suppress(FileNotFoundError):
                     os.remove(self.path)
 
@@ -270,29 +298,6 @@ class RunLock:
         while not self._stop.wait(self.HEARTBEAT_SECONDS):
             with suppress(OSError):
                 os.utime(self.path)
-
-    def _read_holder(self):
-        try:
-            with open(self.path, encoding='utf-8') as handle:
-                return json.load(handle)
-        except (OSError, ValueError):
-            return None  # unreadable: half written by a run that died, or removed meanwhile
-
-    def _is_stale(self, holder: dict) -> bool:
-        if holder.get('host') == self.holder['host']:
-            if holder.get('pid') == self.holder['pid']:
-                return True  # left by an earlier run in this same process
-            try:
-                os.kill(int(holder.get('pid', -1)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError, OverflowError):
-                return False
-            return False
-        try:
-            return time.time() - os.path.getmtime(self.path) > self.STALE_SECONDS
-        except OSError:
-            return True
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -502,6 +507,19 @@ def _threshold_edges(smallest, largest, num_thresholds):
     return edges, edges32
 
 
+@contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """Many small cache-resident operations: on the CPU one thread avoids a thread-pool handshake per operation,
+    which costs milliseconds each on a busy machine."""
+    threads = torch.get_num_threads()
+    if device.type == 'cpu':
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _TileHistogram:
     """Per tile, how many scores have exactly b edges at or below them (b = 1..T; b = 0, below the lowest edge,
     is counted for the positive pairs only), for all pairs and for the positive pairs.
@@ -533,16 +551,8 @@ class _TileHistogram:
         """scores: (rows, columns) float32 tile; its leading (rows x rows) square holds pairs only where
         valid_square. Returns (all-pair counts of length T: bins 1..T, positive counts of length T + 1: bins
         0..T), int64 tensors."""
-        if scores.device.type != 'cpu':
+        with _one_thread_on_cpu(scores.device):
             return self._tile_counts(scores, valid_square, positive_index)
-        # Many small cache-resident operations: on CPU one thread avoids a thread-pool handshake per operation,
-        # which costs milliseconds each on a busy machine.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._tile_counts(scores, valid_square, positive_index)
-        finally:
-            torch.set_num_threads(threads)
 
     def _tile_counts(self, scores, valid_square, positive_index):
         rows = valid_square.shape[0]

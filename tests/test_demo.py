@@ -18,7 +18,8 @@ def demo_environment(tmp_path, **extra) -> dict:
 
 def test_demo_runs_every_stage_and_writes_the_table(tmp_path):
     environment = demo_environment(tmp_path, DEMO_LANDMARKS='6', DEMO_TEST_LANDMARKS='5', DEMO_WIDTH_DIVISOR='16',
-                                   DEMO_TEACHER_EPOCHS='1', DEMO_STUDENT_EPOCHS='1')
+                                   DEMO_TEACHER_EPOCHS='1', DEMO_STUDENT_EPOCHS='1', DEMO_RESNET12_EPOCHS='1',
+                                   DEMO_VIEWS='22')
     finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True,
                               text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
