@@ -479,7 +479,7 @@ def build_training_loaders(train_samples, val_samples, *, val_list: str | None, 
     return train_loader, val_loader
 
 
-def build_test_loader(samples, img_size: int, batch_size: int, num_workers: int, rank: int, world_size: int):
+def build_test_loader(samples, img_size: int, batch_size: int, num_workers: int, *, rank: int, world_size: int):
     """The test list's loader, each process over its contiguous part; `batch_size` is the global batch."""
     return build_eval_loader(ImageDataset(samples, img_size, train=False, augment=False),
                              max(1, batch_size // world_size), num_workers, rank, world_size)

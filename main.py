@@ -29,6 +29,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def add_recipe_flags(group):
+    """The model, its schedule and optimizer."""
     add = group.add_argument
     add('--backbone_class', default='Swin_tiny', choices=models.BACKBONE_NAMES)
     add('--init_weights', default=None, help='student weights to start from (or to test with --test_only)')
@@ -54,6 +55,7 @@ def add_recipe_flags(group):
 
 
 def add_distillation_flags(group):
+    """The teacher and the distillation loss."""
     add = group.add_argument
     add('--is_distill', action='store_true')
     add('--teacher_backbone_class', default='Swin_base', choices=models.BACKBONE_NAMES)
@@ -70,6 +72,7 @@ def add_distillation_flags(group):
 
 
 def add_data_flags(group):
+    """Lists, image roots and loading."""
     add = group.add_argument
     add('--dataset', default='TLD', help='only names the run directory')
     add('--train_root', nargs='+', default=[], help='image roots, one per --train_list')
@@ -87,6 +90,7 @@ def add_data_flags(group):
 
 
 def add_run_flags(group):
+    """Where the run goes, how it checkpoints and logs, what it does, and how fast."""
     add = group.add_argument
     add('--save_dir', default='./checkpoints')
     add('--suffix', default='', help='appended to the run directory name')
@@ -236,8 +240,8 @@ def main(args):
         lock = trainer.hold_run_directory(run_dir, rank, world_size)
         logger = utils.Logger(run_dir, rank=rank)
         logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())))
-        args.num_workers = helpers.loader_workers_that_fit(args.num_workers, args.batch_size // world_size, args.img_size,
-                                                           logger)
+        args.num_workers = helpers.loader_workers_that_fit(args.num_workers, args.batch_size // world_size,
+                                                           args.img_size, logger)
         place = trainer.RunPlace(run_dir, logger, rank, world_size, device)
         if args.export_onnx:
             export(args, place)
@@ -314,8 +318,8 @@ def train(args, place: trainer.RunPlace):
 
 
 def test_loader(args, samples, place: trainer.RunPlace):
-    return helpers.build_test_loader(samples, args.img_size, args.batch_size, args.num_workers, place.rank,
-                                     place.world_size)
+    return helpers.build_test_loader(samples, args.img_size, args.batch_size, args.num_workers, rank=place.rank,
+                                     world_size=place.world_size)
 
 
 def test_only(args, place: trainer.RunPlace):

@@ -1,5 +1,6 @@
-"""The run: the loss, the learning-rate schedule, the training epoch, validation, checkpoints and resume, and the
-final feature-matching test. main.py builds the pieces (TrainingParts) and hands them to a Trainer."""
+"""The run: its directory and lock, the loss, the learning-rate schedule, the training epoch, validation,
+checkpoints and resume, and the final feature-matching test. main.py builds the pieces (TrainingParts) and hands
+them to a Trainer."""
 import dataclasses
 import math
 import os

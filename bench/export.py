@@ -37,7 +37,7 @@ def measure(backbone_name: str, img_size: int, directory: str) -> dict:
     backbone = models.create_backbone(backbone_name, img_size).eval()
     serving = models.ServingNetwork(backbone, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR).eval()
     path = os.path.join(directory, f'{backbone_name}.onnx')
-    models.export_onnx(backbone, path, img_size, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR, {})
+    models.export_onnx(backbone, path, img_size, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR, description={})
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
 
     def eager(images):
