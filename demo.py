@@ -5,6 +5,7 @@
 """
 import argparse
 import glob
+import multiprocessing
 import os
 
 import numpy as np
@@ -315,8 +316,26 @@ def _write_list(path, rows):
             list_file.write('\t'.join(str(field) for field in row) + '\n')
 
 
+def _render_landmark_views(task) -> list[list[str]]:
+    """Renders one landmark and writes its views to each (relative directory, view indices) of the task; returns
+    the relative paths written, per destination."""
+    out_dir, landmark, canvas_size, rng_keys, image_size, destinations = task
+    landmark_image = render_landmark(landmark, canvas_size)
+    return [_write_views(out_dir, relative_dir, landmark_image, rng_keys, view_indices, image_size=image_size)
+            for relative_dir, view_indices in destinations]
+
+
+def _render_all(tasks, processes: int) -> list:
+    """_render_landmark_views over the tasks, in order, in `processes` processes (every view has its own generator,
+    so the bytes do not depend on how many)."""
+    if processes <= 1:
+        return [_render_landmark_views(task) for task in tasks]
+    with multiprocessing.get_context('fork').Pool(processes) as pool:
+        return pool.map(_render_landmark_views, tasks, chunksize=4)
+
+
 def make_synthetic_landmarks(out_dir, seed=0, num_train_landmarks=150, train_views=10, num_test_landmarks=50,
-                             test_views=10, image_size=96, val_views=2):
+                             test_views=10, image_size=96, val_views=2, processes=1):
     """Writes a synthetic landmark data set under out_dir and returns its lists.
 
     train.txt: `path<TAB>name<TAB>label`, num_train_landmarks landmarks x train_views views.
@@ -324,7 +343,7 @@ def make_synthetic_landmarks(out_dir, seed=0, num_train_landmarks=150, train_vie
     test.txt: `path<TAB>name<TAB>coarse<TAB>fine`, num_test_landmarks unseen landmarks x test_views views;
     coarse labels merge twin landmark pairs (sites), fine labels separate them.
     Returns {'root', 'train_list', 'val_list', 'test_list', 'num_classes'} (paths absolute).
-    The same arguments always give byte-identical files.
+    The same arguments always give byte-identical files, whatever the number of `processes` rendering them.
     """
     if min(num_train_landmarks, train_views, num_test_landmarks, test_views) < 1 or val_views < 0:
         raise ValueError('make_synthetic_landmarks: landmark and view counts must be positive '
@@ -336,34 +355,29 @@ def make_synthetic_landmarks(out_dir, seed=0, num_train_landmarks=150, train_vie
         raise ValueError(f'make_synthetic_landmarks: image_size {image_size} is too small; use 16 or more')
     out_dir = os.path.abspath(out_dir)
     canvas_size = CANVAS_SCALE * image_size
-    train_rows, val_rows, test_rows = [], [], []
     train_landmarks, _ = _landmarks_with_twins(seed, SPLIT_CODES['train'], num_train_landmarks)
-    for label, landmark in enumerate(train_landmarks):
-        landmark_image = render_landmark(landmark, canvas_size)
-        name = f'train_landmark_{label:04d}'
-        keys = (seed, SPLIT_CODES['train'], label, VIEW_STREAM)
-        paths = _write_views(out_dir, f'train/{label:04d}', landmark_image, keys, view_indices=range(train_views),
-                             image_size=image_size)
-        train_rows += [(path, name, label) for path in paths]
-        paths = _write_views(out_dir, f'val/{label:04d}', landmark_image, keys,
-                             view_indices=range(train_views, train_views + val_views), image_size=image_size)
-        val_rows += [(path, name, label) for path in paths]
     test_landmarks, sites = _landmarks_with_twins(seed, SPLIT_CODES['test'], num_test_landmarks)
-    for fine_label, (landmark, site) in enumerate(zip(test_landmarks, sites)):
-        landmark_image = render_landmark(landmark, canvas_size)
+    train_tasks = [(out_dir, landmark, canvas_size, (seed, SPLIT_CODES['train'], label, VIEW_STREAM), image_size,
+                    [(f'train/{label:04d}', range(train_views)),
+                     (f'val/{label:04d}', range(train_views, train_views + val_views))])
+                   for label, landmark in enumerate(train_landmarks)]
+    test_tasks = [(out_dir, landmark, canvas_size, (seed, SPLIT_CODES['test'], fine_label, VIEW_STREAM), image_size,
+                   [(f'test/{fine_label:04d}', range(test_views))]) for fine_label, landmark in enumerate(test_landmarks)]
+    rendered = _render_all(train_tasks + test_tasks, processes)
+    train_rows, val_rows, test_rows = [], [], []
+    for label, (train_paths, val_paths) in enumerate(rendered[:len(train_tasks)]):
+        name = f'train_landmark_{label:04d}'
+        train_rows += [(path, name, label) for path in train_paths]
+        val_rows += [(path, name, label) for path in val_paths]
+    for fine_label, ((test_paths,), site) in enumerate(zip(rendered[len(train_tasks):], sites)):
         name = f'test_site_{site:04d}_landmark_{fine_label:04d}'
-        keys = (seed, SPLIT_CODES['test'], fine_label, VIEW_STREAM)
-        paths = _write_views(out_dir, f'test/{fine_label:04d}', landmark_image, keys, view_indices=range(test_views),
-                             image_size=image_size)
-        test_rows += [(path, name, site, fine_label) for path in paths]
+        test_rows += [(path, name, site, fine_label) for path in test_paths]
     lists = {'train_list': os.path.join(out_dir, 'train.txt'), 'val_list': os.path.join(out_dir, 'val.txt'),
              'test_list': os.path.join(out_dir, 'test.txt')}
     _write_list(lists['train_list'], train_rows)
     _write_list(lists['val_list'], val_rows)
     _write_list(lists['test_list'], test_rows)
     return dict(lists, root=out_dir, num_classes=len(train_landmarks))
-
-
 
 
 # The demo's report
@@ -467,6 +481,8 @@ def main(argv=None):
     data.add_argument('--num_test_landmarks', type=int, default=50)
     data.add_argument('--test_views', type=int, default=10)
     data.add_argument('--image_size', type=int, default=96)
+    data.add_argument('--processes', type=int, default=min(4, os.cpu_count() or 1),
+                      help='rendering processes (the bytes are the same for any number)')
     report = commands.add_parser('report', help='write results.md and summary.png from the demo runs')
     report.add_argument('runs_dir')
     report.add_argument('out_dir')

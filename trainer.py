@@ -603,10 +603,14 @@ def seed_epoch(seed: int, epoch: int, rank: int):
     torch.manual_seed(value)
 
 
-def is_improvement(validation: dict | None, best_accuracy: float, validating: bool) -> bool:
-    """Whether this epoch's student is the one to keep: without a validation list the latest is; ties go to the
-    later epoch, as the original."""
-    return not validating or (validation is not None and validation['accuracy'] >= best_accuracy)
+def advance_progress(progress: dict, epoch: int, validation: dict | None, validating: bool) -> bool:
+    """Mark `epoch` done in `progress`, and as the best epoch when it is (returned): without a validation list the
+    latest epoch is; ties go to the later epoch, as the original."""
+    improved = not validating or (validation is not None and validation['accuracy'] >= progress['best_accuracy'])
+    if improved:
+        progress.update(best_accuracy=validation['accuracy'] if validation else -1.0, best_epoch=epoch)
+    progress.update(epoch=epoch, iteration=0)
+    return improved
 
 
 class Trainer:
@@ -653,7 +657,8 @@ class Trainer:
                                 log_interval=args.log_interval, world_size=place.world_size,
                                 show_progress=place.rank == 0, progress=epoch_progress, control=self.control)
         if stats['stopped']:
-            self._stop(stats['stopped'], f'in epoch {epoch} after iteration {stats["iteration"]}')
+            stop_run(place.logger, stats['stopped'], f'in epoch {epoch} after iteration {stats["iteration"]}',
+                     self.checkpoints.path(CHECKPOINT_NAME))
         check_bad_images(stats, args.max_bad_images, epoch, place.logger, self.logged_images)
         broadcast_batch_norm_statistics(parts.distiller.student)
         validation = None
@@ -662,20 +667,14 @@ class Trainer:
                                   args.amp)
             log_truncated(validation['truncated_images'], place.logger, self.logged_images)
         log_epoch(place.logger, epoch, stats, validation)
-        improved = is_improvement(validation, self.progress['best_accuracy'], parts.val_loader is not None)
-        if improved:
-            self.progress.update(best_accuracy=validation['accuracy'] if validation else -1.0, best_epoch=epoch)
-        self.progress.update(epoch=epoch, iteration=0)
+        improved = advance_progress(self.progress, epoch, validation, validating=parts.val_loader is not None)
         self.checkpoints.save_epoch_end(self.progress, improved)
         stopped = self.control.stop_requested()
         if stopped:
-            self._stop(stopped, f'after epoch {epoch}')
+            stop_run(place.logger, stopped, f'after epoch {epoch}', self.checkpoints.path(CHECKPOINT_NAME))
 
     def _write_within_epoch(self, epoch: int, current: EpochProgress):
         self.checkpoints.save_within_epoch(dict(self.progress, epoch=epoch - 1, iteration=current.iteration), current)
-
-    def _stop(self, signal_name: str, where: str):
-        stop_run(self.place.logger, signal_name, where, self.checkpoints.path(CHECKPOINT_NAME))
 
 
 def stop_run(logger, signal_name: str, where: str, checkpoint_path: str):

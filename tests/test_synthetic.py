@@ -46,6 +46,13 @@ def test_same_seed_gives_identical_bytes(data_set, tmp_path):
         [path for path in first if path.endswith('.jpg')])
 
 
+def test_rendering_processes_do_not_change_a_byte(data_set, tmp_path):
+    parallel = make_synthetic_landmarks(str(tmp_path / 'parallel'), seed=3, processes=2, **SIZES)
+    first, second = tree_bytes(data_set['root']), tree_bytes(parallel['root'])
+    assert sorted(first) == sorted(second)
+    assert all(first[path] == second[path] for path in first)
+
+
 def test_returned_paths(data_set):
     assert data_set['num_classes'] == SIZES['num_train_landmarks']
     for key, name in (('train_list', 'train.txt'), ('val_list', 'val.txt'), ('test_list', 'test.txt')):
