@@ -362,7 +362,8 @@ def make_synthetic_landmarks(out_dir, seed=0, num_train_landmarks=150, train_vie
                      (f'val/{label:04d}', range(train_views, train_views + val_views))])
                    for label, landmark in enumerate(train_landmarks)]
     test_tasks = [(out_dir, landmark, canvas_size, (seed, SPLIT_CODES['test'], fine_label, VIEW_STREAM), image_size,
-                   [(f'test/{fine_label:04d}', range(test_views))]) for fine_label, landmark in enumerate(test_landmarks)]
+                   [(f'test/{fine_label:04d}', range(test_views))])
+                  for fine_label, landmark in enumerate(test_landmarks)]
     rendered = _render_all(train_tasks + test_tasks, processes)
     train_rows, val_rows, test_rows = [], [], []
     for label, (train_paths, val_paths) in enumerate(rendered[:len(train_tasks)]):
