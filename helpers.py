@@ -55,10 +55,6 @@ class Sample:
     origin: str = ''
 
 
-class ImageReadError(RuntimeError):
-    """An evaluation image that cannot be read (missing, empty or undecodable)."""
-
-
 @contextlib.contextmanager
 def _truncated_images_allowed():
     """Decode a truncated file as the original did (PIL's LOAD_TRUNCATED_IMAGES): the missing part is filled in."""
@@ -366,7 +362,8 @@ class ImageDataset(Dataset):
                            f"from the list")
                 return self._item(index, blank, False, problem)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 63))
+            # the CPU generator only: torch.manual_seed would also reseed (and never restore) a GPU's
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 63))
             return self._train_item(index)
 
     def _train_item(self, index: int) -> dict:
@@ -424,14 +421,9 @@ def _ignore_interrupts(worker_id: int):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0):
-    """Set the epoch of a training loader (its shuffle and augmentation draws), skipping its first batches."""
-    loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
-
-
 def build_train_loader(dataset, batch_size: int, num_workers: int, *, seed: int, rank: int, world_size: int
                        ) -> DataLoader:
-    """Shuffled, seeded loader over this rank's part; call start_epoch before each epoch.
+    """Shuffled, seeded loader over this rank's part; set its sampler's epoch before each epoch.
 
     The order comes from (seed, epoch) and each sample's augmentation from (seed, epoch, sample index), so any
     number of workers, and an epoch resumed mid-way, draw exactly the same batches.

@@ -176,10 +176,9 @@ def number_problems(args) -> list[str]:
         problems.append(f'--gamma must be positive, not {args.gamma}')
     swin_backbones = {args.backbone_class, args.teacher_backbone_class if args.is_distill else None}
     if args.img_size >= 1 and swin_backbones & set(swin_transformer.SWIN_CONFIGS):
-        problem = swin_transformer.image_size_problem(args.img_size)
-        if problem:
-            sizes = ', '.join(map(str, swin_transformer.fitting_image_sizes()))
-            problems.append(f'--img_size {args.img_size}: {problem}; Swin takes {sizes}')
+        message = swin_transformer.image_size_message(args.img_size)
+        if message:
+            problems.append(f'--img_size {args.img_size}: {message}')
     if not args.test_only and args.max_epoch == 0 and not args.test_list:
         problems.append('--max_epoch 0 trains nothing and there is no --test_list to evaluate: nothing to do')
     if args.num_classes is not None and args.num_classes < 1:
@@ -250,8 +249,7 @@ def main(args):
         else:
             train(args, place)
         logger.close()
-    except (ValueError, FileNotFoundError, helpers.ImageReadError, trainer.NonFiniteLossError,
-            trainer.StopOnEveryRank) as error:
+    except (ValueError, FileNotFoundError, trainer.NonFiniteLossError, trainer.StopOnEveryRank) as error:
         # bad lists, labels, weights files, images or a diverged loss: the message says what to fix, said once
         raise SystemExit(f'error: {error}' if rank == 0 else 1) from None
     except trainer.RunInterrupted as interrupted:
@@ -325,9 +323,7 @@ def test_loader(args, samples, place: trainer.RunPlace):
 def test_only(args, place: trainer.RunPlace):
     """Evaluate --init_weights (original or own format) or the run's max_acc.pth; no teacher needed."""
     logger, device = place.logger, place.device
-    weights = args.init_weights or os.path.join(place.run_dir, trainer.BEST_NAME)
-    if not os.path.isfile(weights):
-        raise SystemExit(f'error: --test_only found no {weights}; give --init_weights or train this run first')
+    weights = weights_to_use(args, place, '--test_only')
     samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root')
     trainer.announce_undefined_figures(samples, args.test_mask_coarse, args.test_mask_fine, logger)
     if weights.endswith('.onnx'):
@@ -345,11 +341,17 @@ def test_only(args, place: trainer.RunPlace):
                      teacher_backbone=teacher_backbone, logged_images=set())
 
 
-def export(args, place: trainer.RunPlace):
-    """Write --init_weights (or the run's max_acc.pth) as an ONNX serving graph and say its input contract."""
+def weights_to_use(args, place: trainer.RunPlace, flag: str) -> str:
+    """--init_weights, else the run's max_acc.pth; stops when neither exists."""
     weights = args.init_weights or os.path.join(place.run_dir, trainer.BEST_NAME)
     if not os.path.isfile(weights):
-        raise SystemExit(f'error: --export_onnx found no {weights}; give --init_weights or train this run first')
+        raise SystemExit(f'error: {flag} found no {weights}; give --init_weights or train this run first')
+    return weights
+
+
+def export(args, place: trainer.RunPlace):
+    """Write --init_weights (or the run's max_acc.pth) as an ONNX serving graph and say its input contract."""
+    weights = weights_to_use(args, place, '--export_onnx')
     backbone = models.load_backbone(args.backbone_class, weights, args.img_size, args.demo_width_divisor)
     contract = models.export_onnx(backbone, args.export_onnx, args.img_size, helpers.PIXEL_MEAN_BGR,
                                   helpers.PIXEL_STD_BGR, description={'backbone': args.backbone_class,

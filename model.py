@@ -332,20 +332,19 @@ class ServingNetwork(nn.Module):
 def export_onnx(backbone: nn.Module, path: str, img_size: int, pixel_mean, pixel_std, description: dict) -> dict:
     """Write `backbone` as an ONNX serving graph (ServingNetwork, any batch size) to `path`; the input contract and
     `description` go into the model's metadata, and are returned."""
-    import onnx
     network = ServingNetwork(backbone, pixel_mean, pixel_std).eval()
     example = torch.rand(2, 3, img_size, img_size)
     batch = torch.export.Dim('batch', min=1, max=4096)
     with torch.no_grad():
-        torch.onnx.export(network, (example,), path, dynamo=True, input_names=['images'], output_names=['features'],
-                          dynamic_shapes=({0: batch},), verbose=False)
+        program = torch.onnx.export(network, (example,), dynamo=True, input_names=['images'],
+                                    output_names=['features'], dynamic_shapes=({0: batch},), verbose=False)
     contract = {'input': f'images: float32 (batch, 3, {img_size}, {img_size}), BGR channel order, values in [0, 1] '
                          '(decoded pixels / 255, resized to the size)',
                 'output': f'features: float32 (batch, {backbone.feature_dim}), L2-normalised',
                 **{key: str(value) for key, value in description.items()}}
-    proto = onnx.load(path)
-    onnx.helper.set_model_props(proto, contract)
-    onnx.save(proto, path)
+    program.model.metadata_props.update(contract)
+    # one self-contained file, written once (the weights inline, no `.data` file beside it)
+    program.save(path, external_data=False)
     return contract
 
 

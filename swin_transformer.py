@@ -125,12 +125,20 @@ def use_fused_attention(backbone: torch.nn.Module, enabled: bool = True) -> None
             module.fused_attn = enabled
 
 
+def image_size_message(img_size: int, num_stages: int = 4, window_size: int = WINDOW_SIZE) -> str | None:
+    """Why `img_size` does not fit the Swin windows and which sizes do, or None when it fits."""
+    problem = image_size_problem(img_size, num_stages, window_size)
+    if problem is None:
+        return None
+    sizes = ', '.join(map(str, fitting_image_sizes(num_stages=num_stages, window_size=window_size)))
+    return f'{problem}; Swin takes --img_size {sizes}'
+
+
 def check_image_size(img_size: int, num_stages: int, window_size: int) -> None:
     """Raise ValueError, listing the sizes that fit, unless `img_size` fits the Swin windows."""
-    problem = image_size_problem(img_size, num_stages, window_size)
-    if problem:
-        sizes = ', '.join(map(str, fitting_image_sizes(num_stages=num_stages, window_size=window_size)))
-        raise ValueError(f'{problem}; Swin takes --img_size {sizes}')
+    message = image_size_message(img_size, num_stages, window_size)
+    if message:
+        raise ValueError(message)
 
 
 def create_swin(name: str, img_size: int = 384, width_divisor: int = 1) -> SwinBackbone:

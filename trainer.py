@@ -109,7 +109,7 @@ def gather_in_order(local_values: torch.Tensor, local_indices: torch.Tensor, tot
     Raises RuntimeError unless the indices over all processes are exactly 0..total-1 once each.
     """
     local_indices = local_indices.to(device=local_values.device, dtype=torch.long)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         world_size = dist.get_world_size()
         count = torch.tensor([local_values.shape[0]], device=local_values.device)
         counts = [torch.zeros_like(count) for _ in range(world_size)]
@@ -215,7 +215,7 @@ def train_one_epoch(parts: 'TrainingParts', epoch: int, *, device: torch.device,
     """
     parts.distiller.train()
     progress = progress or EpochProgress()
-    first_iteration = progress.iteration
+    first_iteration, first_samples = progress.iteration, progress.samples
     iterations = first_iteration + len(parts.train_loader)
     sums = torch.tensor(progress.sums, dtype=torch.float64, device=device)
     non_finite = NonFiniteWatch(device, skips_allowed=parts.scaler.is_enabled())
@@ -245,7 +245,8 @@ def train_one_epoch(parts: 'TrainingParts', epoch: int, *, device: torch.device,
                                ('train/lr', lr)):
                 logger.scalar(tag, value, step)
             if show_progress:
-                images_per_second = progress.samples * world_size / max(time.perf_counter() - start, 1e-9)
+                images_per_second = ((progress.samples - first_samples) * world_size /
+                                     max(time.perf_counter() - start, 1e-9))
                 bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}', img_s=f'{images_per_second:.1f}')
         if control is not None and iteration + 1 < iterations:
             stopped = _checkpoint_within_epoch(control, epoch, progress, sums, non_finite)
@@ -392,6 +393,10 @@ class RunControl:
     def write_checkpoint(self, epoch: int, progress: EpochProgress):
         """Write the mid-epoch checkpoint through the run's writer (every process calls it)."""
         self._write(epoch, progress)
+        self.checkpoint_written()
+
+    def checkpoint_written(self):
+        """Restart the clock of time-based checkpoints (after any checkpoint, the epoch's own included)."""
         self._last_checkpoint = time.monotonic()
 
 
@@ -669,6 +674,7 @@ class Trainer:
         log_epoch(place.logger, epoch, stats, validation)
         improved = advance_progress(self.progress, epoch, validation, validating=parts.val_loader is not None)
         self.checkpoints.save_epoch_end(self.progress, improved)
+        self.control.checkpoint_written()
         stopped = self.control.stop_requested()
         if stopped:
             stop_run(place.logger, stopped, f'after epoch {epoch}', self.checkpoints.path(CHECKPOINT_NAME))
@@ -702,27 +708,34 @@ class Checkpoints:
 
     def save_epoch_end(self, progress: dict, improved: bool):
         """The checkpoint after an epoch, and max_acc.pth when the epoch improved."""
-        if self.place.rank == 0:
+        def write():
             if improved:
                 utils.save_atomically(models.student_weights(self.parts.distiller.student,
                                                              include_head=not self.head_fixed), self.path(BEST_NAME))
             self._save(training_state(self.parts, progress, head_fixed=self.head_fixed, seed=self.seed))
-        self._wait()
+        self._write_on_rank_zero(write)
 
     def save_within_epoch(self, progress: dict, current: EpochProgress):
         """The checkpoint within an epoch, with every process's position, partial sums and random generators."""
         every_process = gather_objects(checkpoint_epoch_state(current))
-        if self.place.rank == 0:
-            state = training_state(self.parts, progress, head_fixed=self.head_fixed, seed=self.seed)
-            self._save(dict(state, epoch_progress=every_process))
-        self._wait()
+        self._write_on_rank_zero(lambda: self._save(dict(
+            training_state(self.parts, progress, head_fixed=self.head_fixed, seed=self.seed),
+            epoch_progress=every_process)))
 
     def _save(self, state: dict):
         utils.save_atomically(state, self.path(CHECKPOINT_NAME), self.path(PREVIOUS_CHECKPOINT_NAME), verify=True)
 
-    def _wait(self):
-        if self.place.world_size > 1:
-            dist.barrier()
+    def _write_on_rank_zero(self, write):
+        """Rank 0 writes while the others wait; a write that fails (disk full, storage gone) stops every process
+        with its message instead of leaving the others waiting for rank 0."""
+        problems = []
+        if self.place.rank == 0:
+            try:
+                write()
+            except (OSError, RuntimeError) as error:
+                problems.append(f'could not write a checkpoint in {self.place.run_dir}: {models.first_line(error)}; '
+                                'the files already there are whole: free space or fix the storage, then rerun')
+        stop_if_any_process_failed(problems)
 
     def resume(self) -> tuple[dict | None, EpochProgress]:
         """(the progress of the checkpoint chosen by choose_checkpoint, or None for a new run; where to resume

@@ -165,10 +165,7 @@ def _json_ready(value):
 
 
 def _write_json(value, path: str):
-    temporary = f'{path}.tmp'
-    with open(temporary, 'w', encoding='utf-8') as handle:
-        json.dump(_json_ready(value), handle)
-    os.replace(temporary, path)
+    _write_atomically(path, lambda file: file.write(json.dumps(_json_ready(value)).encode('utf-8')))
 
 
 def _current_umask() -> int:
@@ -179,19 +176,29 @@ def _current_umask() -> int:
 
 def save_atomically(obj, path: str, previous_path: str | None = None, verify: bool = False):
     """torch.save `obj` to a temporary file beside `path`, then rename it over `path`: an interrupted save
-    leaves the previous file intact and no temporary behind. `verify` reads the file back before it replaces
-    anything; `previous_path` keeps the file it replaces, so that a damaged latest checkpoint never leaves a run
-    without a good one."""
+    leaves the previous file intact and no temporary behind. `verify` reads the file back (its structure, the
+    tensors memory-mapped) before it replaces anything; `previous_path` keeps the file it replaces, so that a
+    damaged latest checkpoint never leaves a run without a good one."""
+    def read_back(temporary):
+        torch.load(temporary, map_location='cpu', weights_only=True, mmap=True)
+
+    _write_atomically(path, lambda file: torch.save(obj, file), check=read_back if verify else None,
+                      previous_path=previous_path)
+
+
+def _write_atomically(path: str, write, check=None, previous_path: str | None = None):
+    """write(binary file) into a temporary file beside `path`, flushed to disk, checked by check(temporary path),
+    then renamed over `path` (its old content kept at `previous_path` when given)."""
     directory = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
     try:
         with os.fdopen(handle, 'wb') as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
-        if verify:
-            torch.load(temporary, map_location='cpu', weights_only=True)
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes files private; checkpoints are shared
+        if check is not None:
+            check(temporary)
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes files private; run files are shared
         if previous_path is not None and os.path.exists(path):
             _keep_as(path, previous_path)
         os.replace(temporary, path)
@@ -511,9 +518,11 @@ def _threshold_edges(smallest, largest, num_thresholds):
 def _one_thread_on_cpu(device: torch.device):
     """Many small cache-resident operations: on the CPU one thread avoids a thread-pool handshake per operation,
     which costs milliseconds each on a busy machine."""
+    if device.type != 'cpu':
+        yield
+        return
     threads = torch.get_num_threads()
-    if device.type == 'cpu':
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         yield
     finally:

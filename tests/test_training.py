@@ -142,7 +142,7 @@ def test_step_and_multistep_really_decay():
     (['--max_epoch', '0', '--backbone_class', 'Resnet12'], 'nothing to do'),
     (['--backbone_class', 'Swin_tiny', '--img_size', '224'],
      '--img_size 224: img_size 224 gives a 56-token grid in Swin stage 0, which neither fits one 12x12 window nor '
-     'splits into such windows; Swin takes 32, 96, 192, 384, 768'),
+     'splits into such windows; Swin takes --img_size 32, 96, 192, 384, 768'),
     (['--batch_size', '64', '--num_classes', '4'],
      'the training lists hold 24 images, fewer than one batch of --batch_size 64'),
 ])
