@@ -5,14 +5,15 @@
 #   VAL_ROOT=/data/val VAL_LIST=/data/val.txt TEST_ROOT=/data/test TEST_LIST=/data/test.txt sh start.sh
 #
 #   STUDENT=Resnet12   the ResNet12 recipe (40 epochs, SGD 0.01) instead of Swin_tiny (200, AdamW 0.001)
-#   NPROC=4            processes on this host (default: every visible GPU, else 1)
+#   NPROC=4            processes on this host (default: HOST_GPU_NUM when set, else every visible GPU, else 1)
 #   SAVE_DIR=...       where run directories go (default ./checkpoints)
 #   AMP=none           fp32 instead of autocast (default bf16 on Ampere and newer GPUs, fp16 before, none on a CPU)
 #   PYTHON=...         the interpreter (default python3, else python)
 #   Several training lists: TRAIN_ROOT="R1 R2" TRAIN_LIST="L1 L2" (paths without spaces).
 #   Cluster: HOST_NUM, HOST_GPU_NUM, INDEX and CHIEF_IP (set by the scheduler) make a multi-host run;
 #   MASTER_PORT (default 29500). SAVE_DIR must then be storage that every host sees.
-#   Further arguments go to main.py as they are, e.g. `sh start.sh --num_workers 12`.
+#   Further arguments go to main.py as they are, e.g. `sh start.sh --num_workers 12` (recipe and test runs; the
+#   demo takes none).
 #
 #   Test existing weights (ours or the original's max_acc.pth) on every local GPU: the test list and the weights
 #   are enough; TEACHER adds the teacher's and the cross (student query vs teacher gallery) figures.
@@ -20,12 +21,13 @@
 #   TEST_ROOT=/data/test TEST_LIST=/data/test.txt [TEACHER=...] [STUDENT=Resnet12] \
 #   sh start.sh --test_only --init_weights /path/max_acc.pth
 #
-#   With neither TEACHER nor TRAIN_LIST: the demo (synthetic landmarks, CPU, about 8 minutes), written to
-#   DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md, its figure DEMO_DIR/summary.png.
+#   With none of TEACHER, TRAIN_LIST, TEST_LIST and --test_only: the demo (synthetic landmarks, CPU, about 7
+#   minutes on 2 cores), written to DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md, its
+#   figure DEMO_DIR/summary.png.
 #   Smaller or larger demos:
 #   DEMO_LANDMARKS (300), DEMO_VIEWS (40 per training landmark), DEMO_TEST_LANDMARKS (50), DEMO_IMG_SIZE (32),
 #   DEMO_WIDTH_DIVISOR (4), DEMO_TEACHER_EPOCHS (7), DEMO_STUDENT_EPOCHS (3, Swin-tiny), DEMO_RESNET12_EPOCHS (2),
-#   DEMO_AMP (bf16; none on a CPU without bf16).
+#   DEMO_AMP (bf16; set none on a CPU without bf16).
 set -eu
 # paths stay relative to the caller's directory; the project's scripts are found beside this file
 here=$(dirname "$0")

@@ -118,8 +118,8 @@ def fitting_image_sizes(largest: int = 768, num_stages: int = 4, window_size: in
 
 def use_fused_attention(backbone: torch.nn.Module, enabled: bool = True) -> None:
     """Switch timm's window attention to torch's scaled_dot_product_attention (fused kernels, no materialised
-    attention matrix where the device has them) or back. The features agree within float32 rounding (6.6e-7
-    measured on the CPU); the CPU itself gains nothing, so it is off unless asked for."""
+    attention matrix where the device has them) or back. The features agree within float32 rounding; the CPU
+    itself gains nothing, so it is off unless asked for."""
     for module in backbone.modules():
         if isinstance(module, WindowAttention):
             module.fused_attn = enabled

@@ -36,7 +36,7 @@ def run_on_gpu(code: str):
 
 def test_head_transform_and_tar_at_far_agree_with_the_cpu():
     run_on_gpu('''
-import numpy as np, torch, helpers, model, utils
+import os, numpy as np, torch, helpers, model, utils
 assert torch.cuda.is_available()
 torch.manual_seed(0)
 head = model.CosFaceHead(1000, 64)
@@ -49,7 +49,7 @@ with torch.autocast('cuda', dtype=torch.bfloat16):
 images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
 transform = helpers.BatchTransform(augment=False)
 assert torch.allclose(transform(images, train=False), transform(images.cuda(), train=False).cpu(), atol=1e-6)
-cases = np.load('tests/data/original_tar_cases.npz')
+cases = np.load(os.path.join(os.path.dirname(helpers.__file__), 'tests', 'data', 'original_tar_cases.npz'))
 for name in ('lattice', 'clustered'):
     for grain in ('coarse', 'fine'):
         tars = utils.tar_at_far(cases[name + '_features'], labels=cases[name + '_' + grain], device='cuda')

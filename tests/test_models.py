@@ -1,4 +1,5 @@
 """Backbones, CosFace head, distillation model and checkpoint loading."""
+import json
 import math
 import os
 import pickle
@@ -100,10 +101,30 @@ def test_swin_tiny_parameters_at_every_supported_size():
         assert backbone.eval()(images(1, 192)).shape == (1, 1024)
 
 
-def test_swin_configuration_matches_spec():
-    backbone = model.create_backbone('Swin_tiny', img_size=384)
-    assert [len(stage.blocks) for stage in backbone.layers] == [2, 2, 6, 2]
-    assert [stage.blocks[0].attn.num_heads for stage in backbone.layers] == [2, 4, 8, 16]
+def original_swin_layout(name: str) -> tuple[list[int], list[int], list[int]]:
+    """(blocks per stage, heads per stage, relative-position bias table rows) of the original's state dict."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'original_state_dict_keys.json')) as f:
+        keys = json.load(f)[name]
+    blocks, heads, table_rows = {}, {}, set()
+    for key, shape, _ in keys:
+        match = re.match(r'layers\.(\d+)\.blocks\.(\d+)\.', key)
+        if match:
+            blocks[int(match[1])] = max(blocks.get(int(match[1]), 0), int(match[2]) + 1)
+        if key.endswith('attn.relative_position_bias_table'):
+            heads[int(key.split('.')[1])] = shape[1]
+            table_rows.add(shape[0])
+    return [blocks[stage] for stage in sorted(blocks)], [heads[stage] for stage in sorted(heads)], sorted(table_rows)
+
+
+@pytest.mark.parametrize('name', ['Swin_tiny', 'Swin_base'])
+def test_swin_depths_heads_and_windows_are_the_originals(name):
+    depths, heads, table_rows = original_swin_layout(name)
+    assert table_rows == [(2 * 12 - 1) ** 2]  # the original's 12x12 windows
+    backbone = model.create_backbone(name, img_size=384)
+    assert [len(stage.blocks) for stage in backbone.layers] == depths
+    assert [stage.blocks[0].attn.num_heads for stage in backbone.layers] == heads
+    if name == 'Swin_base':
+        return
     # at 384 px every stage uses the full 12x12 window; the last stage's 12x12 grid neither shifts nor partitions
     assert all(block.attn.window_size == (12, 12) for stage in backbone.layers for block in stage.blocks)
     assert backbone.layers[3].blocks[1].shift_size == (0, 0)
@@ -197,8 +218,8 @@ def test_batches_seen_counts_training_forwards_only():
 
 
 def expected_dropped_fraction(keep_rate, side, block=5):
-    """The original's formula: seeds with probability gamma on the (side-4)^2 valid positions, each zeroing a 5x5
-    block."""
+    """The original's formula, as we read its DropBlock: seeds with probability gamma on the (side-4)^2 valid
+    positions, each zeroing a 5x5 block."""
     gamma = (1 - keep_rate) / block ** 2 * side ** 2 / (side - block + 1) ** 2
     covering = torch.tensor([min(i, side - block) - max(0, i - block + 1) + 1 for i in range(side)],
                             dtype=torch.float64)
@@ -225,7 +246,7 @@ def test_drop_block_statistics(side):
     assert torch.equal(drop_block.eval()(ones, 0.9), ones)
 
 
-def test_drop_block_seed_probability_matches_spec():
+def test_drop_block_seed_probability_is_the_original_formula():
     assert resnet12.drop_block_seed_probability(0.9, 24, 24, 5) == pytest.approx(0.1 / 25 * 576 / 400)
     assert resnet12.drop_block_seed_probability(0.9, 12, 12, 5) == pytest.approx(0.1 / 25 * 144 / 64)
 
@@ -606,3 +627,16 @@ def test_files_that_are_not_weights_are_one_line_naming_the_file(tmp_path, conte
         model.load_classifier('Swin_base', str(path), img_size=SMALL_IMAGE)
     assert_one_line(error, path)
     assert 'weights_only' not in str(error.value)
+
+
+def test_fused_attention_gives_the_same_features():
+    torch.manual_seed(0)
+    backbone = model.create_backbone('Swin_tiny', img_size=96, width_divisor=4).eval()
+    batch = images(2, 96)
+    with torch.no_grad():
+        plain = backbone(batch)
+        swin_transformer.use_fused_attention(backbone)
+        switched = [module.fused_attn for module in backbone.modules() if hasattr(module, 'fused_attn')]
+        assert switched and all(switched)
+        fused = backbone(batch)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)

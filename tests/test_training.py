@@ -61,7 +61,7 @@ def reference_kd(student_logits, teacher_logits, temperature):
     return total
 
 
-def test_kd_loss_is_the_original_untempered_teacher_sum_over_batch():
+def test_kd_loss_untempered_teacher_summed_over_the_batch():
     torch.manual_seed(0)
     student_logits, teacher_logits = torch.randn(3, 5) * 4, torch.randn(3, 5) * 4
     labels = torch.tensor([0, 3, 4])
@@ -164,7 +164,7 @@ def test_global_batch_must_divide_among_processes():
 
 
 # -------------------------------------------------------------------------------------------- end to end
-def test_distillation_run_writes_the_specified_outputs(tiny_data, teacher_file, tmp_path):
+def test_distillation_run_writes_every_output_of_a_run(tiny_data, teacher_file, tmp_path):
     argv = SMALL + data_args(tiny_data) + [
         '--backbone_class', 'Resnet12', '--is_distill', '--teacher_backbone_class', 'Resnet12',
         '--teacher_init_weights', teacher_file, '--head_fixed', '--max_epoch', '2', '--warmup_epoch', '1',
@@ -222,9 +222,14 @@ def test_teacher_training_without_distillation_keeps_its_head(tiny_data, tmp_pat
     assert teacher.head.weight.shape == (4, 128)
 
 
-def test_test_only_on_an_original_format_student(tiny_data, tmp_path):
+def test_test_only_on_a_student_in_the_original_file_layout(tiny_data, tmp_path):
+    """A multi-GPU student file as the original wrote it ({'params': {'encoder.module.<key>'}}, distill_layer keys
+    beside), its keys those of the original's own ResNet12 state dict."""
     torch.manual_seed(3)
     backbone = models.create_backbone('Resnet12', 96, 8)
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'original_state_dict_keys.json'),
+              encoding='utf-8') as handle:
+        assert [key for key, _, _ in json.load(handle)['Resnet12']] == list(backbone.state_dict())
     original = {f'encoder.module.{key}': value for key, value in backbone.state_dict().items()}
     original['distill_layer.encoder.some.weight'] = torch.zeros(3)
     path = str(tmp_path / 'original_max_acc.pth')
