@@ -828,6 +828,8 @@ def choose_checkpoint(run_dir: str, rank: int, logger) -> tuple[str | None, dict
                 continue
             try:
                 state = torch.load(path, map_location='cpu', weights_only=True)
+            except (OSError, MemoryError):
+                raise  # the storage or the machine, not the file: nothing is set aside
             except Exception as error:  # any damage: truncated, zeroed, not a checkpoint at all
                 failures.append((path, models.first_line(error)))
                 continue

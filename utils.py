@@ -234,7 +234,7 @@ def read_lock_holder(path: str) -> dict | None:
 
 def lock_is_stale(path: str, holder: dict, own_holder: dict) -> bool:
     """Whether the run.lock at `path`, held by `holder`, may be taken over by `own_holder`: its process is gone
-    (same host) or its heartbeat is older than RunLock.STALE_SECONDS (another host)."""
+    (same host), or its heartbeat is older than RunLock.STALE_SECONDS."""
     if holder.get('host') == own_holder['host']:
         if holder.get('pid') == own_holder['pid']:
             return True  # left by an earlier run in this same process
@@ -242,9 +242,11 @@ def lock_is_stale(path: str, holder: dict, own_holder: dict) -> bool:
             os.kill(int(holder.get('pid', -1)), 0)
         except ProcessLookupError:
             return True
-        except (PermissionError, ValueError, OverflowError):
+        except (ValueError, OverflowError):
             return False
-        return False
+        except PermissionError:
+            pass  # a live process of another user: its heartbeat decides, as below
+        # a live process, unless its id was reused after the holder died: then the heartbeat has stopped
     try:
         return time.time() - os.path.getmtime(path) > RunLock.STALE_SECONDS
     except OSError:
