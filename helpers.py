@@ -19,6 +19,7 @@ from torchvision.transforms import RandomResizedCrop
 
 import model as models
 import swin_transformer
+import utils
 
 
 # ============================================================================================ data
@@ -70,7 +71,7 @@ def _parse_integer(text: str, origin: str, what: str) -> int:
     try:
         return int(text.strip())
     except ValueError:
-        raise ValueError(f"{origin}: {what} {text!r} is not an integer") from None
+        raise utils.RunError(f"{origin}: {what} {text!r} is not an integer") from None
 
 
 def read_list_file(list_path: str) -> list[tuple[str, int, int | None, str]]:
@@ -87,15 +88,15 @@ def read_list_file(list_path: str) -> list[tuple[str, int, int | None, str]]:
         try:
             line = raw_line.decode('utf-8').rstrip('\r')
         except UnicodeDecodeError:
-            raise ValueError(f"{origin}: line is not valid UTF-8; save the list as UTF-8") from None
+            raise utils.RunError(f"{origin}: line is not valid UTF-8; save the list as UTF-8") from None
         if not line.strip():
             continue
         fields = line.split('\t')
         if len(fields) not in (3, 4):
-            raise ValueError(f"{origin}: expected 3 or 4 tab-separated fields "
-                             f"(relative_path, name, label[, fine_label]), found {len(fields)}")
+            raise utils.RunError(f"{origin}: expected 3 or 4 tab-separated fields "
+                                 f"(relative_path, name, label[, fine_label]), found {len(fields)}")
         if not fields[0].strip():
-            raise ValueError(f"{origin}: empty image path")
+            raise utils.RunError(f"{origin}: empty image path")
         label = _parse_integer(fields[2], origin, 'label')
         fine_label = _parse_integer(fields[3], origin, 'fine label') if len(fields) == 4 else None
         entries.append((fields[0], label, fine_label, origin))
@@ -147,18 +148,18 @@ def load_label_map(path: str) -> dict[int, int]:
     try:
         loaded = _load_plain_object(path)
     except Exception as error:  # any unreadable file becomes one clear message
-        raise ValueError(f"{path}: cannot read the label map ({models.first_line(error)}); save it as a dict "
-                         f"label -> (final_label, score) of plain numbers with torch.save or pickle") from None
+        raise utils.RunError(f"{path}: cannot read the label map ({models.first_line(error)}); save it as a dict "
+                             f"label -> (final_label, score) of plain numbers with torch.save or pickle") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: label map must be a dict label -> (final_label, score), "
-                         f"found {type(loaded).__name__}")
+        raise utils.RunError(f"{path}: label map must be a dict label -> (final_label, score), "
+                             f"found {type(loaded).__name__}")
     label_map = {}
     for key, value in loaded.items():
         final = value[0] if isinstance(value, (tuple, list)) and len(value) >= 1 else value
         if isinstance(final, torch.Tensor) and final.numel() == 1:
             final = final.item()
         if not isinstance(key, (int, np.integer)) or not isinstance(final, (int, np.integer)):
-            raise ValueError(f"{path}: entry {key!r}: {value!r} is not integer label -> (final_label, score)")
+            raise utils.RunError(f"{path}: entry {key!r}: {value!r} is not integer label -> (final_label, score)")
         label_map[int(key)] = int(final)
     return label_map
 
@@ -172,8 +173,8 @@ def read_train_samples(roots: list[str], lists: list[str], label_map: str | None
     num_classes is the largest final label + 1. A fourth column is ignored (fine_label = label).
     """
     if len(roots) != len(lists):
-        raise ValueError(f"got {len(roots)} train roots but {len(lists)} train lists; "
-                         f"give one --train_root per --train_list, in the same order")
+        raise utils.RunError(f"got {len(roots)} train roots but {len(lists)} train lists; "
+                             f"give one --train_root per --train_list, in the same order")
     final_label_of = load_label_map(label_map) if label_map else {}
     samples = []
     offset = 0
@@ -184,7 +185,7 @@ def read_train_samples(roots: list[str], lists: list[str], label_map: str | None
             samples.append(Sample(os.path.join(root, relative_path), final_label, final_label, origin))
         offset += len({label for _, label, _, _ in entries})
     if not samples:
-        raise ValueError(f"no training images in {', '.join(lists)}")
+        raise utils.RunError(f"no training images in {', '.join(lists)}")
     num_classes = max(sample.label for sample in samples) + 1
     return samples, num_classes
 
@@ -196,16 +197,17 @@ def read_eval_samples(root: str, list_path: str) -> list[Sample]:
         samples.append(Sample(os.path.join(root, relative_path), label,
                               label if fine_label is None else fine_label, origin))
     if not samples:
-        raise ValueError(f"{list_path}: the list has no images")
+        raise utils.RunError(f"{list_path}: the list has no images")
     return samples
 
 
-def check_images_exist(samples, root_flag: str):
-    """Raise ValueError 'list:line: path: no such image' naming the first listed image that is not a file."""
+def missing_image_problem(samples, root_flag: str) -> str | None:
+    """'list:line: path: no such image' naming the first listed image that is not a file, or None."""
     missing = [sample for sample in samples if not os.path.isfile(sample.path)]
-    if missing:
-        more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
-        raise ValueError(f"{missing[0].origin}: {missing[0].path}: no such image{more}; fix the list or {root_flag}")
+    if not missing:
+        return None
+    more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+    return f"{missing[0].origin}: {missing[0].path}: no such image{more}; fix the list or {root_flag}"
 
 
 def check_labels(samples, num_classes: int, source: str):
@@ -213,7 +215,7 @@ def check_labels(samples, num_classes: int, source: str):
     for position, sample in enumerate(samples):
         if not 0 <= sample.label < num_classes:
             origin = sample.origin or f"{source}:{position + 1}"
-            raise ValueError(f"{origin}: label {sample.label} outside [0, {num_classes}); "
+            raise utils.RunError(f"{origin}: label {sample.label} outside [0, {num_classes}); "
                              f"{source} must use labels 0..{num_classes - 1} (check --num_classes and the list)")
 
 
@@ -379,12 +381,24 @@ class ImageDataset(Dataset):
                            f"{self.origins[index]}: {'; '.join(problems[:3])}; check --train_root")
 
 
+def batch_messages(batch: dict, field: str) -> list[str]:
+    """The non-empty messages of a batch's 'bad' or 'truncated' field (see ImageDataset)."""
+    return [message for message in batch.get(field, ()) if message]
+
+
+def report_truncated(paths, logger):
+    """Say once a run of each truncated image that it was used; the original used them too."""
+    for path in sorted(set(paths)):
+        logger.once(f'truncated {path}',
+                    f'truncated image (decoded with its missing part filled in, as the original did): {path}')
+
+
 class ContiguousShardSampler(Sampler):
     """Indices [start, end) of this rank's contiguous shard: every index exactly once over all ranks."""
 
     def __init__(self, total: int, rank: int, world_size: int):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside [0, {world_size})")
+            raise utils.RunError(f"rank {rank} outside [0, {world_size})")
         self.start = total * rank // world_size
         self.end = total * (rank + 1) // world_size
 
@@ -436,19 +450,23 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, *, seed: int,
 
 
 def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, world_size: int) -> DataLoader:
-    """Loader over this rank's contiguous shard, in list order, no padding (see trainer.gather_in_order)."""
+    """Loader over this rank's contiguous shard, in list order, no padding (see evaluation.gather_in_order)."""
     sampler = ContiguousShardSampler(len(dataset), rank, world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=False, persistent_workers=num_workers > 0,
                       worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
 
 
-def read_checked_list(root: str | None, list_path: str | None, root_flag: str) -> list[Sample]:
-    """The samples of a validation or test list (none without one), every listed image checked to exist."""
+def read_checked_list(root: str | None, list_path: str | None, root_flag: str, *, rank: int = 0,
+                      world_size: int = 1) -> list[Sample]:
+    """The samples of a validation or test list (none without one). Each process checks that the images of its own
+    contiguous part exist (the part it evaluates); a missing one stops every process, named in one line."""
     if not list_path:
         return []
     samples = read_eval_samples(root, list_path)
-    check_images_exist(samples, root_flag)
+    shard = ContiguousShardSampler(len(samples), rank, world_size)
+    problem = missing_image_problem(samples[shard.start:shard.end], root_flag)
+    utils.stop_if_any_process_failed([problem] if problem else [])
     return samples
 
 
@@ -461,8 +479,8 @@ def build_training_loaders(train_samples, val_samples, *, val_list: str | None, 
     train_loader = build_train_loader(ImageDataset(train_samples, img_size, train=True, augment=augment, seed=seed),
                                       per_process_batch, num_workers, seed=seed, rank=rank, world_size=world_size)
     if len(train_loader) == 0:
-        raise ValueError(f'the training lists hold {len(train_samples)} images, fewer than one batch of '
-                         f'--batch_size {batch_size}; lower --batch_size')
+        raise utils.RunError(f'the training lists hold {len(train_samples)} images, fewer than one batch of '
+                             f'--batch_size {batch_size}; lower --batch_size')
     val_loader = None
     if val_samples:
         check_labels(val_samples, num_classes, val_list)
@@ -521,17 +539,17 @@ class BatchTransform:
                 for values in (PIXEL_MEAN_BGR, PIXEL_STD_BGR, LIGHTING_EIGENVALUES, LIGHTING_EIGENVECTORS))
         return self._constants[device]
 
-    def lighting_noise(self, batch_size: int, device: torch.device, generator=None) -> torch.Tensor:
+    def lighting_noise(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """(B, 3) per-image noise V @ (alpha * eigenvalues), alpha ~ N(0, LIGHTING_STD)."""
         _, _, eigenvalues, eigenvectors = self._on(device)
-        alpha = torch.randn(batch_size, 3, device=device, generator=generator) * LIGHTING_STD
+        alpha = torch.randn(batch_size, 3, device=device) * LIGHTING_STD
         return (alpha * eigenvalues) @ eigenvectors.T
 
-    def __call__(self, images_uint8: torch.Tensor, train: bool, generator=None) -> torch.Tensor:
+    def __call__(self, images_uint8: torch.Tensor, train: bool) -> torch.Tensor:
         mean, std, _, _ = self._on(images_uint8.device)
         images = images_uint8.float().div_(255)
         if self.augment and train:
-            images.add_(self.lighting_noise(images.shape[0], images.device, generator)[:, :, None, None])
+            images.add_(self.lighting_noise(images.shape[0], images.device)[:, :, None, None])
         images = images.sub_(mean[:, None, None]).div_(std[:, None, None])
         return images.contiguous(memory_format=self.memory_format)
 
@@ -556,8 +574,8 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
         teacher = models.load_classifier(teacher_name, teacher_weights, img_size, width_divisor)
         teacher_classes = teacher.head.weight.shape[0]
         if num_classes not in (None, teacher_classes):
-            raise ValueError(f'--num_classes {num_classes} but the teacher {teacher_weights} classifies '
-                             f'{teacher_classes} classes; drop --num_classes')
+            raise utils.RunError(f'--num_classes {num_classes} but the teacher {teacher_weights} classifies '
+                                 f'{teacher_classes} classes; drop --num_classes')
         num_classes = teacher_classes
     num_classes = num_classes or DEFAULT_NUM_CLASSES
     if student_weights:
@@ -567,7 +585,7 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
         backbone = models.create_backbone(student_name, img_size, width_divisor, drop_block_schedule)
     if grad_checkpointing:
         if not hasattr(backbone, 'set_grad_checkpointing'):
-            raise ValueError(f'--grad_checkpointing needs a Swin student, not {student_name}')
+            raise utils.RunError(f'--grad_checkpointing needs a Swin student, not {student_name}')
         backbone.set_grad_checkpointing(True)
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -636,4 +654,4 @@ def build_optimizer(name: str, parameters, lr: float, weight_decay: float, momen
         return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
     if name == 'AdamW':
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f'unknown --optim {name!r}; choose SGD, Adam or AdamW')
+    raise utils.RunError(f'unknown --optim {name!r}; choose SGD, Adam or AdamW')

@@ -10,6 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
+import checkpoints
+import evaluation
 import helpers
 import model as models
 import resnet12
@@ -98,9 +100,9 @@ def add_run_flags(group):
     add('--log_interval', type=int, default=50, help='iterations between tensorboard points')
     add('--checkpoint_minutes', type=float, default=30.0,
         help='also write the resumable checkpoint within an epoch every this many minutes (0: at epoch ends only)')
-    add('--resume', nargs='?', const=True, default=False, type=parse_bool,
-        help='accepted for old scripts (also as `--resume True`); a run with a checkpoint always resumes')
-    add('--multi_gpu', action='store_true', help='accepted for old scripts; launch with torchrun for DDP')
+    # the original's switches, accepted for old scripts: a run with a checkpoint always resumes, torchrun gives DDP
+    add('--resume', nargs='?', const=True, default=False, type=parse_bool, help=argparse.SUPPRESS)
+    add('--multi_gpu', action='store_true', help=argparse.SUPPRESS)
     add('--test_only', action='store_true',
         help="evaluate --init_weights (weights of any supported format, or an exported .onnx) or the run's max_acc.pth")
     add('--export_onnx', default=None, metavar='OUT.onnx',
@@ -118,7 +120,7 @@ def check_args(args, world_size: int):
     """Refuse inconsistent settings before any work, with the fix in the message."""
     problems = combination_problems(args, world_size) + path_problems(args) + number_problems(args)
     if problems:
-        raise SystemExit('error: ' + '\nerror: '.join(problems))
+        raise utils.RunError('\nerror: '.join(problems))
 
 
 def combination_problems(args, world_size: int) -> list[str]:
@@ -230,13 +232,19 @@ def run_directory(args) -> str:
     return utils.RunName(**naming).directory(args.save_dir)
 
 
+# Settings that change a run's trajectory without naming its directory: a resume with other values is refused.
+TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_size', 'num_classes', 'drop_block',
+                    'demo_width_divisor', 'teacher_backbone_class', 'teacher_init_weights', 'teacher_eval',
+                    'init_head_from_teacher', 'label_map', 'train_root', 'train_list')
+
+
 def main(args):
     rank, world_size, device = init_distributed()
     lock = None
     try:
         check_args(args, world_size)
         run_dir = run_directory(args)
-        lock = trainer.hold_run_directory(run_dir, rank, world_size)
+        lock = checkpoints.hold_run_directory(run_dir, rank, world_size)
         logger = utils.Logger(run_dir, rank=rank)
         logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())))
         args.num_workers = helpers.loader_workers_that_fit(args.num_workers, args.batch_size // world_size,
@@ -247,9 +255,13 @@ def main(args):
         elif args.test_only:
             test_only(args, place)
         else:
-            train(args, place)
+            run, test_samples = build_training(args, place)
+            run.fit()
+            if test_samples:
+                teacher = run.parts.distiller.teacher
+                test(args, place, test_samples, run.best_student(), teacher.backbone if teacher else None)
         logger.close()
-    except (ValueError, FileNotFoundError, trainer.NonFiniteLossError, trainer.StopOnEveryRank) as error:
+    except utils.RunError as error:
         # bad lists, labels, weights files, images or a diverged loss: the message says what to fix, said once
         raise SystemExit(f'error: {error}' if rank == 0 else 1) from None
     except trainer.RunInterrupted as interrupted:
@@ -264,15 +276,17 @@ def main(args):
             dist.destroy_process_group()
 
 
-def train(args, place: trainer.RunPlace):
-    """Wire a training run: lists, model, loaders, optimizer and schedule; trainer.Trainer runs it and tests."""
+def build_training(args, place: trainer.RunPlace) -> tuple[trainer.Trainer, list]:
+    """Wire a training run: lists, model, loaders, optimizer and schedule; (the Trainer, the test list's samples)."""
     logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
     trainer.seed_epoch(args.seed, 0, rank)
     train_samples, _ = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
     # what would only fail after the last epoch is found now
-    val_samples = helpers.read_checked_list(args.val_root, args.val_list, '--val_root')
-    test_samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root')
-    trainer.announce_undefined_figures(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
+    val_samples = helpers.read_checked_list(args.val_root, args.val_list, '--val_root', rank=rank,
+                                            world_size=world_size)
+    test_samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root', rank=rank,
+                                             world_size=world_size)
+    evaluation.announce_undefined_figures(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
     distiller = helpers.build_model(
         args.backbone_class, args.img_size, args.num_classes, args.init_weights,
         teacher_name=args.teacher_backbone_class if args.is_distill else None,
@@ -289,8 +303,8 @@ def train(args, place: trainer.RunPlace):
         seed=args.seed, rank=rank, world_size=world_size)
     milestones = step_sizes(args.step_size)
 
-    def schedule(epoch_progress, epoch):
-        return trainer.learning_rate(epoch_progress, epoch, base_lr=args.lr, min_lr=args.min_lr,
+    def schedule(epoch_position, epoch):
+        return trainer.learning_rate(epoch_position, epoch, base_lr=args.lr, min_lr=args.min_lr,
                                      warmup_epochs=args.warmup_epoch, max_epoch=args.max_epoch,
                                      scheduler=args.lr_scheduler, step_size=milestones, gamma=args.gamma)
 
@@ -306,26 +320,27 @@ def train(args, place: trainer.RunPlace):
         train_loader=train_loader, val_loader=val_loader, schedule=schedule,
         batch_transform=helpers.BatchTransform(args.augment, memory_format=torch.channels_last if args.channels_last
                                                else torch.contiguous_format))
-    run = trainer.Trainer(args, parts, place)
-    run.fit()
-    if test_samples:
-        trainer.run_test(args, place, loader=test_loader(args, test_samples, place),
-                         batch_transform=helpers.BatchTransform(augment=False), student_backbone=run.best_student(),
-                         teacher_backbone=distiller.teacher.backbone if distiller.teacher is not None else None,
-                         logged_images=run.logged_images)
+    flags = {name: getattr(args, name) for name in TRAJECTORY_FLAGS}
+    return trainer.Trainer(args, parts, place, flags), test_samples
 
 
-def test_loader(args, samples, place: trainer.RunPlace):
-    return helpers.build_test_loader(samples, args.img_size, args.batch_size, args.num_workers, rank=place.rank,
-                                     world_size=place.world_size)
+def test(args, place: trainer.RunPlace, samples, student_backbone, teacher_backbone):
+    """The final test of `student_backbone` (and of the teacher's backbone, with the cross figures) on the test list."""
+    loader = helpers.build_test_loader(samples, args.img_size, args.batch_size, args.num_workers, rank=place.rank,
+                                       world_size=place.world_size)
+    evaluation.run_test(loader, helpers.BatchTransform(augment=False), student_backbone, teacher_backbone,
+                        device=place.device, amp=args.amp,
+                        rank=place.rank, logger=place.logger, output_dir=place.run_dir,
+                        coarse_mask=args.test_mask_coarse, fine_mask=args.test_mask_fine)
 
 
 def test_only(args, place: trainer.RunPlace):
     """Evaluate --init_weights (original or own format) or the run's max_acc.pth; no teacher needed."""
     logger, device = place.logger, place.device
     weights = weights_to_use(args, place, '--test_only')
-    samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root')
-    trainer.announce_undefined_figures(samples, args.test_mask_coarse, args.test_mask_fine, logger)
+    samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root', rank=place.rank,
+                                        world_size=place.world_size)
+    evaluation.announce_undefined_figures(samples, args.test_mask_coarse, args.test_mask_fine, logger)
     if weights.endswith('.onnx'):
         student_backbone = models.OnnxBackbone(weights, args.img_size, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR)
     else:
@@ -336,16 +351,14 @@ def test_only(args, place: trainer.RunPlace):
     if args.teacher_init_weights:
         teacher_backbone = models.load_backbone(args.teacher_backbone_class, args.teacher_init_weights,
                                                 args.img_size, args.demo_width_divisor).to(device)
-    trainer.run_test(args, place, loader=test_loader(args, samples, place),
-                     batch_transform=helpers.BatchTransform(augment=False), student_backbone=student_backbone,
-                     teacher_backbone=teacher_backbone, logged_images=set())
+    test(args, place, samples, student_backbone, teacher_backbone)
 
 
 def weights_to_use(args, place: trainer.RunPlace, flag: str) -> str:
     """--init_weights, else the run's max_acc.pth; stops when neither exists."""
-    weights = args.init_weights or os.path.join(place.run_dir, trainer.BEST_NAME)
+    weights = args.init_weights or os.path.join(place.run_dir, checkpoints.BEST_NAME)
     if not os.path.isfile(weights):
-        raise SystemExit(f'error: {flag} found no {weights}; give --init_weights or train this run first')
+        raise utils.RunError(f'{flag} found no {weights}; give --init_weights or train this run first')
     return weights
 
 

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import swin_transformer
+import utils
 from resnet12 import ResNet12
 
 FEATURE_DIM = 1024
@@ -33,7 +34,7 @@ def create_backbone(name: str, img_size: int = 384, width_divisor: int = 1,
         return swin_transformer.create_swin(name, img_size=img_size, width_divisor=width_divisor)
     if name == 'Resnet12':
         return ResNet12(width_divisor=width_divisor, drop_block_schedule=drop_block_schedule)
-    raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(BACKBONE_NAMES)}')
+    raise utils.RunError(f'unknown backbone {name!r}; choose one of {", ".join(BACKBONE_NAMES)}')
 
 
 class CosFaceHead(nn.Module):
@@ -89,7 +90,7 @@ class Classifier(nn.Module):
         super().__init__()
         feature_dim = getattr(backbone, 'feature_dim', head.weight.shape[1])
         if head.weight.shape[1] != feature_dim:
-            raise ValueError(f'head expects {head.weight.shape[1]}-d features, backbone gives {feature_dim}')
+            raise utils.RunError(f'head expects {head.weight.shape[1]}-d features, backbone gives {feature_dim}')
         self.backbone = backbone
         self.head = head
 
@@ -143,7 +144,7 @@ class DistillationModel(nn.Module):
         return [parameter for parameter in self.student.parameters() if parameter.requires_grad]
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(utils.RunError):
     """A weights file that cannot be used; the message is one line naming the file and what to do."""
 
 
@@ -152,7 +153,7 @@ def _load_file(path: str):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f'{path}: no such weights file') from None
+        raise WeightsFileError(f'{path}: no such weights file') from None
     except IsADirectoryError:
         raise WeightsFileError(f'{path} is a directory, not a weights file') from None
     except pickle.UnpicklingError as error:
@@ -217,7 +218,7 @@ def read_weights(path: str, name: str) -> tuple[dict[str, torch.Tensor], torch.T
     ({'model': ...} or bare, whose linear classifier is dropped). Only tensors are unpickled (weights_only=True).
     """
     if name not in BACKBONE_NAMES:
-        raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(BACKBONE_NAMES)}')
+        raise utils.RunError(f'unknown backbone {name!r}; choose one of {", ".join(BACKBONE_NAMES)}')
     raw_state = _extract_state_dict(_load_file(path), path)
     state = {}
     for key, value in raw_state.items():
@@ -225,7 +226,7 @@ def read_weights(path: str, name: str) -> tuple[dict[str, torch.Tensor], torch.T
             continue
         stripped = _strip_prefixes(key)
         if stripped in state:
-            raise ValueError(f'{path}: key {stripped!r} appears twice once prefixes are removed')
+            raise utils.RunError(f'{path}: key {stripped!r} appears twice once prefixes are removed')
         state[stripped] = value
     head_weight = None
     has_linear_bias = 'head.bias' in state or 'head.fc.bias' in state
@@ -267,7 +268,7 @@ def _load_state_into(backbone: nn.Module, state: dict, name: str, path: str) -> 
                     (('missing', missing), ('unexpected', unexpected), ('misshaped', misshaped)) if keys]
         fitting = _fitting_backbones(state, name) if missing or unexpected else []
         hint = f' (it fits {" / ".join(fitting)})' if fitting else ''
-        raise ValueError(f'{path} does not fit backbone {name}{hint}: ' + '; '.join(problems))
+        raise utils.RunError(f'{path} does not fit backbone {name}{hint}: ' + '; '.join(problems))
     backbone.load_state_dict(state, strict=False)
 
 
@@ -289,12 +290,12 @@ def load_classifier(name: str, path: str, img_size: int = 384, width_divisor: in
     """Backbone and CosFace head from one file (e.g. the teacher); the file must hold the head weight."""
     state, head_weight = read_weights(path, name)
     if head_weight is None:
-        raise ValueError(f'{path} holds no cosine head weight ({HEAD_KEY!r}, no bias) to build a {name} classifier')
+        raise utils.RunError(f'{path} holds no cosine head weight ({HEAD_KEY!r}, no bias) to build a {name} classifier')
     backbone = create_backbone(name, img_size=img_size, width_divisor=width_divisor)
     _load_state_into(backbone, state, name, path)
     if head_weight.shape[1] != backbone.feature_dim:
-        raise ValueError(f'{path}: head weight {tuple(head_weight.shape)} does not match the '
-                         f'{backbone.feature_dim}-d features of {name}')
+        raise utils.RunError(f'{path}: head weight {tuple(head_weight.shape)} does not match the '
+                             f'{backbone.feature_dim}-d features of {name}')
     # build the head without allocating and initialising a second num_classes x feature_dim matrix
     with torch.device('meta'):
         head = CosFaceHead(head_weight.shape[0], head_weight.shape[1])
@@ -361,8 +362,9 @@ class OnnxBackbone(nn.Module):
             raise WeightsFileError(f'{path}: not a readable ONNX model ({first_line(error)})') from None
         graph_input = self.session.get_inputs()[0]
         if list(graph_input.shape[1:]) != [3, img_size, img_size]:
-            raise ValueError(f'{path} takes images of shape {graph_input.shape[1:]}, not (3, {img_size}, {img_size}): '
-                             f'run with --img_size {graph_input.shape[-1]}, or export again at --img_size {img_size}')
+            raise WeightsFileError(f'{path} takes images of shape {graph_input.shape[1:]}, not (3, {img_size}, '
+                                   f'{img_size}): run with --img_size {graph_input.shape[-1]}, or export again at '
+                                   f'--img_size {img_size}')
         self.input_name = graph_input.name
         self.feature_dim = self.session.get_outputs()[0].shape[1]
         self.register_buffer('pixel_mean', torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))

@@ -116,13 +116,13 @@ def fitting_image_sizes(largest: int = 768, num_stages: int = 4, window_size: in
     return [size for size in candidates if image_size_problem(size, num_stages, window_size) is None]
 
 
-def use_fused_attention(backbone: torch.nn.Module, enabled: bool = True) -> None:
+def use_fused_attention(backbone: torch.nn.Module) -> None:
     """Switch timm's window attention to torch's scaled_dot_product_attention (fused kernels, no materialised
-    attention matrix where the device has them) or back. The features agree within float32 rounding; the CPU
-    itself gains nothing, so it is off unless asked for."""
+    attention matrix where the device has them). The features agree within float32 rounding; the CPU itself gains
+    nothing, so it is off unless asked for."""
     for module in backbone.modules():
         if isinstance(module, WindowAttention):
-            module.fused_attn = enabled
+            module.fused_attn = True
 
 
 def image_size_message(img_size: int, num_stages: int = 4, window_size: int = WINDOW_SIZE) -> str | None:

@@ -1,4 +1,4 @@
-"""Time and peak memory of utils.tar_at_far on N random 1024-d features, 10 images per label.
+"""Time and peak memory of evaluation.tar_at_far on N random 1024-d features, 10 images per label.
 
 Usage: python bench/eval_scale.py --n 37649
 Last line: eval_s=<seconds> peak_gb=<peak resident memory of the process in GiB>.
@@ -12,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402
+import evaluation  # noqa: E402
 
 
 def main():
@@ -28,15 +28,15 @@ def main():
     labels = torch.arange(arguments.n) // arguments.per_label
 
     start, start_cpu = time.perf_counter(), time.process_time()
-    tars = utils.tar_at_far(features, labels=labels)
+    tars = evaluation.tar_at_far(features, labels=labels)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     # ru_maxrss is in KiB on Linux.
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     pairs = arguments.n * (arguments.n - 1) // 2
-    print(f'N={arguments.n} pairs={pairs} device={utils.default_device()} threads={torch.get_num_threads()}')
+    print(f'N={arguments.n} pairs={pairs} device={evaluation.default_device()} threads={torch.get_num_threads()}')
     # CPU seconds over the thread count tell the wall time on an otherwise idle machine.
     print(f'cpu_s={cpu_seconds:.1f} load_average={os.getloadavg()[0]:.2f}')
-    print(f'TARs at {list(utils.DEFAULT_FARS)}: {tars}')
+    print(f'TARs at {list(evaluation.DEFAULT_FARS)}: {tars}')
     print(f'eval_s={seconds:.1f} peak_gb={peak_gb:.2f}')
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as models  # noqa: E402
 import swin_transformer  # noqa: E402
 import trainer  # noqa: E402
+import utils  # noqa: E402
 
 
 class OriginalCosFace(nn.Module):
@@ -81,7 +82,7 @@ def project_step_function(args):
     criterion = trainer.DistillationLoss('KD')
 
     def step(images, labels):
-        with trainer.autocast_context(device, args.amp):
+        with utils.autocast_context(device, args.amp):
             teacher_features, teacher_logits = distiller.teacher_outputs(images, labels)
             student_features, student_logits = distiller.student(images, labels)
         loss, _, _ = criterion(student_features, student_logits, teacher_features, teacher_logits, labels)

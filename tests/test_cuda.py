@@ -36,7 +36,7 @@ def run_on_gpu(code: str):
 
 def test_head_transform_and_tar_at_far_agree_with_the_cpu():
     run_on_gpu('''
-import os, numpy as np, torch, helpers, model, utils
+import os, numpy as np, torch, helpers, model, evaluation
 assert torch.cuda.is_available()
 torch.manual_seed(0)
 head = model.CosFaceHead(1000, 64)
@@ -52,7 +52,7 @@ assert torch.allclose(transform(images, train=False), transform(images.cuda(), t
 cases = np.load(os.path.join(os.path.dirname(helpers.__file__), 'tests', 'data', 'original_tar_cases.npz'))
 for name in ('lattice', 'clustered'):
     for grain in ('coarse', 'fine'):
-        tars = utils.tar_at_far(cases[name + '_features'], labels=cases[name + '_' + grain], device='cuda')
+        tars = evaluation.tar_at_far(cases[name + '_features'], labels=cases[name + '_' + grain], device='cuda')
         expected = cases[name + '_expected_' + grain]
         counts = np.unique(cases[name + '_' + grain], return_counts=True)[1]
         one_pair = 1.0 / (counts * (counts - 1) // 2).sum()     # a score on a bin edge may fall either way

@@ -13,8 +13,8 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import helpers  # noqa: E402  (the repository root is put on the path just above)
-import trainer  # noqa: E402
+import evaluation  # noqa: E402  (the repository root is put on the path just above)
+import helpers  # noqa: E402
 
 IMG_SIZE = 96
 MEAN = torch.tensor(helpers.PIXEL_MEAN_BGR)
@@ -436,12 +436,12 @@ def test_train_loader_uses_seeded_distributed_sampler_and_full_batches(tmp_path)
 def test_gather_in_order_single_process_and_checks():
     values = torch.arange(10.0).view(5, 2)
     indices = torch.tensor([3, 0, 4, 1, 2])
-    ordered = trainer.gather_in_order(values, indices, 5)
+    ordered = evaluation.gather_in_order(values, indices, 5)
     assert torch.equal(ordered[indices], values)
     with pytest.raises(RuntimeError, match='missing or repeated'):
-        trainer.gather_in_order(values, torch.tensor([0, 0, 1, 2, 3]), 5)
+        evaluation.gather_in_order(values, torch.tensor([0, 0, 1, 2, 3]), 5)
     with pytest.raises(RuntimeError, match='missing or repeated'):
-        trainer.gather_in_order(values, indices, 6)
+        evaluation.gather_in_order(values, indices, 6)
 
 
 def image_features(batch):
@@ -460,7 +460,7 @@ def sharded_evaluation(rank, world_size, rendezvous, root, list_path, output_pat
             features.append(image_features(batch))
             indices.append(batch['index'])
         local_indices = torch.cat(indices)
-        gathered = trainer.gather_in_order(torch.cat(features), local_indices, len(dataset))
+        gathered = evaluation.gather_in_order(torch.cat(features), local_indices, len(dataset))
         torch.save({'gathered': gathered, 'local_indices': local_indices}, f'{output_path}.{rank}')
     finally:
         dist.destroy_process_group()

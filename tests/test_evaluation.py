@@ -1,4 +1,4 @@
-"""utils.py: TAR@FAR against a full-matrix reference of the original's algorithm, edge cases, nearest neighbours,
+"""evaluation.py: TAR@FAR against a full-matrix reference of the original's algorithm, edge cases, nearest neighbours,
 run names, logging.
 
 The reference below scores every pair at once and follows the original's steps literally; it is itself checked
@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
+import evaluation
 import utils
 
 FARS = (0.5, 0.3, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5, 1e-8)
@@ -70,7 +72,7 @@ def test_reference_reproduces_the_original_code():
         for grain in ('coarse', 'fine'):
             far, tar = reference_curve(cases[f'{name}_features'], pairs_from_labels(cases[f'{name}_{grain}']))
             # NaN where the original gave NaN (no positive pair), equal everywhere else
-            np.testing.assert_array_equal(reference_tars(far, tar, utils.DEFAULT_FARS),
+            np.testing.assert_array_equal(reference_tars(far, tar, evaluation.DEFAULT_FARS),
                                           cases[f'{name}_expected_{grain}'])
 
 
@@ -115,13 +117,13 @@ def test_tar_at_far_equals_full_matrix_reference(pattern, tmp_path):
     expected = reference_tars(far, tar, FARS)
     assert expected[0] > 0  # the clusters make the curve informative
 
-    assert utils.tar_at_far(features, labels=labels, fars=FARS, device='cpu') == expected
+    assert evaluation.tar_at_far(features, labels=labels, fars=FARS, device='cpu') == expected
     mask_path = os.path.join(tmp_path, 'mask.npy')
     np.save(mask_path, positive)
     # Tiny tiles: many row blocks, one or two rows each, read block by block from the memory-mapped file.
-    assert utils.tar_at_far(features, mask=positive, fars=FARS, tile_elements=150) == expected
-    assert utils.tar_at_far(torch.from_numpy(features), mask=mask_path, fars=FARS, tile_elements=700) == expected
-    curve_far, curve_tar = utils.far_tar_curve(features, labels=labels, tile_elements=400)
+    assert evaluation.tar_at_far(features, mask=positive, fars=FARS, tile_elements=150) == expected
+    assert evaluation.tar_at_far(torch.from_numpy(features), mask=mask_path, fars=FARS, tile_elements=700) == expected
+    curve_far, curve_tar = evaluation.far_tar_curve(features, labels=labels, tile_elements=400)
     np.testing.assert_array_equal(curve_far, far)
     np.testing.assert_array_equal(curve_tar, tar)
 
@@ -139,7 +141,7 @@ def test_targets_on_curve_values_and_at_eight_times():
     jump = next(value for value, following in zip(values, following_values) if following < value / 8)
     at_eight = (float(jump) / 8, float(jump) / 8 * (1 + 1e-9))
     targets = on_curve + at_eight
-    got = utils.tar_at_far(features, labels=labels, fars=targets)
+    got = evaluation.tar_at_far(features, labels=labels, fars=targets)
     assert got == reference_tars(far, tar, targets)
     assert got[-2] == 0.0 and got[-1] > 0
 
@@ -149,18 +151,19 @@ def test_label_comparison_and_small_chunks_give_the_same_answer(monkeypatch):
     features = sign_features(labels, seed=21)
     far, tar = reference_curve(features, pairs_from_labels(labels))
     # Too many positive pairs to list: each tile compares labels; chunks of a few scores each.
-    monkeypatch.setattr(utils, 'SPARSE_POSITIVE_LIMIT', 10)
-    monkeypatch.setattr(utils, 'CHUNK_ELEMENTS', 64)
-    assert utils.tar_at_far(features, labels=labels, fars=FARS, tile_elements=900) == reference_tars(far, tar, FARS)
+    monkeypatch.setattr(evaluation, 'SPARSE_POSITIVE_LIMIT', 10)
+    monkeypatch.setattr(evaluation, 'CHUNK_ELEMENTS', 64)
+    tars = evaluation.tar_at_far(features, labels=labels, fars=FARS, tile_elements=900)
+    assert tars == reference_tars(far, tar, FARS)
 
 
 def test_string_labels_and_default_fars():
     labels = LABEL_PATTERNS['ten_per_label']
     features = sign_features(labels, flip=0.25, seed=5)
     far, tar = reference_curve(features, pairs_from_labels(labels))
-    expected = reference_tars(far, tar, utils.DEFAULT_FARS)
+    expected = reference_tars(far, tar, evaluation.DEFAULT_FARS)
     names = np.array([f'landmark_{label}' for label in labels])
-    assert utils.tar_at_far(features, labels=names) == expected
+    assert evaluation.tar_at_far(features, labels=names) == expected
     assert len(expected) == 8
 
 
@@ -170,7 +173,7 @@ def test_gaussian_clusters_match_reference_within_float32():
     centres = generator.normal(size=(30, 24))
     features = (centres[labels] + 0.9 * generator.normal(size=(150, 24))).astype(np.float32)
     far, tar = reference_curve(features, pairs_from_labels(labels))
-    got = utils.tar_at_far(features, labels=labels, fars=FARS, tile_elements=1000)
+    got = evaluation.tar_at_far(features, labels=labels, fars=FARS, tile_elements=1000)
     # float32 against float64 scores may move a pair across an edge; one pair is 1/300 of the positives.
     np.testing.assert_allclose(got, reference_tars(far, tar, FARS), atol=4e-3)
     assert got[2] > 0.5
@@ -181,10 +184,10 @@ def test_fast_binning_equals_binary_search_on_float32_scores(monkeypatch):
     labels = np.repeat(np.arange(300), 5)
     features = generator.normal(size=(1500, 48)).astype(np.float32)
     features[::7] = features[1::7][:len(features[::7])]  # exact duplicate scores as well
-    monkeypatch.setattr(utils, 'CHUNK_ELEMENTS', 5000)
-    fast = utils.far_tar_curve(features, labels=labels, tile_elements=1 << 18)
-    monkeypatch.setattr(utils, 'MIN_ARITHMETIC_STEP', np.inf)  # every score through torch.searchsorted
-    exact = utils.far_tar_curve(features, labels=labels, tile_elements=1 << 18)
+    monkeypatch.setattr(evaluation, 'CHUNK_ELEMENTS', 5000)
+    fast = evaluation.far_tar_curve(features, labels=labels, tile_elements=1 << 18)
+    monkeypatch.setattr(evaluation, 'MIN_ARITHMETIC_STEP', np.inf)  # every score through torch.searchsorted
+    exact = evaluation.far_tar_curve(features, labels=labels, tile_elements=1 << 18)
     np.testing.assert_array_equal(fast[0], exact[0])
     np.testing.assert_array_equal(fast[1], exact[1])
     assert 0 < fast[0][1000] < 1
@@ -196,7 +199,7 @@ def test_score_range_is_the_exact_float32_range():
     scores = features @ features.T
     upper = torch.triu(torch.ones(700, 700, dtype=torch.bool), diagonal=1)
     expected = (scores[upper].min().item(), scores[upper].max().item())
-    np.testing.assert_allclose(utils._score_range(features, features, tile_elements=20000), expected, atol=1e-6)
+    np.testing.assert_allclose(evaluation._score_range(features, features, tile_elements=20000), expected, atol=1e-6)
 
 
 def test_cross_scores_use_gallery_for_the_second_image():
@@ -206,11 +209,11 @@ def test_cross_scores_use_gallery_for_the_second_image():
     positive = pairs_from_labels(labels)
     far, tar = reference_curve(features, positive, gallery=gallery)
     expected = reference_tars(far, tar, FARS)
-    assert utils.tar_at_far(features, labels=labels, fars=FARS, gallery_features=gallery,
+    assert evaluation.tar_at_far(features, labels=labels, fars=FARS, gallery_features=gallery,
                             tile_elements=300) == expected
     # Swapping the roles scores the other triangle: in general a different answer.
     far_swapped, tar_swapped = reference_curve(gallery, positive, gallery=features)
-    assert utils.tar_at_far(gallery, labels=labels, fars=FARS, gallery_features=features) == \
+    assert evaluation.tar_at_far(gallery, labels=labels, fars=FARS, gallery_features=features) == \
         reference_tars(far_swapped, tar_swapped, FARS)
     assert not np.array_equal(far, far_swapped)
 
@@ -219,7 +222,7 @@ def test_evaluate_features_shares_one_pass_for_coarse_and_fine(tmp_path):
     coarse = LABEL_PATTERNS['ten_per_label']
     fine = coarse * 2 + (np.arange(len(coarse)) % 2)
     features = sign_features(fine, flip=0.15, seed=2)
-    result = utils.evaluate_features(features, coarse, fine, fars=FARS, tile_elements=500)
+    result = evaluation.evaluate_features(features, coarse, fine, fars=FARS, tile_elements=500)
     for level, labels in (('coarse', coarse), ('fine', fine)):
         far, tar = reference_curve(features, pairs_from_labels(labels))
         assert result[level] == reference_tars(far, tar, FARS)
@@ -229,13 +232,13 @@ def test_evaluate_features_shares_one_pass_for_coarse_and_fine(tmp_path):
 
     fine_mask = os.path.join(tmp_path, 'fine.npy')
     np.save(fine_mask, pairs_from_labels(fine))
-    masked = utils.evaluate_features(features, coarse, None, coarse_mask=pairs_from_labels(coarse),
+    masked = evaluation.evaluate_features(features, coarse, None, coarse_mask=pairs_from_labels(coarse),
                                      fine_mask=fine_mask, fars=FARS)
     assert masked['coarse'] == result['coarse'] and masked['fine'] == result['fine']
     assert masked['fine_nn_accuracy'] is None
 
     gallery = sign_features(fine, flip=0.3, seed=2)
-    cross = utils.evaluate_features(features, coarse, fine, gallery_features=gallery, fars=FARS)
+    cross = evaluation.evaluate_features(features, coarse, fine, gallery_features=gallery, fars=FARS)
     far, tar = reference_curve(features, pairs_from_labels(fine), gallery=gallery)
     assert cross['fine'] == reference_tars(far, tar, FARS)
     assert cross['coarse_nn_accuracy'] == pytest.approx(brute_force_nearest_neighbour(features, coarse, gallery))
@@ -247,36 +250,36 @@ def test_evaluate_features_shares_one_pass_for_coarse_and_fine(tmp_path):
 
 def test_no_positive_pair_gives_nan_where_the_original_did():
     labels = np.arange(20)
-    tars = utils.tar_at_far(sign_features(labels), labels=labels)
+    tars = evaluation.tar_at_far(sign_features(labels), labels=labels)
     far, tar = reference_curve(sign_features(labels), pairs_from_labels(labels))
-    expected = reference_tars(far, tar, utils.DEFAULT_FARS)
+    expected = reference_tars(far, tar, evaluation.DEFAULT_FARS)
     assert np.isnan(expected[0]) and expected[-1] == 0.0
     np.testing.assert_array_equal(tars, expected)
-    result = utils.evaluate_features(sign_features(labels), labels, labels)
+    result = evaluation.evaluate_features(sign_features(labels), labels, labels)
     assert result['fine_undefined'] == 'no positive pair (no two test images share a label)'
 
 
 def test_all_pairs_positive_gives_nan():
     labels = np.zeros(20, dtype=int)
-    assert np.isnan(utils.tar_at_far(sign_features(labels), labels=labels)).all()
-    result = utils.evaluate_features(sign_features(labels), labels, None)
+    assert np.isnan(evaluation.tar_at_far(sign_features(labels), labels=labels)).all()
+    result = evaluation.evaluate_features(sign_features(labels), labels, None)
     assert result['coarse_undefined'] == 'no negative pair (every test image has the same label)'
 
 
 def test_duplicate_features_accept_nothing():
     labels = np.repeat(np.arange(5), 4)
     features = np.tile(sign_features([0])[0], (20, 1))
-    far, tar = utils.far_tar_curve(features, labels=labels)
+    far, tar = evaluation.far_tar_curve(features, labels=labels)
     # min == max: every edge lies 2e-6 above the single score
     assert not far.any() and not tar.any()
-    assert utils.tar_at_far(features, labels=labels) == [0.0] * 8
+    assert evaluation.tar_at_far(features, labels=labels) == [0.0] * 8
 
 
 @pytest.mark.parametrize('count', [0, 1])
 def test_fewer_than_two_features_give_undefined_figures(count):
     features, labels = np.ones((count, 8), dtype=np.float32), np.zeros(count)
-    assert np.isnan(utils.tar_at_far(features, labels=labels)).all()
-    result = utils.evaluate_features(features, labels, labels)
+    assert np.isnan(evaluation.tar_at_far(features, labels=labels)).all()
+    result = evaluation.evaluate_features(features, labels, labels)
     assert np.isnan(result['coarse']).all() and np.isnan(result['fine']).all()
     assert result['coarse_undefined'] == 'fewer than two test images: there is no pair to score'
     assert np.isnan(result['coarse_nn_accuracy'])
@@ -286,22 +289,22 @@ def test_labels_and_mask_both_or_neither_is_an_error():
     labels = np.repeat(np.arange(3), 3)
     features = sign_features(labels)
     with pytest.raises(ValueError, match='not both'):
-        utils.tar_at_far(features, labels=labels, mask=pairs_from_labels(labels))
+        evaluation.tar_at_far(features, labels=labels, mask=pairs_from_labels(labels))
     with pytest.raises(ValueError, match='give labels'):
-        utils.tar_at_far(features)
+        evaluation.tar_at_far(features)
 
 
 def test_mask_of_wrong_length_is_an_error(tmp_path):
     labels = np.repeat(np.arange(3), 3)
     features = sign_features(labels)
     with pytest.raises(ValueError, match='36 pairs'):
-        utils.tar_at_far(features, mask=np.ones(35, dtype=bool))
+        evaluation.tar_at_far(features, mask=np.ones(35, dtype=bool))
     path = os.path.join(tmp_path, 'short.npy')
     np.save(path, np.ones(45, dtype=bool))
     with pytest.raises(ValueError, match='short.npy'):
-        utils.tar_at_far(features, mask=path)
+        evaluation.tar_at_far(features, mask=path)
     with pytest.raises(ValueError, match='labels has 8 entries'):
-        utils.tar_at_far(features, labels=labels[:8])
+        evaluation.tar_at_far(features, labels=labels[:8])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -324,11 +327,11 @@ def test_nearest_neighbour_accuracy_matches_brute_force():
     features = sign_features(labels, flip=0.3, seed=4)  # many exactly tied scores
     expected = brute_force_nearest_neighbour(features, labels)
     assert 0.2 < expected < 1
-    assert utils.nearest_neighbor_accuracy(features, labels, tile_elements=300) == pytest.approx(expected)
-    result = utils.evaluate_features(features, labels, None, tile_elements=300)
+    assert evaluation.nearest_neighbor_accuracy(features, labels, tile_elements=300) == pytest.approx(expected)
+    result = evaluation.evaluate_features(features, labels, None, tile_elements=300)
     assert result['coarse_nn_accuracy'] == pytest.approx(expected)
     gallery = sign_features(labels, flip=0.1, seed=4)
-    assert utils.nearest_neighbor_accuracy(features, labels, gallery_features=gallery) == \
+    assert evaluation.nearest_neighbor_accuracy(features, labels, gallery_features=gallery) == \
         pytest.approx(brute_force_nearest_neighbour(features, labels, gallery))
 
 
@@ -380,8 +383,8 @@ def test_logger_appends_and_is_silent_off_rank_zero(tmp_path, capsys):
 
 def test_save_atomically_replaces_whole_files_only(tmp_path, monkeypatch):
     path = os.path.join(tmp_path, 'checkpoint.pth.tar')
-    utils.save_atomically({'epoch': 1}, path)
-    utils.save_atomically({'epoch': 2}, path)
+    checkpoints.save_atomically({'epoch': 1}, path)
+    checkpoints.save_atomically({'epoch': 2}, path)
     assert torch.load(path, weights_only=True) == {'epoch': 2}
 
     def interrupted(obj, file, *arguments, **keywords):
@@ -389,18 +392,18 @@ def test_save_atomically_replaces_whole_files_only(tmp_path, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, 'save', interrupted)
     with pytest.raises(KeyboardInterrupt):
-        utils.save_atomically({'epoch': 3}, path)
+        checkpoints.save_atomically({'epoch': 3}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {'epoch': 2}
     assert os.listdir(tmp_path) == ['checkpoint.pth.tar']
 
 
 def test_format_tar_line_and_roc_plot(tmp_path):
-    line = utils.format_tar_line('test acc', [0.917654, 0.5], [0.1, 0.0])
+    line = evaluation.format_tar_line('test acc', [0.917654, 0.5], [0.1, 0.0])
     assert line == 'test acc: coarsegrained:[0.91765, 0.5]--finegrained:[0.1, 0.0]'
     labels = np.repeat(np.arange(6), 5)
-    curve = utils.far_tar_curve(sign_features(labels), labels=labels)
+    curve = evaluation.far_tar_curve(sign_features(labels), labels=labels)
     path = os.path.join(tmp_path, 'roc.png')
-    utils.plot_roc({'student coarse': curve, 'student fine': curve}, path)
+    evaluation.plot_roc({'student coarse': curve, 'student fine': curve}, path)
     with open(path, 'rb') as image:
         assert image.read(8) == b'\x89PNG\r\n\x1a\n'

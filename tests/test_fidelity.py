@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import model
-import utils
+import evaluation
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 BACKBONE_SEEDS = {'Swin_tiny': 101, 'Resnet12': 102, 'Swin_base': 103}
@@ -134,16 +134,16 @@ def test_tar_at_far_is_the_originals_by_labels_and_by_mask(name):
     exact = name == 'lattice'
     for grain in ('coarse', 'fine'):
         labels, expected = case[grain], case[f'expected_{grain}']
-        by_labels = utils.tar_at_far(case['features'], labels=labels, fars=FARS)
+        by_labels = evaluation.tar_at_far(case['features'], labels=labels, fars=FARS)
         assert_original_tars(by_labels, expected, labels, exact)
-        by_mask = utils.tar_at_far(case['features'], mask=upper_triangle_mask(labels), fars=FARS)
+        by_mask = evaluation.tar_at_far(case['features'], mask=upper_triangle_mask(labels), fars=FARS)
         assert_original_tars(by_mask, expected, labels, exact)
 
 
 @pytest.mark.parametrize('name', TAR_CASES)
 def test_cross_scoring_with_the_same_gallery_is_the_originals(name):
     case = tar_case(name)
-    result = utils.evaluate_features(case['features'], case['coarse'], case['fine'],
+    result = evaluation.evaluate_features(case['features'], case['coarse'], case['fine'],
                                      gallery_features=case['features'].copy())
     assert_original_tars(result['coarse'], case['expected_coarse'], case['coarse'], name == 'lattice')
     assert_original_tars(result['fine'], case['expected_fine'], case['fine'], name == 'lattice')

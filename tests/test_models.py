@@ -536,7 +536,7 @@ def test_truncated_file(resnet_file, tmp_path):
     with pytest.raises(ValueError, match='corrupt or truncated') as error:
         model.load_backbone('Resnet12', str(truncated), width_divisor=8)
     assert_one_line(error, truncated)
-    with pytest.raises(FileNotFoundError, match='no such weights file'):
+    with pytest.raises(model.WeightsFileError, match='no such weights file'):
         model.read_weights(str(tmp_path / 'absent.pth'), 'Resnet12')
 
 

@@ -1,6 +1,7 @@
 """A preempted, interrupted or damaged run: mid-epoch checkpoints, signals, damaged checkpoints, the run lock."""
 import glob
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -12,7 +13,7 @@ import time
 import pytest
 import torch
 
-import utils
+import checkpoints
 from conftest import ROOT, data_args, run_main
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--batch_size', '4', '--log_interval', '1']
@@ -196,7 +197,7 @@ def test_a_stale_lock_does_not_block_a_rerun(tiny_data, tmp_path):
     run_dir = os.path.join(str(tmp_path), 'TLD-Resnet12-no_distill', 'lr0.003_AdamW_cosine_epoch1_warmup1_bs4')
     write_lock(run_dir, socket.gethostname(), 2 ** 22 + 17, 0)   # no such process
     run_main(argv)
-    write_lock(run_dir, 'other-host', 12345, utils.RunLock.STALE_SECONDS + 60)  # no heartbeat for too long
+    write_lock(run_dir, 'other-host', 12345, checkpoints.RunLock.STALE_SECONDS + 60)  # no heartbeat for too long
     run_main(argv)
     assert not os.path.exists(os.path.join(run_dir, 'run.lock'))  # released at the end
 
@@ -236,3 +237,38 @@ def test_small_shared_memory_lowers_the_loader_workers_and_says_so(tiny_data, tm
     assert re.search(r'^/dev/shm has 0 MB free, too little for 3 loader workers in each of 1 processes '
                      r'\(about \d+ MB\): using 1; give the container more shared memory', record, re.M)
     assert 'num_workers=3' in record
+
+
+def _race_for_the_lock(run_dir, start, decided, results):
+    start.wait()
+    try:
+        lock = checkpoints.RunLock(run_dir).acquire()
+    except checkpoints.RunDirectoryBusy:
+        lock = None
+    results.put(lock is not None)
+    decided.wait()  # the winner holds the lock, alive, until the other has decided
+    if lock is not None:
+        lock.release()
+
+
+def test_two_runs_racing_for_one_stale_lock_exactly_one_takes_it(tmp_path):
+    context = multiprocessing.get_context('fork')
+    for attempt in range(20):
+        run_dir = str(tmp_path / f'attempt{attempt}')
+        write_lock(run_dir, socket.gethostname(), 2 ** 22 + 17, 0)  # a holder that is gone: stale
+        start, decided, results = context.Barrier(2), context.Barrier(2), context.Queue()
+        racers = [context.Process(target=_race_for_the_lock, args=(run_dir, start, decided, results))
+                  for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(timeout=60)
+        assert sorted(results.get(timeout=5) for _ in racers) == [False, True], f'attempt {attempt}'
+
+
+def test_a_lock_that_cannot_be_read_yet_is_a_run_starting(tmp_path):
+    run_dir = str(tmp_path)
+    open(os.path.join(run_dir, 'run.lock'), 'w').close()  # created, its holder not yet written
+    with pytest.raises(checkpoints.RunDirectoryBusy, match='being taken by another run that is starting'):
+        checkpoints.RunLock(run_dir).acquire()
+    assert os.path.getsize(os.path.join(run_dir, 'run.lock')) == 0

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
+import evaluation
 import helpers
 import main
 import model as models
@@ -159,7 +161,7 @@ def test_bad_arguments_are_refused_with_the_fix(tiny_data, tmp_path, extra, mess
 def test_global_batch_must_divide_among_processes():
     args = main.get_parser().parse_args(['--batch_size', '5', '--test_only', '--test_root', '.', '--test_list',
                                          __file__])
-    with pytest.raises(SystemExit, match='divisible by the 2 processes'):
+    with pytest.raises(utils.RunError, match='divisible by the 2 processes'):
         main.check_args(args, world_size=2)
 
 
@@ -247,7 +249,7 @@ def test_test_only_on_a_student_in_the_original_file_layout(tiny_data, tmp_path)
         reference = F.normalize(models.load_backbone('Resnet12', path, 96, 8)(evaluation_batch(tiny_data)), dim=1)
     np.testing.assert_allclose(features, reference.numpy(), atol=1e-4)
     coarse_labels = np.array([10 + label for label in range(3) for _ in range(4)])
-    assert coarse == pytest.approx(utils.tar_at_far(torch.from_numpy(features), coarse_labels), abs=1e-5)
+    assert coarse == pytest.approx(evaluation.tar_at_far(torch.from_numpy(features), coarse_labels), abs=1e-5)
 
 
 def evaluation_batch(tiny_data) -> torch.Tensor:
@@ -290,7 +292,7 @@ def test_non_finite_loss_stops_with_epoch_and_iteration_and_keeps_the_checkpoint
 
 def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
     path = str(tmp_path / 'checkpoint.pth.tar')
-    utils.save_atomically({'epoch': 1, 'weight': torch.ones(3)}, path)
+    checkpoints.save_atomically({'epoch': 1, 'weight': torch.ones(3)}, path)
     real_save = torch.save
 
     def save_then_crash(obj, file, *arguments, **keywords):
@@ -298,7 +300,7 @@ def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
         raise KeyboardInterrupt('killed while writing')
     monkeypatch.setattr(torch, 'save', save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        utils.save_atomically({'epoch': 2, 'weight': torch.zeros(3)}, path)
+        checkpoints.save_atomically({'epoch': 2, 'weight': torch.zeros(3)}, path)
     monkeypatch.setattr(torch, 'save', real_save)
     state = torch.load(path, weights_only=True)
     assert state['epoch'] == 1 and torch.equal(state['weight'], torch.ones(3))
@@ -596,3 +598,41 @@ def test_fp16_skips_non_finite_steps_and_stops_only_when_they_persist(tiny_data,
     record = record_of(only_run_dir(tmp_path))
     first = re.search(r'^epoch 1  lr .*avg_ce_loss=([0-9.]+)', record, re.M)
     assert first and math.isfinite(float(first.group(1)))
+
+
+def test_fp16_epoch_averages_leave_out_the_steps_the_scaler_skipped(tiny_data, tmp_path, monkeypatch):
+    steps = []
+    original_forward = trainer.DistillationLoss.forward
+
+    def forward_overflowing_steps_2_and_3(self, *arguments):
+        loss, cross_entropy, distillation = original_forward(self, *arguments)
+        steps.append((float(cross_entropy), arguments[-1].numel()))
+        return (loss * float('inf') if len(steps) in (2, 3) else loss), cross_entropy, distillation
+    monkeypatch.setattr(trainer.DistillationLoss, 'forward', forward_overflowing_steps_2_and_3)
+    argv = SMALL + data_args(tiny_data)[:4] + ['--backbone_class', 'Resnet12', '--num_classes', '4', '--amp', 'fp16',
+                                               '--max_epoch', '1', '--save_dir', str(tmp_path)]
+    run_main(argv)
+    counted = [step for number, step in enumerate(steps, start=1) if number not in (2, 3)]
+    assert len(steps) == 6 and len(counted) == 4
+    expected_ce = sum(ce * size for ce, size in counted) / sum(size for _, size in counted)
+    with open(os.path.join(only_run_dir(tmp_path), 'results.json'), encoding='utf-8') as handle:
+        epoch = json.load(handle)['epochs'][0]
+    assert epoch['ce'] == pytest.approx(expected_ce, rel=1e-6)
+
+
+def test_a_resume_with_another_trajectory_flag_stops_and_leaves_the_checkpoint(tiny_data, tmp_path):
+    argv = SMALL + data_args(tiny_data)[:4] + ['--backbone_class', 'Resnet12', '--num_classes', '4',
+                                               '--max_epoch', '1', '--save_dir', str(tmp_path)]
+    run_main(argv)
+    run_dir = only_run_dir(tmp_path)
+    checkpoint = os.path.join(run_dir, 'checkpoint.pth.tar')
+    with open(checkpoint, 'rb') as handle:
+        before = handle.read()
+    with pytest.raises(SystemExit) as stopped:
+        run_main(argv + ['--min_lr', '1e-05'])
+    message = str(stopped.value.code)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f'error: {checkpoint} was written with other settings: --min_lr 1e-05 (the checkpoint '
+                              'has 1e-06)')
+    with open(checkpoint, 'rb') as handle:
+        assert handle.read() == before
