@@ -207,6 +207,8 @@ class Checkpoints:
         if self.rank == 0:
             try:
                 write()
+            except utils.RunError as error:  # the writer's own line
+                problems.append(str(error))
             except (OSError, RuntimeError) as error:
                 problems.append(f'could not write a checkpoint in {self.run_dir}: {models.first_line(error)}; '
                                 'the files already there are whole: free space or fix the storage, then rerun')

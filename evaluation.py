@@ -7,7 +7,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as functional
 from tqdm import tqdm
 
@@ -375,13 +374,10 @@ def undefined_reason(curve) -> str | None:
     return None
 
 
-def _check_fars(fars):
-    if not len(fars) or any(not target > 0 for target in fars):
-        raise utils.RunError(f'target FARs must be a non-empty list of positive rates, got {list(fars)}')
-
-
 def _tars_from_curve(far, tar, fars):
     """TAR at each target FAR by the original's binary search over the thresholds (see tar_at_far)."""
+    if not len(fars) or any(not target > 0 for target in fars):
+        raise utils.RunError(f'target FARs must be a non-empty list of positive rates, got {list(fars)}')
     # without a negative pair FAR is 0 / 0 everywhere and no threshold can be chosen (the original's NaN
     # comparisons would return an arbitrary TAR there)
     if len(far) < 2 or np.isnan(far).all():
@@ -404,24 +400,19 @@ def _tar_at(far, tar, target):
     return float((tar[lower] + tar[upper]) / 2)
 
 
-def _check_thresholds(num_thresholds):
-    if int(num_thresholds) < 2:
-        raise utils.RunError(f'num_thresholds must be at least 2, got {num_thresholds}')
-    return int(num_thresholds)
-
-
 def _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device, tile_elements):
     """Shared machinery: returns a (far, tar) curve per label set given as (labels, mask). Fewer than two features
     give empty curves (no pair to score)."""
     device = torch.device(device) if device is not None else default_device()
-    num_thresholds = _check_thresholds(num_thresholds)
+    if int(num_thresholds) < 2:
+        raise utils.RunError(f'num_thresholds must be at least 2, got {num_thresholds}')
     queries, gallery = _query_and_gallery(features, gallery_features, device)
     num_items = queries.shape[0]
     label_sets = [_pair_label_set(labels, mask, num_items, device) for labels, mask in label_pairs]
     if num_items < 2:
         return [(np.zeros(0), np.zeros(0)) for _ in label_pairs]
     smallest, largest = _score_range(queries, gallery, tile_elements)
-    edges, edges32 = _threshold_edges(smallest, largest, num_thresholds)
+    edges, edges32 = _threshold_edges(smallest, largest, int(num_thresholds))
     positive_counts, all_counts = _pair_histograms(queries, gallery, label_sets, edges, edges32,
                                                    tile_elements=tile_elements)
     total_pairs = num_items * (num_items - 1) // 2
@@ -456,7 +447,6 @@ def tar_at_far(features, labels=None, mask=None, fars=DEFAULT_FARS, num_threshol
     when there is one; memory O(N d + tile_elements). The histogram pass re-scores the same tiles, so the
     extremes it bins against are bit-identical to the first pass.
     """
-    _check_fars(fars)
     label_pairs = [(labels, mask)]
     curves = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds=num_thresholds,
                              device=device, tile_elements=tile_elements)
@@ -521,7 +511,6 @@ def evaluate_features(features, coarse_labels, fine_labels, gallery_features=Non
     'coarse_undefined': reason | None, 'fine_undefined': reason | None}; undefined TARs are NaN (see tar_at_far)
     and the reason says why.
     """
-    _check_fars(fars)
     if fine_labels is None and fine_mask is None:
         fine_labels, fine_mask = coarse_labels, coarse_mask
     label_pairs = [(None if coarse_mask is not None else coarse_labels, coarse_mask),
@@ -568,46 +557,6 @@ def format_tar_line(prefix: str, coarse: list, fine: list) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the test of a run
-def gather_in_order(local_values: torch.Tensor, local_indices: torch.Tensor, total: int) -> torch.Tensor:
-    """Collect every process's rows (all_gather when distributed) into a (total, ...) tensor in list order.
-
-    Raises RuntimeError unless the indices over all processes are exactly 0..total-1 once each.
-    """
-    local_indices = local_indices.to(device=local_values.device, dtype=torch.long)
-    if utils.distributed():
-        values, indices = _all_gather_rows(local_values, local_indices)
-    else:
-        values, indices = local_values, local_indices
-    if indices.numel() != total or (indices.numel() and (
-            indices.min() < 0 or indices.max() >= total or
-            not bool((torch.bincount(indices, minlength=total) == 1).all()))):
-        raise RuntimeError(f"gathered {indices.numel()} rows for {total} images with missing or repeated "
-                           f"indices; every process must evaluate its own contiguous shard once")
-    ordered = values.new_empty((total, *values.shape[1:]))
-    ordered[indices] = values
-    return ordered
-
-
-def _all_gather_rows(local_values: torch.Tensor, local_indices: torch.Tensor):
-    """Every process's rows and their indices, concatenated in rank order (shards may differ in length)."""
-    world_size = dist.get_world_size()
-    count = torch.tensor([local_values.shape[0]], device=local_values.device)
-    counts = [torch.zeros_like(count) for _ in range(world_size)]
-    dist.all_gather(counts, count)
-    counts = [int(value) for value in counts]
-    longest = max(counts)
-    padded_values = local_values.new_zeros((longest, *local_values.shape[1:]))
-    padded_values[:local_values.shape[0]] = local_values
-    padded_indices = local_indices.new_zeros(longest)
-    padded_indices[:local_indices.shape[0]] = local_indices
-    gathered_values = [torch.empty_like(padded_values) for _ in range(world_size)]
-    gathered_indices = [torch.empty_like(padded_indices) for _ in range(world_size)]
-    dist.all_gather(gathered_values, padded_values.contiguous())
-    dist.all_gather(gathered_indices, padded_indices)
-    return (torch.cat([part[:length] for part, length in zip(gathered_values, counts)]),
-            torch.cat([part[:length] for part, length in zip(gathered_indices, counts)]))
-
-
 @torch.no_grad()
 def extract_features(backbone, loader, batch_transform, device: torch.device, amp: str, total: int,
                      show_progress: bool = False) -> tuple[torch.Tensor, list[str]]:
@@ -630,7 +579,7 @@ def extract_features(backbone, loader, batch_transform, device: torch.device, am
     feature_dim = getattr(backbone, 'feature_dim', None) or (features[0].shape[1] if features else 0)
     local_features = torch.cat(features) if features else torch.zeros(0, feature_dim, device=device)
     local_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=device)
-    return gather_in_order(local_features, local_indices, total).cpu(), utils.gather_messages(truncated)
+    return utils.gather_in_order(local_features, local_indices, total).cpu(), utils.gather_messages(truncated)
 
 
 def test_report(student_features, coarse_labels, fine_labels, teacher_features=None, coarse_mask=None,
@@ -645,8 +594,12 @@ def test_report(student_features, coarse_labels, fine_labels, teacher_features=N
             for name, (features, gallery) in pairs.items()}
 
 
-def announce_undefined_figures(samples, coarse_mask: str | None, fine_mask: str | None, logger):
-    """Say before any work which test figures the test list cannot give (they are reported as nan at the end)."""
+def check_test_list(samples, coarse_mask: str | None, fine_mask: str | None, logger):
+    """Before any work: stop when a pair mask does not fit the test list, and say which test figures the list
+    cannot give (they are reported as nan at the end)."""
+    for mask in (coarse_mask, fine_mask):
+        if mask:
+            _PairMask(mask, len(samples))
     for grain, labels, mask in (('coarse', [sample.label for sample in samples], coarse_mask),
                                 ('fine', [sample.fine_label for sample in samples], fine_mask)):
         problem = labels_problem(labels) if samples and not mask else None

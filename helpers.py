@@ -38,6 +38,8 @@ LIGHTING_EIGENVECTORS = (
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 DCT_SCALES = (8, 4, 2)
+# At start-up, a training list none of whose first images exists stops the run (see check_training_roots).
+FIRST_IMAGES_CHECKED = 16
 # A train sample whose image (and this many following ones) cannot be read stops the epoch.
 MAX_REPLACEMENT_ATTEMPTS = 32
 # Exceptions that mean "this file is not a readable image" rather than a bug in our code.
@@ -48,12 +50,14 @@ IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompres
 class Sample:
     """One image of a file list: absolute path, (combined/mapped) label, fine-grained label.
 
-    `origin` is 'list_file:line' of the line it came from, used in error messages.
+    `origin` is 'list_file:line' of the line it came from, `label_note` how a training label was shifted or mapped;
+    both are for error messages.
     """
     path: str
     label: int
     fine_label: int
     origin: str = ''
+    label_note: str = ''
 
 
 @contextlib.contextmanager
@@ -81,7 +85,8 @@ def read_list_file(list_path: str) -> list[tuple[str, int, int | None, str]]:
     ValueError 'file:line: reason' on a malformed line.
     """
     with open(list_path, 'rb') as handle:
-        raw_lines = handle.read().split(b'\n')
+        # a byte-order mark (some editors write one) is not part of the first path
+        raw_lines = handle.read().removeprefix(b'\xef\xbb\xbf').split(b'\n')
     entries = []
     for line_number, raw_line in enumerate(raw_lines, start=1):
         origin = f"{list_path}:{line_number}"
@@ -182,7 +187,8 @@ def read_train_samples(roots: list[str], lists: list[str], label_map: str | None
         entries = read_list_file(list_path)
         for relative_path, label, _, origin in entries:
             final_label = final_label_of.get(label + offset, label + offset)
-            samples.append(Sample(os.path.join(root, relative_path), final_label, final_label, origin))
+            note = _label_note(label, offset, final_label, label_map if label + offset in final_label_of else None)
+            samples.append(Sample(os.path.join(root, relative_path), final_label, final_label, origin, note))
         offset += len({label for _, label, _, _ in entries})
     if not samples:
         raise utils.RunError(f"no training images in {', '.join(lists)}")
@@ -191,32 +197,60 @@ def read_train_samples(roots: list[str], lists: list[str], label_map: str | None
 
 
 def read_eval_samples(root: str, list_path: str) -> list[Sample]:
-    """Read a val/test list; column 3 is the (coarse) label, optional column 4 the fine label."""
-    samples = []
-    for relative_path, label, fine_label, origin in read_list_file(list_path):
-        samples.append(Sample(os.path.join(root, relative_path), label,
-                              label if fine_label is None else fine_label, origin))
-    if not samples:
+    """Read a val/test list; column 3 is the (coarse) label, optional column 4 the fine label, on every line or on
+    none (a line without it would silently make its coarse label a fine one)."""
+    entries = read_list_file(list_path)
+    if not entries:
         raise utils.RunError(f"{list_path}: the list has no images")
-    return samples
+    with_fine = entries[0][2] is not None
+    for _, _, fine_label, origin in entries:
+        if (fine_label is not None) != with_fine:
+            raise utils.RunError(f"{origin}: {4 if fine_label is not None else 3} fields, where {entries[0][3]} has "
+                                 f"{4 if with_fine else 3}: give every line a fine label (4th field) or none")
+    return [Sample(os.path.join(root, relative_path), label, label if fine_label is None else fine_label, origin)
+            for relative_path, label, fine_label, origin in entries]
+
+
+def _label_note(raw_label: int, offset: int, final_label: int, label_map: str | None) -> str:
+    """How a training line's label became `final_label`, for messages; '' when it is the list's own label."""
+    steps = [f'+ {offset} for the labels of the lists before it'] if offset else []
+    if label_map:
+        steps.append(f'mapped to {final_label} by --label_map {label_map}')
+    return f"the list's label {raw_label} " + ', '.join(steps) if steps else ''
+
+
+def check_labels(samples, num_classes: int, source: str):
+    """Raise RunError 'file:line: label 7 outside [0, 5)' for the first label outside [0, num_classes), saying how
+    a training label got there (offset of earlier lists, label map)."""
+    for position, sample in enumerate(samples):
+        if not 0 <= sample.label < num_classes:
+            origin = sample.origin or f"{source}:{position + 1}"
+            how = f' ({sample.label_note})' if sample.label_note else ''
+            raise utils.RunError(f"{origin}: label {sample.label}{how} outside [0, {num_classes}); {source} must "
+                                 f"use labels 0..{num_classes - 1} (check --num_classes, the list and any label map)")
+
+
+def check_training_roots(samples):
+    """Raise RunError when none of the first images of a training list exists: its --train_root is wrong (a few
+    missing images are replaced during training, as unreadable ones are)."""
+    by_list = {}
+    for sample in samples:
+        first = by_list.setdefault(sample.origin.rsplit(':', 1)[0], [])
+        if len(first) < FIRST_IMAGES_CHECKED:
+            first.append(sample.path)
+    for list_path, first in by_list.items():
+        if not any(os.path.isfile(path) for path in first):
+            raise utils.RunError(f"{list_path}: none of its first {len(first)} images exists (the first: {first[0]}); "
+                                 "check its --train_root")
 
 
 def missing_image_problem(samples, root_flag: str) -> str | None:
-    """'list:line: path: no such image' naming the first listed image that is not a file, or None."""
+    """'list:line: path: no such image' naming the first of `samples` whose image is not a file, or None."""
     missing = [sample for sample in samples if not os.path.isfile(sample.path)]
     if not missing:
         return None
     more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
     return f"{missing[0].origin}: {missing[0].path}: no such image{more}; fix the list or {root_flag}"
-
-
-def check_labels(samples, num_classes: int, source: str):
-    """Raise ValueError 'file:line: label 7 outside [0, 5)' for the first label outside [0, num_classes)."""
-    for position, sample in enumerate(samples):
-        if not 0 <= sample.label < num_classes:
-            origin = sample.origin or f"{source}:{position + 1}"
-            raise utils.RunError(f"{origin}: label {sample.label} outside [0, {num_classes}); "
-                             f"{source} must use labels 0..{num_classes - 1} (check --num_classes and the list)")
 
 
 def draft_scale(crop_width: int, crop_height: int, img_size: int) -> int:
@@ -233,8 +267,14 @@ def _bgr_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _rgb(image: Image.Image) -> Image.Image:
-    """The decoded image in RGB, without a copy when it already is."""
+    """The decoded image in RGB, without a copy when it already is. 16-bit images keep their full range (PIL's own
+    conversion would clip them almost white); floating-point ones, whose range no file states, are refused."""
     image.load()
+    if image.mode == 'F':
+        raise ValueError('a floating-point image (32-bit float pixels): save it as an 8-bit image')
+    if image.mode.startswith('I'):  # 16-bit grayscale ('I;16*') or 32-bit integer pixels ('I')
+        pixels = np.asarray(image).astype(np.int64) >> 8
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode='L')
     return image if image.mode == 'RGB' else image.convert('RGB')
 
 
@@ -444,16 +484,18 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, *, seed: int,
     """
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                           drop_last=True)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=num_workers > 0,
-                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
+    return _loader(dataset, sampler, batch_size, num_workers, drop_last=True)
 
 
 def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, world_size: int) -> DataLoader:
-    """Loader over this rank's contiguous shard, in list order, no padding (see evaluation.gather_in_order)."""
-    sampler = ContiguousShardSampler(len(dataset), rank, world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False, persistent_workers=num_workers > 0,
+    """Loader over this rank's contiguous shard, in list order, no padding (see utils.gather_in_order)."""
+    return _loader(dataset, ContiguousShardSampler(len(dataset), rank, world_size), batch_size, num_workers,
+                   drop_last=False)
+
+
+def _loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
 
 
@@ -637,12 +679,6 @@ def parameter_counts(distiller: models.DistillationModel) -> dict:
     return {'student_trainable': student_trainable, 'student_total': student_total,
             'student_backbone': counts(distiller.student.backbone)[1], 'teacher_trainable': teacher_trainable,
             'teacher_total': teacher_total}
-
-
-def parameter_report(counts: dict) -> str:
-    """'student para trainable/sum A/B; teacher para trainable/sum C/D' as record.txt has it."""
-    return (f'student para trainable/sum {counts["student_trainable"]}/{counts["student_total"]}; '
-            f'teacher para trainable/sum {counts["teacher_trainable"]}/{counts["teacher_total"]}')
 
 
 def build_optimizer(name: str, parameters, lr: float, weight_decay: float, momentum: float = 0.0):

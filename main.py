@@ -5,6 +5,8 @@ Several GPUs:    torchrun --nproc_per_node 8 main.py ...   (DDP; --batch_size is
 """
 import argparse
 import dataclasses
+import hashlib
+import math
 import os
 
 import torch
@@ -144,12 +146,23 @@ def combination_problems(args, world_size: int) -> list[str]:
         problems.append('--test_only needs --test_root and --test_list')
     if bool(args.val_root) != bool(args.val_list) or bool(args.test_root) != bool(args.test_list):
         problems.append('give --val_root with --val_list and --test_root with --test_list')
+    if args.init_weights and args.init_weights.endswith('.onnx') and not args.test_only:
+        problems.append(f'--init_weights {args.init_weights} is an exported ONNX serving graph, which only --test_only '
+                        'scores: training and export start from PyTorch weights (a max_acc.pth, a teacher .pyth)')
+    if not args.test_only and not args.export_onnx and args.warmup_epoch > args.max_epoch > 0:
+        problems.append(f'--warmup_epoch {args.warmup_epoch} is longer than --max_epoch {args.max_epoch}: the rate '
+                        'would never reach --lr; give a --warmup_epoch of at most --max_epoch')
     return problems
 
 
 def path_problems(args) -> list[str]:
-    """Files and directories that do not exist."""
+    """Files and directories that do not exist, and an --export_onnx path that cannot be written."""
     problems = []
+    if args.export_onnx:
+        parent = os.path.dirname(os.path.abspath(args.export_onnx))
+        if os.path.isdir(args.export_onnx) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            problems.append(f'--export_onnx {args.export_onnx}: cannot write a file there (a directory, or a folder '
+                            'that does not exist or is not writable); give the path of the .onnx file to write')
     for names, exists, kind in (
             (('train_list', 'val_list', 'test_list', 'label_map', 'init_weights', 'teacher_init_weights',
               'test_mask_coarse', 'test_mask_fine'), os.path.isfile, 'file'),
@@ -157,7 +170,9 @@ def path_problems(args) -> list[str]:
         for name in names:
             values = getattr(args, name)
             for path in values if isinstance(values, list) else [values]:
-                if path and not exists(path):
+                if path and os.path.isdir(path) and kind == 'file':
+                    problems.append(f'--{name} {path} is a directory; give the file itself')
+                elif path and not exists(path):
                     problems.append(f'--{name} {path}: no such {kind}')
     return problems
 
@@ -172,10 +187,11 @@ def number_problems(args) -> list[str]:
                  for name in ('max_epoch', 'warmup_epoch', 'min_lr', 'weight_decay', 'momentum', 'kd_weight',
                               'num_workers', 'max_bad_images', 'checkpoint_minutes')
                  if getattr(args, name) < 0]
-    if not args.lr > 0:
-        problems.append(f'--lr must be positive, not {args.lr}')
-    if not 0 < args.gamma:
-        problems.append(f'--gamma must be positive, not {args.gamma}')
+    problems += [f'--{name} must be a finite number, not {getattr(args, name)}'
+                 for name in ('lr', 'min_lr', 'weight_decay', 'momentum', 'gamma', 'kd_weight', 'max_bad_images',
+                              'checkpoint_minutes') if not math.isfinite(getattr(args, name))]
+    problems += [f'--{name} must be positive, not {getattr(args, name)}'
+                 for name in ('lr', 'gamma') if getattr(args, name) <= 0]
     swin_backbones = {args.backbone_class, args.teacher_backbone_class if args.is_distill else None}
     if args.img_size >= 1 and swin_backbones & set(swin_transformer.SWIN_CONFIGS):
         message = swin_transformer.image_size_message(args.img_size)
@@ -232,6 +248,14 @@ def run_directory(args) -> str:
     return utils.RunName(**naming).directory(args.save_dir)
 
 
+def test_directory(run_dir: str, weights: str, img_size: int) -> str:
+    """Where a --test_only run writes: `test-<weights name>-<digest of its path>-<img_size>px` in the run
+    directory, so that its figures are never taken for (or written over) the training run's or another test's."""
+    digest = hashlib.sha1(os.path.abspath(weights).encode('utf-8')).hexdigest()[:8]
+    name = os.path.splitext(os.path.basename(weights))[0]
+    return os.path.join(run_dir, f'test-{name}-{digest}-{img_size}px')
+
+
 # Settings that change a run's trajectory without naming its directory: a resume with other values is refused.
 TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_size', 'num_classes', 'drop_block',
                     'demo_width_divisor', 'teacher_backbone_class', 'teacher_init_weights', 'teacher_eval',
@@ -240,53 +264,75 @@ TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_si
 
 def main(args):
     rank, world_size, device = init_distributed()
-    lock = None
+    lock = logger = None
+    signals = trainer.StopSignals()
     try:
         check_args(args, world_size)
         run_dir = run_directory(args)
-        lock = checkpoints.hold_run_directory(run_dir, rank, world_size)
-        logger = utils.Logger(run_dir, rank=rank)
+        weights = weights_to_use(args, run_dir) if args.test_only or args.export_onnx else None
+        output_dir = test_directory(run_dir, weights, args.img_size) if args.test_only else run_dir
+        lock = checkpoints.hold_run_directory(output_dir, rank, world_size)
+        logger = utils.Logger(output_dir, rank=rank)
+        signals.install()
         logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())))
+        if args.amp == 'fp16' and device.type == 'cpu':
+            logger.info('note: --amp fp16 on a CPU runs many times slower than fp32 (it has no fp16 kernels); '
+                        '--amp bf16 is the fast choice here')
         args.num_workers = helpers.loader_workers_that_fit(args.num_workers, args.batch_size // world_size,
                                                            args.img_size, logger)
-        place = trainer.RunPlace(run_dir, logger, rank, world_size, device)
+        place = trainer.RunPlace(output_dir, logger, rank, world_size, device)
         if args.export_onnx:
-            export(args, place)
+            signals.at_once = 'during the export: nothing was written; the same command exports again'
+            export(args, place, weights)
         elif args.test_only:
-            test_only(args, place)
+            signals.at_once = 'during the test: the files of the earlier tests are whole; the same command tests again'
+            test_only(args, place, weights)
         else:
-            run, test_samples = build_training(args, place)
-            run.fit()
-            if test_samples:
-                teacher = run.parts.distiller.teacher
-                test(args, place, test_samples, run.best_student(), teacher.backbone if teacher else None)
-        logger.close()
+            train_and_test(args, place, signals)
     except utils.RunError as error:
         # bad lists, labels, weights files, images or a diverged loss: the message says what to fix, said once
         raise SystemExit(f'error: {error}' if rank == 0 else 1) from None
     except trainer.RunInterrupted as interrupted:
+        if interrupted.message and logger is not None:
+            logger.info(interrupted.message)
         raise SystemExit(interrupted.exit_status) from None
     except KeyboardInterrupt:
         raise SystemExit('interrupted: the checkpoint files on disk are whole (a save under way was discarded); '
                          'the same command resumes from the last one' if rank == 0 else 130) from None
     finally:
+        signals.restore()
+        if logger is not None:
+            logger.close()
         if lock is not None:
             lock.release()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def build_training(args, place: trainer.RunPlace) -> tuple[trainer.Trainer, list]:
+def train_and_test(args, place: trainer.RunPlace, signals: trainer.StopSignals):
+    """Train (resuming where the run directory left off), then test the best epoch's student."""
+    run, test_samples = build_training(args, place, signals)
+    run.fit()
+    if test_samples:
+        signals.at_once = ("during the final test: the run's checkpoints and max_acc.pth are whole; the same command "
+                           'tests again')
+        best, distiller = run.best_weights(), run.parts.distiller
+        student_backbone = backbone_of(args, best).to(place.device) if best else distiller.student.backbone
+        test(args, place, test_samples, student_backbone, distiller.teacher.backbone if distiller.teacher else None)
+
+
+def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) -> tuple[trainer.Trainer, list]:
     """Wire a training run: lists, model, loaders, optimizer and schedule; (the Trainer, the test list's samples)."""
     logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
     trainer.seed_epoch(args.seed, 0, rank)
     train_samples, _ = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
+    helpers.check_training_roots(train_samples)
     # what would only fail after the last epoch is found now
     val_samples = helpers.read_checked_list(args.val_root, args.val_list, '--val_root', rank=rank,
                                             world_size=world_size)
     test_samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root', rank=rank,
                                              world_size=world_size)
-    evaluation.announce_undefined_figures(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
+    evaluation.check_test_list(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
     distiller = helpers.build_model(
         args.backbone_class, args.img_size, args.num_classes, args.init_weights,
         teacher_name=args.teacher_backbone_class if args.is_distill else None,
@@ -295,7 +341,8 @@ def build_training(args, place: trainer.RunPlace) -> tuple[trainer.Trainer, list
         channels_last=args.channels_last, init_head_from_teacher=args.init_head_from_teacher,
         stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block).to(device)
     counts = helpers.parameter_counts(distiller)
-    logger.info(helpers.parameter_report(counts))
+    logger.info(f'student para trainable/sum {counts["student_trainable"]}/{counts["student_total"]}; '
+                f'teacher para trainable/sum {counts["teacher_trainable"]}/{counts["teacher_total"]}')
     logger.result('parameters', counts)
     train_loader, val_loader = helpers.build_training_loaders(
         train_samples, val_samples, val_list=args.val_list, num_classes=distiller.student.head.num_classes,
@@ -321,7 +368,7 @@ def build_training(args, place: trainer.RunPlace) -> tuple[trainer.Trainer, list
         batch_transform=helpers.BatchTransform(args.augment, memory_format=torch.channels_last if args.channels_last
                                                else torch.contiguous_format))
     flags = {name: getattr(args, name) for name in TRAJECTORY_FLAGS}
-    return trainer.Trainer(args, parts, place, flags), test_samples
+    return trainer.Trainer(args, parts, place, flags, signals), test_samples
 
 
 def test(args, place: trainer.RunPlace, samples, student_backbone, teacher_backbone):
@@ -334,38 +381,41 @@ def test(args, place: trainer.RunPlace, samples, student_backbone, teacher_backb
                         coarse_mask=args.test_mask_coarse, fine_mask=args.test_mask_fine)
 
 
-def test_only(args, place: trainer.RunPlace):
-    """Evaluate --init_weights (original or own format) or the run's max_acc.pth; no teacher needed."""
+def test_only(args, place: trainer.RunPlace, weights: str):
+    """Evaluate `weights` (original or own format, or an exported .onnx); no teacher needed."""
     logger, device = place.logger, place.device
-    weights = weights_to_use(args, place, '--test_only')
     samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root', rank=place.rank,
                                         world_size=place.world_size)
-    evaluation.announce_undefined_figures(samples, args.test_mask_coarse, args.test_mask_fine, logger)
+    evaluation.check_test_list(samples, args.test_mask_coarse, args.test_mask_fine, logger)
     if weights.endswith('.onnx'):
         student_backbone = models.OnnxBackbone(weights, args.img_size, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR)
     else:
-        student_backbone = models.load_backbone(args.backbone_class, weights, args.img_size,
-                                                args.demo_width_divisor).to(device)
+        student_backbone = backbone_of(args, weights).to(device)
     logger.info(f'test only: {weights}')
     teacher_backbone = None
     if args.teacher_init_weights:
-        teacher_backbone = models.load_backbone(args.teacher_backbone_class, args.teacher_init_weights,
-                                                args.img_size, args.demo_width_divisor).to(device)
+        teacher_backbone = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(device)
     test(args, place, samples, student_backbone, teacher_backbone)
 
 
-def weights_to_use(args, place: trainer.RunPlace, flag: str) -> str:
-    """--init_weights, else the run's max_acc.pth; stops when neither exists."""
-    weights = args.init_weights or os.path.join(place.run_dir, checkpoints.BEST_NAME)
+def backbone_of(args, weights: str, name: str | None = None):
+    """The backbone `name` (default: the student's) of a weights file, at this run's image size and widths."""
+    return models.load_backbone(name or args.backbone_class, weights, args.img_size, args.demo_width_divisor,
+                                args.drop_block)
+
+
+def weights_to_use(args, run_dir: str) -> str:
+    """The weights to test or export: --init_weights, else the run's max_acc.pth; stops when neither exists."""
+    weights = args.init_weights or os.path.join(run_dir, checkpoints.BEST_NAME)
     if not os.path.isfile(weights):
+        flag = '--test_only' if args.test_only else '--export_onnx'
         raise utils.RunError(f'{flag} found no {weights}; give --init_weights or train this run first')
     return weights
 
 
-def export(args, place: trainer.RunPlace):
-    """Write --init_weights (or the run's max_acc.pth) as an ONNX serving graph and say its input contract."""
-    weights = weights_to_use(args, place, '--export_onnx')
-    backbone = models.load_backbone(args.backbone_class, weights, args.img_size, args.demo_width_divisor)
+def export(args, place: trainer.RunPlace, weights: str):
+    """Write `weights` as an ONNX serving graph and say its input contract."""
+    backbone = backbone_of(args, weights)
     contract = models.export_onnx(backbone, args.export_onnx, args.img_size, helpers.PIXEL_MEAN_BGR,
                                   helpers.PIXEL_STD_BGR, description={'backbone': args.backbone_class,
                                                                       'weights': weights})

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 import checkpoints as checkpoint_files
 import helpers
-import model as models
 import utils
 from checkpoints import EpochState, RunProgress
 
@@ -95,12 +94,14 @@ def autocast_context(device: torch.device, amp: str):
 
 
 class StopSignals:
-    """SIGTERM (eviction) and SIGINT (Ctrl-C) only ask the run to stop (`name` is then the first signal's name);
-    a third signal interrupts at once."""
+    """SIGTERM (eviction) and SIGINT (Ctrl-C) only ask the training to stop (`name` is then the first signal's
+    name); a third signal interrupts at once. Outside training (`at_once` says where, and what is left on disk) the
+    first signal ends the run at once, with that line."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.name = None
+        self.at_once = None
         self._seen = 0
         self._previous_handlers = {}
 
@@ -117,6 +118,8 @@ class StopSignals:
     def _on_signal(self, number, frame):
         self._seen += 1
         self.name = self.name or signal.Signals(number).name
+        if self.at_once:
+            raise RunInterrupted(128 + number, f'stopped by {signal.Signals(number).name} {self.at_once}')
         if self._seen >= 3:
             raise KeyboardInterrupt(f'{signal.Signals(number).name} received three times')
 
@@ -131,9 +134,9 @@ class RunControl:
     since the last one (rank 0's clock decides).
     """
 
-    def __init__(self, checkpoint_seconds: float):
+    def __init__(self, checkpoint_seconds: float, signals: StopSignals):
         self.checkpoint_seconds = checkpoint_seconds
-        self.signals = StopSignals()
+        self.signals = signals
         self._last_checkpoint = time.monotonic()
         self._pending = None
         self._distributed = utils.distributed()
@@ -269,11 +272,11 @@ class NonFiniteLossError(utils.RunError):
 
 
 class RunInterrupted(Exception):
-    """The run stopped on a signal after writing its checkpoint; carries the exit status."""
+    """The run stopped on a signal, its files whole; carries the exit status and the line to log, if not yet said."""
 
-    def __init__(self, exit_status: int):
+    def __init__(self, exit_status: int, message: str | None = None):
         super().__init__(exit_status)
-        self.exit_status = exit_status
+        self.exit_status, self.message = exit_status, message
 
 
 @dataclass
@@ -420,32 +423,27 @@ class Trainer:
     a resume with other values stops (see checkpoints.Checkpoints).
     """
 
-    def __init__(self, args, parts: TrainingParts, place: RunPlace, flags: dict):
+    def __init__(self, args, parts: TrainingParts, place: RunPlace, flags: dict, signals: StopSignals):
         self.args, self.parts, self.place = args, parts, place
         self.progress = RunProgress()
         self.files = checkpoint_files.Checkpoints(
             place.run_dir, rank=place.rank, world_size=place.world_size, logger=place.logger,
             student=parts.distiller.student, optimizer=parts.optimizer, scaler=parts.scaler,
             head_fixed=args.head_fixed, flags=flags)
-        self.control = RunControl(args.checkpoint_minutes * 60)
+        self.control = RunControl(args.checkpoint_minutes * 60, signals)
 
     def fit(self):
         """Train from where the run directory's checkpoint left off to --max_epoch."""
         args, parts, place = self.args, self.parts, self.place
         resumed, state = self.files.resume()
         self.progress = resumed or self.progress
-        self.control.signals.install()
-        try:
-            for epoch in range(self.progress.epoch + 1, args.max_epoch + 1):
-                seed_epoch(args.seed, epoch, place.rank)
-                parts.train_loader.sampler.set_epoch(epoch, skip=state.iteration * parts.train_loader.batch_size)
-                averages = train_one_epoch(parts, epoch, place=place, amp=args.amp, log_interval=args.log_interval,
-                                           state=state, progress=self.progress, files=self.files,
-                                           control=self.control)
-                self._end_epoch(epoch, averages)
-                state = EpochState()
-        finally:
-            self.control.signals.restore()
+        for epoch in range(self.progress.epoch + 1, args.max_epoch + 1):
+            seed_epoch(args.seed, epoch, place.rank)
+            parts.train_loader.sampler.set_epoch(epoch, skip=state.iteration * parts.train_loader.batch_size)
+            averages = train_one_epoch(parts, epoch, place=place, amp=args.amp, log_interval=args.log_interval,
+                                       state=state, progress=self.progress, files=self.files, control=self.control)
+            self._end_epoch(epoch, averages)
+            state = EpochState()
         if parts.val_loader is not None and self.progress.best_epoch:
             log_best_epoch(place.logger, self.progress)
 
@@ -470,13 +468,15 @@ class Trainer:
         if stopped:
             stop_run(place.logger, stopped, f'after epoch {epoch}', self.files.path(checkpoint_files.CHECKPOINT_NAME))
 
-    def best_student(self) -> nn.Module:
-        """The backbone of max_acc.pth, or the student as it is when no epoch was trained (an untrained floor)."""
-        best, args = self.files.path(checkpoint_files.BEST_NAME), self.args
-        if not os.path.exists(best):
-            return self.parts.distiller.student.backbone
-        return models.load_backbone(args.backbone_class, best, args.img_size, args.demo_width_divisor,
-                                    args.drop_block).to(self.place.device)
+    def best_weights(self) -> str | None:
+        """max_acc.pth, the weights of the best epoch; None when no epoch was trained (the test then takes the
+        student as it is: an untrained floor). Its absence after training stops the run: the test would give
+        other weights' figures under the best epoch's name."""
+        best = self.files.path(checkpoint_files.BEST_NAME)
+        if self.progress.best_epoch and not os.path.isfile(best):
+            raise utils.RunError(f'{best}, the weights of the best epoch {self.progress.best_epoch}, is missing: put '
+                                 'it back to test this run, or start a new one (another --suffix)')
+        return best if self.progress.best_epoch else None
 
 
 def stop_run(logger, signal_name: str, where: str, checkpoint_path: str):

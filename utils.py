@@ -188,8 +188,9 @@ def write_atomically(path: str, write, check=None, previous_path: str | None = N
     then renamed over `path` (its old content kept at `previous_path` when given): an interrupted or failed write
     (a full disk) leaves the previous file whole and no temporary behind."""
     directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
         with os.fdopen(handle, 'wb') as file:
             write(file)
             file.flush()
@@ -200,9 +201,12 @@ def write_atomically(path: str, write, check=None, previous_path: str | None = N
         if previous_path is not None and os.path.exists(path):
             _keep_as(path, previous_path)
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except BaseException as error:
+        if temporary is not None and os.path.exists(temporary):
             os.remove(temporary)
+        if isinstance(error, OSError):  # a full disk, storage gone: one line, the previous file kept
+            raise RunError(f'could not write {path} ({error.strerror or error}); the file that was there is whole: '
+                           'free space or fix the storage, then rerun') from None
         raise
 
 
@@ -243,6 +247,46 @@ def gather_objects(value) -> list:
 def gather_messages(messages: list[str]) -> list[str]:
     """All processes' messages, in rank order, on every process."""
     return [message for rank_messages in gather_objects(messages) for message in rank_messages]
+
+
+def gather_in_order(local_values: torch.Tensor, local_indices: torch.Tensor, total: int) -> torch.Tensor:
+    """Collect every process's rows (all_gather when distributed) into a (total, ...) tensor in list order.
+
+    Raises RuntimeError unless the indices over all processes are exactly 0..total-1 once each.
+    """
+    local_indices = local_indices.to(device=local_values.device, dtype=torch.long)
+    if distributed():
+        values, indices = _all_gather_rows(local_values, local_indices)
+    else:
+        values, indices = local_values, local_indices
+    if indices.numel() != total or (indices.numel() and (
+            indices.min() < 0 or indices.max() >= total or
+            not bool((torch.bincount(indices, minlength=total) == 1).all()))):
+        raise RuntimeError(f"gathered {indices.numel()} rows for {total} images with missing or repeated "
+                           f"indices; every process must evaluate its own contiguous shard once")
+    ordered = values.new_empty((total, *values.shape[1:]))
+    ordered[indices] = values
+    return ordered
+
+
+def _all_gather_rows(local_values: torch.Tensor, local_indices: torch.Tensor):
+    """Every process's rows and their indices, concatenated in rank order (shards may differ in length)."""
+    world_size = dist.get_world_size()
+    count = torch.tensor([local_values.shape[0]], device=local_values.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    counts = [int(value) for value in counts]
+    longest = max(counts)
+    padded_values = local_values.new_zeros((longest, *local_values.shape[1:]))
+    padded_values[:local_values.shape[0]] = local_values
+    padded_indices = local_indices.new_zeros(longest)
+    padded_indices[:local_indices.shape[0]] = local_indices
+    gathered_values = [torch.empty_like(padded_values) for _ in range(world_size)]
+    gathered_indices = [torch.empty_like(padded_indices) for _ in range(world_size)]
+    dist.all_gather(gathered_values, padded_values.contiguous())
+    dist.all_gather(gathered_indices, padded_indices)
+    return (torch.cat([part[:length] for part, length in zip(gathered_values, counts)]),
+            torch.cat([part[:length] for part, length in zip(gathered_indices, counts)]))
 
 
 class StopOnEveryRank(RunError):

@@ -2,6 +2,7 @@
 import math
 import os
 import pickle
+import re
 import sys
 
 import numpy as np
@@ -13,8 +14,8 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluation  # noqa: E402  (the repository root is put on the path just above)
-import helpers  # noqa: E402
+import helpers  # noqa: E402  (the repository root is put on the path just above)
+import utils  # noqa: E402
 
 IMG_SIZE = 96
 MEAN = torch.tensor(helpers.PIXEL_MEAN_BGR)
@@ -110,11 +111,16 @@ def test_label_map_refuses_code_and_wrong_shapes(tmp_path):
 
 
 def test_eval_list_coarse_and_fine_labels(tmp_path):
-    path = write_list(tmp_path / 'test.txt', ['q/1.jpg\tn\t4\t40', 'q/2.jpg\tn\t4', '', 'q/3.jpg\tn\t6\t41'])
+    path = write_list(tmp_path / 'test.txt', ['q/1.jpg\tn\t4\t40', 'q/2.jpg\tn\t4\t4', '', 'q/3.jpg\tn\t6\t41'])
     samples = helpers.read_eval_samples('/data', path)
     assert [(s.path, s.label, s.fine_label) for s in samples] == [
         ('/data/q/1.jpg', 4, 40), ('/data/q/2.jpg', 4, 4), ('/data/q/3.jpg', 6, 41)]
     assert samples[2].origin == f'{path}:4'
+    coarse_only = write_list(tmp_path / 'coarse.txt', ['q/1.jpg\tn\t4', 'q/2.jpg\tn\t6'])
+    assert [(s.label, s.fine_label) for s in helpers.read_eval_samples('/data', coarse_only)] == [(4, 4), (6, 6)]
+    mixed = write_list(tmp_path / 'mixed.txt', ['q/1.jpg\tn\t4\t40', 'q/2.jpg\tn\t4'])
+    with pytest.raises(ValueError, match=re.escape(f'{mixed}:2: 3 fields, where {mixed}:1 has 4')):
+        helpers.read_eval_samples('/data', mixed)
 
 
 @pytest.mark.parametrize('bad_line, reason', [
@@ -436,12 +442,12 @@ def test_train_loader_uses_seeded_distributed_sampler_and_full_batches(tmp_path)
 def test_gather_in_order_single_process_and_checks():
     values = torch.arange(10.0).view(5, 2)
     indices = torch.tensor([3, 0, 4, 1, 2])
-    ordered = evaluation.gather_in_order(values, indices, 5)
+    ordered = utils.gather_in_order(values, indices, 5)
     assert torch.equal(ordered[indices], values)
     with pytest.raises(RuntimeError, match='missing or repeated'):
-        evaluation.gather_in_order(values, torch.tensor([0, 0, 1, 2, 3]), 5)
+        utils.gather_in_order(values, torch.tensor([0, 0, 1, 2, 3]), 5)
     with pytest.raises(RuntimeError, match='missing or repeated'):
-        evaluation.gather_in_order(values, indices, 6)
+        utils.gather_in_order(values, indices, 6)
 
 
 def image_features(batch):
@@ -460,7 +466,7 @@ def sharded_evaluation(rank, world_size, rendezvous, root, list_path, output_pat
             features.append(image_features(batch))
             indices.append(batch['index'])
         local_indices = torch.cat(indices)
-        gathered = evaluation.gather_in_order(torch.cat(features), local_indices, len(dataset))
+        gathered = utils.gather_in_order(torch.cat(features), local_indices, len(dataset))
         torch.save({'gathered': gathered, 'local_indices': local_indices}, f'{output_path}.{rank}')
     finally:
         dist.destroy_process_group()

@@ -64,7 +64,7 @@ def test_test_only_scores_an_exported_file_as_its_weights(tiny_data, tmp_path):
         run_main(SMALL + ['--backbone_class', 'Resnet12', '--test_only', '--init_weights', file,
                           '--test_root', tiny_data['root'], '--test_list', tiny_data['test'],
                           '--save_dir', str(save_dir)])
-        record_path = next(save_dir.glob('*/*/record.txt'))
+        record_path = next(save_dir.glob('*/*/test-*/record.txt'))
         lines[name] = re.search(r'^test acc: .*$', record_path.read_text(), re.M).group(0)
         features = np.load(record_path.parent / 'opensetFeat.npy')
         lines[name + '_features'] = features

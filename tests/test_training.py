@@ -24,7 +24,7 @@ import utils
 from conftest import ROOT, data_args, run_main
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
-         '--log_interval', '1']
+         '--log_interval', '1', '--warmup_epoch', '1']
 
 
 def make_teacher_file(path: str, backbone: str = 'Resnet12', num_classes: int = 40, seed: int = 0) -> str:
@@ -47,7 +47,9 @@ def record_of(run_dir: str) -> str:
 
 
 def only_run_dir(save_dir) -> str:
-    records = glob.glob(os.path.join(str(save_dir), '*', '*', 'record.txt'))
+    """The one directory with a record.txt: a training run's, or a --test_only run's inside it."""
+    records = (glob.glob(os.path.join(str(save_dir), '*', '*', 'record.txt')) +
+               glob.glob(os.path.join(str(save_dir), '*', '*', 'test-*', 'record.txt')))
     assert len(records) == 1, records
     return os.path.dirname(records[0])
 
