@@ -416,8 +416,7 @@ def _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, dev
     positive_counts, all_counts = _pair_histograms(queries, gallery, label_sets, edges, edges32,
                                                    tile_elements=tile_elements)
     total_pairs = num_items * (num_items - 1) // 2
-    curves = [_curves(counts, total_positive, all_counts, total_pairs) for counts, total_positive in positive_counts]
-    return curves
+    return [_curves(counts, total_positive, all_counts, total_pairs) for counts, total_positive in positive_counts]
 
 
 def tar_at_far(features, labels=None, mask=None, fars=DEFAULT_FARS, num_thresholds=2000,
@@ -447,10 +446,7 @@ def tar_at_far(features, labels=None, mask=None, fars=DEFAULT_FARS, num_threshol
     when there is one; memory O(N d + tile_elements). The histogram pass re-scores the same tiles, so the
     extremes it bins against are bit-identical to the first pass.
     """
-    label_pairs = [(labels, mask)]
-    curves = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds=num_thresholds,
-                             device=device, tile_elements=tile_elements)
-    far, tar = curves[0]
+    far, tar = far_tar_curve(features, labels, mask, num_thresholds, gallery_features, device, tile_elements)
     return _tars_from_curve(far, tar, fars)
 
 
@@ -458,10 +454,8 @@ def far_tar_curve(features, labels=None, mask=None, num_thresholds=2000, gallery
                   tile_elements=DEFAULT_TILE_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
     """(far, tar) float64 arrays of length num_thresholds, one point per threshold, as in tar_at_far (empty for
     fewer than two features)."""
-    label_pairs = [(labels, mask)]
-    curves = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds=num_thresholds,
-                             device=device, tile_elements=tile_elements)
-    return curves[0]
+    return _evaluate_pairs(features, gallery_features, [(labels, mask)], num_thresholds=num_thresholds,
+                           device=device, tile_elements=tile_elements)[0]
 
 
 def nearest_neighbours(features, gallery_features=None, device=None,

@@ -1,12 +1,9 @@
-"""Data sets and loaders (file lists, images, batch transforms, distributed gathering), and the construction of
-the models and the optimizer."""
+"""Data (file lists, images, data sets, loaders, batch transforms) and the construction of the models and optimizer."""
 import contextlib
 import copy
 import itertools
 import os
-import pickle
 import signal
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,8 +18,6 @@ import model as models
 import swin_transformer
 import utils
 
-
-# ============================================================================================ data
 
 # The original's normalisation and AlexNet-style PCA lighting, in BGR channel order (images are reversed to BGR
 # before any float work, and the lighting noise is added after that reversal, as the original did).
@@ -108,50 +103,14 @@ def read_list_file(list_path: str) -> list[tuple[str, int, int | None, str]]:
     return entries
 
 
-class _PlainDataUnpickler(pickle.Unpickler):
-    """Unpickler for plain python data (dict, tuple, int, float, str) and numpy scalars/arrays only."""
-    ALLOWED_GLOBALS = {
-        ('numpy', 'dtype'), ('numpy', 'ndarray'),
-        ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
-        ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a label map holds plain data only")
-        return super().find_class(module, name)
-
-
-def _load_plain_object(path: str):
-    if zipfile.is_zipfile(path):
-        return torch.load(path, map_location='cpu', weights_only=True)
-    with open(path, 'rb') as handle:
-        if handle.read(6) != b'\x93NUMPY':
-            handle.seek(0)
-            return _PlainDataUnpickler(handle).load()
-        handle.seek(0)
-        version = np.lib.format.read_magic(handle)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        _, _, dtype = read_header(handle)
-        if dtype.hasobject:
-            loaded = _PlainDataUnpickler(handle).load()
-        else:
-            handle.seek(0)
-            loaded = np.load(handle, allow_pickle=False)
-        return loaded.item() if isinstance(loaded, np.ndarray) and loaded.shape == () else loaded
-
-
 def load_label_map(path: str) -> dict[int, int]:
     """Read a saved dict `label -> (final_label, score)` and return `label -> final_label`.
 
-    Accepted files, none of which can run code when read: `torch.save` (read with weights_only=True),
-    a plain `pickle.dump`, or `numpy.save` of the dict; the pickled ones are read by an unpickler that
-    refuses every class except numpy's scalar/array reconstruction. A bare `label -> final_label` value is
-    also accepted.
+    Accepted files, none of which can run code when read (see utils.load_plain_data): `torch.save`, a plain
+    `pickle.dump`, or `numpy.save` of the dict. A bare `label -> final_label` value is also accepted.
     """
     try:
-        loaded = _load_plain_object(path)
+        loaded = utils.load_plain_data(path)
     except Exception as error:  # any unreadable file becomes one clear message
         raise utils.RunError(f"{path}: cannot read the label map ({models.first_line(error)}); save it as a dict "
                              f"label -> (final_label, score) of plain numbers with torch.save or pickle") from None
@@ -213,9 +172,8 @@ def read_eval_samples(root: str, list_path: str) -> list[Sample]:
 
 def _label_note(raw_label: int, offset: int, final_label: int, label_map: str | None) -> str:
     """How a training line's label became `final_label`, for messages; '' when it is the list's own label."""
-    steps = [f'+ {offset} for the labels of the lists before it'] if offset else []
-    if label_map:
-        steps.append(f'mapped to {final_label} by --label_map {label_map}')
+    steps = ([f'+ {offset} for the labels of the lists before it'] if offset else []) + (
+        [f'mapped to {final_label} by --label_map {label_map}'] if label_map else [])
     return f"the list's label {raw_label} " + ', '.join(steps) if steps else ''
 
 
@@ -596,7 +554,6 @@ class BatchTransform:
         return images.contiguous(memory_format=self.memory_format)
 
 
-# ============================================================================ model and optimizer
 DEFAULT_NUM_CLASSES = 252903
 
 

@@ -3,10 +3,12 @@ error a run stops with."""
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -219,6 +221,43 @@ def _keep_as(path: str, kept_path: str):
     except OSError:
         shutil.copyfile(path, link)
     os.replace(link, kept_path)
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickler for plain python data (containers, numbers, strings) and numpy scalars/arrays only: nothing else is
+    ever constructed."""
+    ALLOWED_GLOBALS = {
+        ('numpy', 'dtype'), ('numpy', 'ndarray'),
+        ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+        ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is read")
+        return super().find_class(module, name)
+
+
+def load_plain_data(path: str):
+    """What a `torch.save`, `pickle.dump` or `numpy.save` file holds, read without running any code from it
+    (torch's weights_only loader; an unpickler that refuses every class but numpy's array reconstruction)."""
+    if zipfile.is_zipfile(path):
+        return torch.load(path, map_location='cpu', weights_only=True)
+    with open(path, 'rb') as handle:
+        if handle.read(6) != b'\x93NUMPY':
+            handle.seek(0)
+            return _PlainDataUnpickler(handle).load()
+        handle.seek(0)
+        version = np.lib.format.read_magic(handle)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        _, _, dtype = read_header(handle)
+        if dtype.hasobject:
+            loaded = _PlainDataUnpickler(handle).load()
+        else:
+            handle.seek(0)
+            loaded = np.load(handle, allow_pickle=False)
+        return loaded.item() if isinstance(loaded, np.ndarray) and loaded.shape == () else loaded
 
 
 # ------------------------------------------------------------------------------------------------------ collectives
