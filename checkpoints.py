@@ -1,18 +1,23 @@
 """The run's files for resuming: the checkpoint format, its atomic writer, choosing and reading the checkpoint to
 resume from (damaged ones set aside), the run lock and the shared-storage check."""
 import dataclasses
+import hashlib
 import json
 import os
 import random
+import shutil
 import socket
 import tempfile
 import threading
 import time
+import zlib
 from contextlib import suppress
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import model as models
 import utils
@@ -401,9 +406,9 @@ def hold_run_directory(run_dir: str, rank: int, world_size: int) -> RunLock | No
     return lock
 
 
-def check_shared_storage(run_dir: str, rank: int):
-    """Every process must read the token that rank 0 wrote into the run directory: checkpoints, max_acc.pth and
-    the resume decision are written by rank 0 and read by all."""
+def check_shared_storage(run_dir: str, rank: int, flag: str = '--save_dir'):
+    """Every process must read the token that rank 0 wrote into the directory: checkpoints, max_acc.pth and the
+    resume decision (or the teacher cache) are written by rank 0 and read by all."""
     token_path = os.path.join(run_dir, '.shared_storage_check')
     token = []
     if rank == 0:
@@ -417,10 +422,174 @@ def check_shared_storage(run_dir: str, rank: int):
     except OSError:
         seen = None
     problems = [] if seen == token else [
-        f'process {rank} on host {socket.gethostname()} does not see {run_dir} as rank 0 wrote it: --save_dir must '
-        'be storage that every host shares (SAVE_DIR in start.sh)']
+        f'process {rank} on host {socket.gethostname()} does not see {run_dir} as rank 0 wrote it: {flag} must '
+        'be storage that every host shares']
     problems = utils.gather_messages(problems)
     if rank == 0:
         os.remove(token_path)
     if problems:
         raise utils.StopOnEveryRank(problems[0])
+
+
+# ------------------------------------------------------------------------------------------ the teacher's cache
+def file_digest(paths) -> str:
+    """sha256 of the bytes of the given files, in order (None entries skipped)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if path:
+            with open(path, 'rb') as handle:
+                for block in iter(lambda: handle.read(1 << 24), b''):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _crc(path: str) -> int:
+    value = 0
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(1 << 24), b''):
+            value = zlib.crc32(block, value)
+    return value
+
+
+class TeacherCache:
+    """The eval-mode teacher's feature of every training image, stored once (`features.npy`, views x images x
+    feature, memory-mapped) with `manifest.json`, which names what the cache is valid for (`identity`) and, once
+    complete, the file's checksum.
+
+    The teacher's logits are a function of its feature alone (its classifier is the frozen shared head), so the
+    stored feature gives them exactly. A row not yet computed holds NaN: a pre-pass killed half way continues where
+    it stopped, and a row lost in a crash is computed again.
+    """
+    MANIFEST = 'manifest.json'
+    FEATURES = 'features.npy'
+
+    def __init__(self, directory: str, identity: dict, shape: tuple[int, int, int], dtype: str):
+        self.directory, self.identity, self.shape, self.dtype = directory, identity, tuple(shape), dtype
+        self.path = os.path.join(directory, self.FEATURES)
+
+    def manifest(self) -> dict | None:
+        try:
+            with open(os.path.join(self.directory, self.MANIFEST), encoding='utf-8') as handle:
+                manifest = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def differences(self, manifest: dict) -> list[str]:
+        """What the cache in the directory was built for that this run differs in."""
+        stored = manifest.get('identity', {})
+        return [f'{name} {stored.get(name)!r} (this run: {value!r})' for name, value in self.identity.items()
+                if stored.get(name) != value]
+
+    def damage(self, manifest: dict) -> str | None:
+        """Why the features file cannot be used as it is (missing, truncated, not the manifest's), or None."""
+        try:
+            array = np.load(self.path, mmap_mode='r')
+        except (OSError, ValueError) as error:
+            return f'{self.path} does not load ({models.first_line(error)})'
+        if array.shape != self.shape or array.dtype != np.dtype(self.dtype):
+            return f'{self.path} holds {array.shape} {array.dtype}, not {self.shape} {self.dtype}'
+        if manifest.get('complete') and manifest.get('crc32') != _crc(self.path):
+            return f'{self.path} fails its checksum'
+        return None
+
+    def create(self):
+        """A features file of NaN rows and a manifest that says it is not complete (rank 0)."""
+        os.makedirs(self.directory, exist_ok=True)
+        array = np.lib.format.open_memmap(self.path, mode='w+', dtype=self.dtype, shape=self.shape)
+        array[:] = np.nan
+        array.flush()
+        del array
+        self._write_manifest(complete=False)
+
+    def complete(self):
+        """Record the checksum of the filled file: from now on the cache is read, never written (rank 0)."""
+        self._write_manifest(complete=True, crc32=_crc(self.path))
+
+    def _write_manifest(self, **state):
+        utils.write_json(dict(identity=self.identity, shape=list(self.shape), dtype=self.dtype, **state),
+                         os.path.join(self.directory, self.MANIFEST))
+
+    def open(self, writable: bool = False) -> np.ndarray:
+        return np.load(self.path, mmap_mode='r+' if writable else 'r')
+
+
+def prepare_teacher_cache(cache: TeacherCache, *, rebuild: bool, rank: int, logger) -> bool:
+    """Check the cache directory and make it ready to fill; whether rows remain to compute (the same on every
+    process). A cache of another run stops in one line naming what differs; a damaged one is set up again."""
+    problems, decision = [], []
+    if rank == 0:
+        manifest = cache.manifest()
+        if manifest is not None and not rebuild and cache.differences(manifest):
+            problems.append(f'{cache.directory} holds the teacher cache of another run: '
+                            f'{"; ".join(cache.differences(manifest))}; give another --teacher_cache directory, '
+                            'or --teacher_cache_rebuild to replace it')
+        elif manifest is None or rebuild or cache.damage(manifest):
+            if manifest is not None and not rebuild:
+                logger.info(f'teacher cache damaged: {cache.damage(manifest)}; computing it again')
+            size = int(np.prod(cache.shape)) * np.dtype(cache.dtype).itemsize
+            os.makedirs(cache.directory, exist_ok=True)
+            free = shutil.disk_usage(cache.directory).free
+            logger.info(f'teacher cache: {size / 2 ** 30:.2f} GB in {cache.path} ({free / 2 ** 30:.1f} GB free)')
+            if size > free:
+                problems.append(f'{cache.directory} has {free / 2 ** 30:.1f} GB free, too little for the teacher '
+                                f'cache ({size / 2 ** 30:.2f} GB): free space or give another --teacher_cache')
+            else:
+                cache.create()
+                decision.append('fill')
+        elif not manifest.get('complete'):
+            decision.append('fill')
+    utils.stop_if_any_process_failed(problems)
+    return bool(utils.gather_messages(decision))
+
+
+@torch.no_grad()
+def fill_teacher_cache(cache: TeacherCache, teacher_backbone, dataset, batch_transform, *, device, amp: str,
+                       batch_size: int, num_workers: int, rank: int, world_size: int, logger):
+    """Compute the rows still missing (NaN) of this process's contiguous part of the training set with the
+    eval-mode teacher, write them into the cache, and, once every process is done, record its checksum."""
+    features = cache.open(writable=True)
+    start, end = len(dataset) * rank // world_size, len(dataset) * (rank + 1) // world_size
+    missing = [int(index) for index in np.flatnonzero(np.isnan(features[0, start:end, 0])) + start]
+    teacher_backbone.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=missing, num_workers=num_workers)
+    begun, done = time.perf_counter(), 0
+    bar = tqdm(loader, desc='teacher cache', disable=rank != 0, dynamic_ncols=True)
+    for position, batch in enumerate(bar):
+        images = batch_transform(batch['image'].to(device, non_blocking=True), train=False)
+        with utils.autocast_context(device, amp):
+            output = teacher_backbone(images).float()
+        if not bool(torch.isfinite(output).all()):
+            raise utils.RunError('the teacher gives non-finite features: check the teacher file and --amp')
+        rows = missing[position * batch_size:position * batch_size + len(output)]
+        features[0, rows] = output.cpu().numpy()
+        done += len(rows)
+        bar.set_postfix(img_s=f'{done * world_size / max(time.perf_counter() - begun, 1e-9):.1f}')
+    features.flush()
+    del features
+    utils.gather_messages([])  # every process has written its part
+    if rank == 0:
+        cache.complete()
+        logger.info(f'teacher cache complete: {cache.path}')
+    utils.gather_messages([])
+
+
+@torch.no_grad()
+def check_teacher_cache(cache: TeacherCache, teacher_backbone, dataset, batch_transform, *, device, amp: str,
+                        seed: int, rows: int = 4):
+    """Recompute a few random stored rows with the teacher: a stale or foreign cache stops the run in one line.
+    Stored in float32 without autocast the rows must agree to rounding; otherwise within the float16 storage and
+    bf16 arithmetic."""
+    generator = np.random.default_rng(seed)
+    indices = sorted(generator.choice(cache.shape[1], size=min(rows, cache.shape[1]), replace=False).tolist())
+    images = torch.stack([dataset[index]['image'] for index in indices]).to(device)
+    teacher_backbone.eval()
+    with utils.autocast_context(device, amp):
+        live = teacher_backbone(batch_transform(images, train=False)).float().cpu()
+    stored = torch.from_numpy(cache.open()[0, indices].astype(np.float32))
+    error = float(((live - stored).norm(dim=1) / live.norm(dim=1).clamp_min(1e-12)).max())
+    tolerance = 1e-4 if cache.dtype == 'float32' and amp == 'none' else 5e-2
+    if not error <= tolerance:
+        raise utils.RunError(f'{cache.path}: the stored teacher features of rows {indices} differ from the '
+                             f"teacher's (relative error {error:.2g}): the cache is stale or another teacher's; "
+                             'rerun with --teacher_cache_rebuild')

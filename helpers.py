@@ -326,8 +326,11 @@ class ImageDataset(Dataset):
     augment (train only): see decode_image. The samples are stored packed (see PackedStrings).
     """
 
-    def __init__(self, samples, img_size: int, train: bool, augment: bool, seed: int = 0):
+    def __init__(self, samples, img_size: int, train: bool, augment: bool, seed: int = 0,
+                 teacher_features: str | None = None):
         self.seed = seed
+        # the teacher cache's features file, opened in each loader worker (see teacher_feature)
+        self.teacher_features, self._teacher_rows = teacher_features, None
         self.paths = PackedStrings([sample.path for sample in samples])
         self.origins = PackedStrings([sample.origin for sample in samples])
         self.labels = np.array([sample.label for sample in samples], dtype=np.int64)
@@ -364,7 +367,17 @@ class ImageDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed would also reseed (and never restore) a GPU's
             torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 63))
-            return self._train_item(index)
+            item = self._train_item(index)
+        if self.teacher_features:
+            item['teacher_feature'] = self.teacher_feature(index)
+        return item
+
+    def teacher_feature(self, index: int) -> torch.Tensor:
+        """The cached teacher feature of sample `index` (the image the pre-pass decoded for it, replacement
+        included), as float32."""
+        if self._teacher_rows is None:
+            self._teacher_rows = np.load(self.teacher_features, mmap_mode='r')
+        return torch.from_numpy(self._teacher_rows[0, index].astype(np.float32))
 
     def _train_item(self, index: int) -> dict:
         problems = []
@@ -471,13 +484,16 @@ def read_checked_list(root: str | None, list_path: str | None, root_flag: str, *
 
 
 def build_training_loaders(train_samples, val_samples, *, val_list: str | None, num_classes: int, img_size: int,
-                           batch_size: int, num_workers: int, augment: bool, seed: int, rank: int, world_size: int):
+                           batch_size: int, num_workers: int, augment: bool, seed: int, rank: int, world_size: int,
+                           teacher_features: str | None = None):
     """(train loader, validation loader or None) over this process's part, every label checked against the head;
-    `batch_size` is the global batch."""
+    `batch_size` is the global batch; `teacher_features`, the teacher cache's file its samples carry rows of."""
     check_labels(train_samples, num_classes, 'the training lists')
     per_process_batch = batch_size // world_size
-    train_loader = build_train_loader(ImageDataset(train_samples, img_size, train=True, augment=augment, seed=seed),
-                                      per_process_batch, num_workers, seed=seed, rank=rank, world_size=world_size)
+    train_set = ImageDataset(train_samples, img_size, train=True, augment=augment, seed=seed,
+                             teacher_features=teacher_features)
+    train_loader = build_train_loader(train_set, per_process_batch, num_workers, seed=seed, rank=rank,
+                                      world_size=world_size)
     if len(train_loader) == 0:
         raise utils.RunError(f'the training lists hold {len(train_samples)} images, fewer than one batch of '
                              f'--batch_size {batch_size}; lower --batch_size')
@@ -561,17 +577,22 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
                 teacher_name: str | None = None, teacher_weights: str | None = None, head_fixed: bool = False,
                 width_divisor: int = 1, grad_checkpointing: bool = False, channels_last: bool = False,
                 init_head_from_teacher: bool = False, stochastic_teacher: bool = True,
-                drop_block_schedule: str = 'published') -> models.DistillationModel:
+                drop_block_schedule: str = 'published', cached_teacher: bool = False) -> models.DistillationModel:
     """The student (from `student_weights` when given) with its head, and the frozen teacher when distilling.
 
     With `head_fixed` the student's head IS the teacher's (one frozen copy in memory). Otherwise the student has
     its own trainable head: a fresh Xavier-initialised one (as the original), or a copy of the teacher's with
-    `init_head_from_teacher`. `stochastic_teacher`: see models.DistillationModel.
+    `init_head_from_teacher`. `stochastic_teacher`: see models.DistillationModel. `cached_teacher`: the teacher's
+    features come from its cache, so only its classifier is loaded.
     """
-    teacher = None
+    teacher = teacher_head = None
     if teacher_name:
-        teacher = models.load_classifier(teacher_name, teacher_weights, img_size, width_divisor)
-        teacher_classes = teacher.head.weight.shape[0]
+        if cached_teacher:
+            teacher_head = models.load_head(teacher_name, teacher_weights, width_divisor)
+        else:
+            teacher = models.load_classifier(teacher_name, teacher_weights, img_size, width_divisor)
+            teacher_head = teacher.head
+        teacher_classes = teacher_head.weight.shape[0]
         if num_classes not in (None, teacher_classes):
             raise utils.RunError(f'--num_classes {num_classes} but the teacher {teacher_weights} classifies '
                                  f'{teacher_classes} classes; drop --num_classes')
@@ -589,12 +610,13 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     if head_fixed:
-        head = teacher.head
-    elif teacher is not None and init_head_from_teacher:
-        head = copy.deepcopy(teacher.head).requires_grad_(True)
+        head = teacher_head
+    elif teacher_head is not None and init_head_from_teacher:
+        head = copy.deepcopy(teacher_head).requires_grad_(True)
     else:
         head = models.CosFaceHead(num_classes, backbone.feature_dim)
-    return models.DistillationModel(models.Classifier(backbone, head), teacher, stochastic_teacher)
+    return models.DistillationModel(models.Classifier(backbone, head), teacher, stochastic_teacher,
+                                    teacher_head=teacher_head if cached_teacher else None)
 
 
 def prepare_student(distiller: models.DistillationModel, *, fused_attention: bool, compile_backbone: bool,

@@ -73,6 +73,12 @@ def add_distillation_flags(group):
     add('--teacher_eval', action='store_true',
         help="run the teacher deterministically (eval mode) while distilling; default: as the published runs, "
              'with its stochastic depth active (never any gradient)')
+    add('--teacher_cache', default=None, metavar='DIR',
+        help="store the eval-mode teacher's feature of every training image once in DIR (computed before training "
+             'if DIR holds none for this run) and train from it: the teacher is not run while training')
+    add('--teacher_cache_rebuild', action='store_true', help='compute the teacher cache again, replacing DIR\'s')
+    add('--teacher_cache_dtype', default='float16', choices=('float16', 'float32'),
+        help='how the cached features are stored (float32 for exactness checks)')
 
 
 def add_data_flags(group):
@@ -133,6 +139,11 @@ def combination_problems(args, world_size: int) -> list[str]:
                         f'{world_size} processes')
     if args.is_distill and not args.teacher_init_weights:
         problems.append('--is_distill needs --teacher_init_weights (the teacher file)')
+    if args.teacher_cache and not args.is_distill:
+        problems.append('--teacher_cache stores the teacher\'s features: add --is_distill and a teacher')
+    if args.teacher_cache and args.augment:
+        problems.append('--teacher_cache stores one view of each image, the one training sees without --augment: '
+                        'drop --augment or --teacher_cache')
     if args.head_fixed and not args.is_distill:
         problems.append("--head_fixed shares the teacher's classifier: add --is_distill and a teacher")
     if len(args.train_root) != len(args.train_list):
@@ -259,7 +270,7 @@ def test_directory(run_dir: str, weights: str, img_size: int) -> str:
 # Settings that change a run's trajectory without naming its directory: a resume with other values is refused.
 TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_size', 'num_classes', 'drop_block',
                     'demo_width_divisor', 'teacher_backbone_class', 'teacher_init_weights', 'teacher_eval',
-                    'init_head_from_teacher', 'label_map', 'train_root', 'train_list')
+                    'init_head_from_teacher', 'label_map', 'train_root', 'train_list', 'teacher_cache_dtype')
 
 
 def main(args):
@@ -318,7 +329,11 @@ def train_and_test(args, place: trainer.RunPlace, signals: trainer.StopSignals):
                            'tests again')
         best, distiller = run.best_weights(), run.parts.distiller
         student_backbone = backbone_of(args, best).to(place.device) if best else distiller.student.backbone
-        test(args, place, test_samples, student_backbone, distiller.teacher.backbone if distiller.teacher else None)
+        teacher_backbone = distiller.teacher.backbone if distiller.teacher else None
+        if args.teacher_cache:  # the teacher is built for its own and the cross figures only
+            teacher_backbone = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class)
+            teacher_backbone = teacher_backbone.to(place.device)
+        test(args, place, test_samples, student_backbone, teacher_backbone)
 
 
 def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) -> tuple[trainer.Trainer, list]:
@@ -327,6 +342,10 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     trainer.seed_epoch(args.seed, 0, rank)
     train_samples, _ = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
     helpers.check_training_roots(train_samples)
+    generators, cache = checkpoints.random_state(), None
+    if args.teacher_cache:
+        cache = ready_teacher_cache(args, place, train_samples)
+        checkpoints.set_random_state(generators)  # the student starts as it would without the pre-pass
     # what would only fail after the last epoch is found now
     val_samples = helpers.read_checked_list(args.val_root, args.val_list, '--val_root', rank=rank,
                                             world_size=world_size)
@@ -339,7 +358,8 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
         teacher_weights=args.teacher_init_weights, head_fixed=args.head_fixed,
         width_divisor=args.demo_width_divisor, grad_checkpointing=args.grad_checkpointing,
         channels_last=args.channels_last, init_head_from_teacher=args.init_head_from_teacher,
-        stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block).to(device)
+        stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block,
+        cached_teacher=cache is not None).to(device)
     counts = helpers.parameter_counts(distiller)
     logger.info(f'student para trainable/sum {counts["student_trainable"]}/{counts["student_total"]}; '
                 f'teacher para trainable/sum {counts["teacher_trainable"]}/{counts["teacher_total"]}')
@@ -347,7 +367,7 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     train_loader, val_loader = helpers.build_training_loaders(
         train_samples, val_samples, val_list=args.val_list, num_classes=distiller.student.head.num_classes,
         img_size=args.img_size, batch_size=args.batch_size, num_workers=args.num_workers, augment=args.augment,
-        seed=args.seed, rank=rank, world_size=world_size)
+        seed=args.seed, rank=rank, world_size=world_size, teacher_features=cache.path if cache else None)
     milestones = step_sizes(args.step_size)
 
     def schedule(epoch_position, epoch):
@@ -367,8 +387,39 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
         train_loader=train_loader, val_loader=val_loader, schedule=schedule,
         batch_transform=helpers.BatchTransform(args.augment, memory_format=torch.channels_last if args.channels_last
                                                else torch.contiguous_format))
-    flags = {name: getattr(args, name) for name in TRAJECTORY_FLAGS}
+    flags = dict({name: getattr(args, name) for name in TRAJECTORY_FLAGS}, teacher_cache=cache is not None)
     return trainer.Trainer(args, parts, place, flags, signals), test_samples
+
+
+def ready_teacher_cache(args, place: trainer.RunPlace, samples) -> checkpoints.TeacherCache:
+    """The teacher cache of this run in --teacher_cache: refused if it belongs to another run, computed where rows
+    are missing or damaged, and checked against the teacher on a few random rows."""
+    identity = {'teacher': args.teacher_backbone_class,
+                'teacher_file': checkpoints.file_digest([args.teacher_init_weights]),
+                'training_lists': checkpoints.file_digest(args.train_list + [args.label_map]),
+                'train_root': list(args.train_root), 'images': len(samples), 'img_size': args.img_size,
+                'width_divisor': args.demo_width_divisor, 'augment': args.augment, 'views': 1, 'seed': args.seed,
+                'dtype': args.teacher_cache_dtype}
+    cache = checkpoints.TeacherCache(args.teacher_cache, identity, (1, len(samples), models.FEATURE_DIM //
+                                                                    args.demo_width_divisor), args.teacher_cache_dtype)
+    if place.world_size > 1:
+        if place.rank == 0:
+            os.makedirs(args.teacher_cache, exist_ok=True)
+        checkpoints.check_shared_storage(args.teacher_cache, place.rank, '--teacher_cache')
+    teacher = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(place.device)
+    dataset = helpers.ImageDataset(samples, args.img_size, train=True, augment=False, seed=args.seed)
+    transform = helpers.BatchTransform(augment=False)
+    if checkpoints.prepare_teacher_cache(cache, rebuild=args.teacher_cache_rebuild, rank=place.rank,
+                                         logger=place.logger):
+        checkpoints.fill_teacher_cache(cache, teacher, dataset, transform, device=place.device, amp=args.amp,
+                                       batch_size=max(1, 2 * args.batch_size // place.world_size),
+                                       num_workers=args.num_workers, rank=place.rank, world_size=place.world_size,
+                                       logger=place.logger)
+    checkpoints.check_teacher_cache(cache, teacher, dataset, transform, device=place.device, amp=args.amp,
+                                    seed=args.seed)
+    place.logger.info(f'teacher cache {cache.path}: the teacher is in eval mode (no stochastic depth), its features '
+                      'read from the cache; --teacher_cache_rebuild computes them again')
+    return cache
 
 
 def test(args, place: trainer.RunPlace, samples, student_backbone, teacher_backbone):

@@ -110,18 +110,26 @@ class DistillationModel(nn.Module):
     head is frozen with the teacher and, being one module, is held once in memory.
     """
 
-    def __init__(self, student: Classifier, teacher: Classifier | None = None, stochastic_teacher: bool = False):
+    def __init__(self, student: Classifier, teacher: Classifier | None = None, stochastic_teacher: bool = False,
+                 teacher_head: CosFaceHead | None = None):
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.stochastic_teacher = stochastic_teacher
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
+        # the teacher's classifier alone, when its features come from a cache (see teacher_logits)
+        self.teacher_head = teacher_head
+        for frozen in (teacher, teacher_head):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+                frozen.eval()
 
     @property
     def head_is_shared(self) -> bool:
-        return self.teacher is not None and self.student.head is self.teacher.head
+        return self.student.head is self.teacher_classifier()
+
+    def teacher_classifier(self) -> nn.Module | None:
+        """The teacher's classifier: the live teacher's head, or the one kept beside its cached features."""
+        return self.teacher.head if self.teacher is not None else self.teacher_head
 
     def train(self, mode: bool = True) -> 'DistillationModel':
         super().train(mode)
@@ -138,6 +146,11 @@ class DistillationModel(nn.Module):
         if self.teacher is None:
             raise RuntimeError('this DistillationModel has no teacher')
         return self.teacher(images, labels)
+
+    @torch.no_grad()
+    def teacher_logits(self, teacher_features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's logits from its (stored) features: its classifier, the margin at `labels`."""
+        return self.teacher_classifier()(teacher_features, labels)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's parameters that require grad (never the teacher's, nor a shared head)."""
@@ -289,18 +302,29 @@ def load_backbone(name: str, path: str, img_size: int = 384, width_divisor: int 
 def load_classifier(name: str, path: str, img_size: int = 384, width_divisor: int = 1) -> Classifier:
     """Backbone and CosFace head from one file (e.g. the teacher); the file must hold the head weight."""
     state, head_weight = read_weights(path, name)
-    if head_weight is None:
-        raise utils.RunError(f'{path} holds no cosine head weight ({HEAD_KEY!r}, no bias) to build a {name} classifier')
     backbone = create_backbone(name, img_size=img_size, width_divisor=width_divisor)
     _load_state_into(backbone, state, name, path)
-    if head_weight.shape[1] != backbone.feature_dim:
+    return Classifier(backbone, _head_of(head_weight, backbone.feature_dim, name, path)).eval()
+
+
+def load_head(name: str, path: str, width_divisor: int = 1) -> 'CosFaceHead':
+    """The CosFace head of a classifier file alone, without its backbone (for a teacher whose features are
+    cached)."""
+    _, head_weight = read_weights(path, name)
+    return _head_of(head_weight, FEATURE_DIM // width_divisor, name, path)
+
+
+def _head_of(head_weight: torch.Tensor | None, feature_dim: int, name: str, path: str) -> 'CosFaceHead':
+    if head_weight is None:
+        raise utils.RunError(f'{path} holds no cosine head weight ({HEAD_KEY!r}, no bias) to build a {name} classifier')
+    if head_weight.shape[1] != feature_dim:
         raise utils.RunError(f'{path}: head weight {tuple(head_weight.shape)} does not match the '
-                             f'{backbone.feature_dim}-d features of {name}')
+                             f'{feature_dim}-d features of {name}')
     # build the head without allocating and initialising a second num_classes x feature_dim matrix
     with torch.device('meta'):
         head = CosFaceHead(head_weight.shape[0], head_weight.shape[1])
     head.weight = nn.Parameter(head_weight.float())
-    return Classifier(backbone, head).eval()
+    return head
 
 
 def student_weights(classifier: Classifier, include_head: bool) -> dict:

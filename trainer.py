@@ -317,11 +317,14 @@ def training_step(parts: TrainingParts, batch: dict, device: torch.device, amp: 
     cross-entropy and distillation times the batch size, correct predictions, batch size)."""
     images = parts.batch_transform(batch['image'].to(device, non_blocking=True), train=True)
     labels = batch['label'].to(device, non_blocking=True)
-    teacher = parts.distiller.teacher
+    distiller, teacher_features, teacher_logits = parts.distiller, None, None
     with utils.autocast_context(device, amp):
-        # the teacher first: its temporaries are freed before the student's activations are saved
-        teacher_features, teacher_logits = (parts.distiller.teacher_outputs(images, labels)
-                                            if teacher is not None else (None, None))
+        if 'teacher_feature' in batch:  # from the teacher's cache: its logits through its classifier
+            teacher_features = batch['teacher_feature'].to(device, non_blocking=True)
+            teacher_logits = distiller.teacher_logits(teacher_features, labels)
+        elif distiller.teacher is not None:
+            # the teacher first: its temporaries are freed before the student's activations are saved
+            teacher_features, teacher_logits = distiller.teacher_outputs(images, labels)
         student_features, student_logits = parts.student(images, labels)
     loss, cross_entropy, distillation = parts.criterion(student_features, student_logits, teacher_features,
                                                         teacher_logits, labels)

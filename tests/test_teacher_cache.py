@@ -1,0 +1,171 @@
+"""--teacher_cache: the eval-mode teacher's features stored once, exact, refused when foreign, repaired when
+damaged, resumed when the pre-pass was killed."""
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import checkpoints
+import model as models
+from conftest import ROOT, data_args, run_main
+
+SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
+         '--log_interval', '1', '--warmup_epoch', '1', '--backbone_class', 'Resnet12', '--seed', '3']
+
+
+def teacher_file(path, seed):
+    torch.manual_seed(seed)
+    backbone = models.create_backbone('Resnet12', 96, 8)
+    classifier = models.Classifier(backbone, models.CosFaceHead(4, backbone.feature_dim))
+    torch.save(models.student_weights(classifier, include_head=True), path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def teachers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('teachers')
+    return teacher_file(folder / 'a.pth', 1), teacher_file(folder / 'b.pth', 2)
+
+
+def distill_argv(tiny_data, teacher, save_dir, *extra):
+    return SMALL + data_args(tiny_data)[:8] + [
+        '--is_distill', '--teacher_backbone_class', 'Resnet12', '--teacher_init_weights', teacher, '--head_fixed',
+        '--max_epoch', '2', '--save_dir', str(save_dir), *extra]
+
+
+def cached_features(directory) -> np.ndarray:
+    return np.load(os.path.join(str(directory), 'features.npy'))
+
+
+def epochs_of(save_dir) -> list[dict]:
+    results, = glob.glob(os.path.join(str(save_dir), '*', '*', 'results.json'))
+    with open(results, encoding='utf-8') as handle:
+        return json.load(handle)['epochs']
+
+
+def live_teacher_features(tiny_data, teacher) -> torch.Tensor:
+    """The teacher's features of the training images, decoded independently (PIL resize, BGR, normalised)."""
+    backbone = models.load_backbone('Resnet12', teacher, 96, 8)
+    mean, std = torch.tensor([0.406, 0.456, 0.485]), torch.tensor([0.225, 0.224, 0.229])
+    images = []
+    with open(tiny_data['train'], encoding='utf-8') as handle:
+        for line in handle:
+            image = Image.open(os.path.join(tiny_data['root'], line.split('\t')[0])).convert('RGB')
+            pixels = np.asarray(image.resize((96, 96), Image.BILINEAR))[:, :, ::-1].copy()
+            tensor = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+            images.append((tensor - mean[:, None, None]) / std[:, None, None])
+    with torch.no_grad():
+        return backbone(torch.stack(images))
+
+
+def test_float32_cached_features_are_the_eval_teachers(tiny_data, teachers, tmp_path):
+    cache = tmp_path / 'cache'
+    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
+                          str(cache), '--teacher_cache_dtype', 'float32'))
+    stored = torch.from_numpy(cached_features(cache)[0])
+    live = live_teacher_features(tiny_data, teachers[0])
+    assert stored.shape == (24, 128)
+    torch.testing.assert_close(stored, live, atol=1e-5, rtol=1e-5)
+    assert F.cosine_similarity(stored, live).min() > 0.99999
+
+
+def test_a_run_from_the_cache_trains_as_the_live_eval_teacher(tiny_data, teachers, tmp_path):
+    # the student starts from a file: a live teacher's construction draws on the generator a random start uses
+    start = ['--init_weights', teachers[1]]
+    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'live', '--teacher_eval', *start))
+    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'cached', '--teacher_eval', '--teacher_cache',
+                          str(tmp_path / 'cache'), '--teacher_cache_dtype', 'float32', *start))
+    live, cached = epochs_of(tmp_path / 'live'), epochs_of(tmp_path / 'cached')
+    assert len(live) == len(cached) == 2
+    for live_epoch, cached_epoch in zip(live, cached):
+        for figure in ('loss', 'ce', 'kd', 'train_accuracy', 'val_loss', 'val_accuracy'):
+            assert cached_epoch[figure] == pytest.approx(live_epoch[figure], rel=1e-4, abs=1e-6), figure
+
+
+def test_a_cache_of_another_teacher_is_refused_in_one_line(tiny_data, teachers, tmp_path):
+    cache = str(tmp_path / 'cache')
+    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'first', '--max_epoch', '1', '--teacher_cache', cache))
+    with pytest.raises(SystemExit) as stopped:
+        run_main(distill_argv(tiny_data, teachers[1], tmp_path / 'second', '--max_epoch', '1', '--teacher_cache',
+                              cache))
+    message = str(stopped.value.code)
+    assert len(message.splitlines()) == 1
+    assert re.search(re.escape(f'error: {cache} holds the teacher cache of another run: teacher_file ') +
+                     r".*--teacher_cache_rebuild to replace it", message)
+    run_main(distill_argv(tiny_data, teachers[1], tmp_path / 'second', '--max_epoch', '1', '--teacher_cache', cache,
+                          '--teacher_cache_rebuild'))
+
+
+def test_a_truncated_cache_is_computed_again_not_used(tiny_data, teachers, tmp_path):
+    cache = tmp_path / 'cache'
+    argv = distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache', str(cache))
+    run_main(argv)
+    whole = cached_features(cache)
+    path = os.path.join(str(cache), 'features.npy')
+    with open(path, 'r+b') as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'again')] + argv[argv.index('--save_dir') + 2:])
+    np.testing.assert_array_equal(cached_features(cache), whole)
+    record, = glob.glob(str(tmp_path / 'again' / '*' / '*' / 'record.txt'))
+    assert f'teacher cache damaged: {path} does not load' in open(record, encoding='utf-8').read()
+
+
+def test_a_killed_pre_pass_continues_where_it_stopped(tiny_data, teachers, tmp_path, monkeypatch):
+    cache = tmp_path / 'cache'
+    argv = distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache', str(cache),
+                        '--teacher_cache_dtype', 'float32')
+    run_main(argv)
+    whole = cached_features(cache)
+    # as a kill would leave it: rows 10 onwards not yet written, the manifest not complete
+    features = np.load(os.path.join(str(cache), 'features.npy'), mmap_mode='r+')
+    features[0, 10:] = np.nan
+    features.flush()
+    del features
+    manifest_path = os.path.join(str(cache), 'manifest.json')
+    with open(manifest_path, encoding='utf-8') as handle:
+        manifest = json.load(handle)
+    manifest.pop('crc32')
+    manifest['complete'] = False
+    with open(manifest_path, 'w', encoding='utf-8') as handle:
+        json.dump(manifest, handle)
+    computed = []
+    fill = checkpoints.fill_teacher_cache
+
+    def counting_fill(cache_, teacher_backbone, *arguments, **keywords):
+        original_forward = teacher_backbone.forward
+
+        def forward(images):
+            computed.append(images.shape[0])
+            return original_forward(images)
+        teacher_backbone.forward = forward
+        try:
+            return fill(cache_, teacher_backbone, *arguments, **keywords)
+        finally:
+            teacher_backbone.forward = original_forward
+    monkeypatch.setattr(checkpoints, 'fill_teacher_cache', counting_fill)
+    run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'again')] + argv[argv.index('--save_dir') + 2:])
+    assert sum(computed) == 14
+    np.testing.assert_allclose(cached_features(cache), whole, atol=1e-6, rtol=0)
+
+
+def test_a_cache_built_by_two_processes_equals_one_built_by_one(tiny_data, teachers, tmp_path):
+    caches = {processes: tmp_path / f'cache{processes}' for processes in (1, 2)}
+    for processes, cache in caches.items():
+        argv = distill_argv(tiny_data, teachers[0], tmp_path / f'runs{processes}', '--max_epoch', '1',
+                            '--batch_size', '8', '--teacher_cache', str(cache), '--teacher_cache_dtype', 'float32')
+        command = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
+                   if processes == 2 else [sys.executable])
+        finished = subprocess.run(command + [os.path.join(ROOT, 'main.py')] + argv, capture_output=True, text=True,
+                                  env=dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1'), timeout=300)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    one, two = cached_features(caches[1]), cached_features(caches[2])
+    assert not np.isnan(two).any()
+    np.testing.assert_allclose(two, one, atol=1e-5, rtol=1e-5)
