@@ -412,7 +412,7 @@ def results_table(runs: dict) -> str:
     """results.md: the demo's runs in the shape of the published table, at FAR 1e-2 and 1e-1, with the checks of
     the method: students against the teacher, and the student queries against the teacher's gallery."""
     lines = ['| model | params (no head) | epochs | coarse TAR@1e-2 | fine TAR@1e-2 | coarse TAR@1e-1 '
-             '| NN top-1 coarse | NN top-1 fine |', '|---|---|---|---|---|---|---|---|']
+             '| NN top-1 coarse | NN top-1 fine | GAP coarse | GAP fine |', '|---|---|---|---|---|---|---|---|---|---|']
     for title, key, figures in TABLE_ROWS:
         run = runs.get(key, {})
         test = run.get('test', {}).get(figures)
@@ -420,7 +420,8 @@ def results_table(runs: dict) -> str:
             continue
         lines.append(f'| {title} | {run["parameters"]["student_backbone"]:.2e} | {len(run.get("epochs", []))} '
                      f'| {_figure(test["coarse"][1])} | {_figure(test["fine"][1])} | {_figure(test["coarse"][0])} '
-                     f'| {_figure(test["coarse_nn_accuracy"])} | {_figure(test["fine_nn_accuracy"])} |')
+                     f'| {_figure(test["coarse_nn_accuracy"])} | {_figure(test["fine_nn_accuracy"])} '
+                     f'| {_figure(test.get("coarse_gap"))} | {_figure(test.get("fine_gap"))} |')
     teacher = runs.get('Swin_base', {}).get('test', {}).get('student')
     if teacher and teacher['coarse'][1]:
         lines.append('')

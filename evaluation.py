@@ -3,6 +3,7 @@ accuracy, the ROC plot, feature extraction, and the test report of a run (studen
 queries against the teacher's gallery)."""
 import math
 import os
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -502,8 +503,9 @@ def evaluate_features(features, coarse_labels, fine_labels, gallery_features=Non
     the nearest-neighbour accuracy; None there gives None). fine_labels None (and no fine_mask) means the fine
     level equals the coarse one. Returns {'coarse': [TARs], 'fine': [TARs], 'coarse_curve': (far, tar),
     'fine_curve': (far, tar), 'coarse_nn_accuracy': float | None, 'fine_nn_accuracy': float | None,
-    'coarse_undefined': reason | None, 'fine_undefined': reason | None}; undefined TARs are NaN (see tar_at_far)
-    and the reason says why.
+    'coarse_gap': float | None, 'fine_gap': float | None, 'coarse_undefined': reason | None, 'fine_undefined':
+    reason | None}; undefined TARs are NaN (see tar_at_far) and the reason says why. The GAP is that of the
+    leave-one-out nearest-neighbour predictions (see nearest_neighbour_gap).
     """
     if fine_labels is None and fine_mask is None:
         fine_labels, fine_mask = coarse_labels, coarse_mask
@@ -511,14 +513,27 @@ def evaluate_features(features, coarse_labels, fine_labels, gallery_features=Non
                    (None if fine_mask is not None else fine_labels, fine_mask)]
     curves = _evaluate_pairs(features, gallery_features, label_pairs, num_thresholds=num_thresholds, device=device,
                              tile_elements=tile_elements)
-    best_index, _ = nearest_neighbours(features, gallery_features, device, tile_elements)
+    best_index, best_score = nearest_neighbours(features, gallery_features, device, tile_elements)
     result = {}
     for level, (far, tar), labels in zip(('coarse', 'fine'), curves, (coarse_labels, fine_labels)):
         result[level] = _tars_from_curve(far, tar, fars)
         result[f'{level}_curve'] = (far, tar)
         result[f'{level}_undefined'] = undefined_reason((far, tar))
         result[f'{level}_nn_accuracy'] = None if labels is None else _accuracy_of(best_index, labels)
+        result[f'{level}_gap'] = None if labels is None else nearest_neighbour_gap(best_index, best_score, labels)
     return result
+
+
+def nearest_neighbour_gap(best_index: np.ndarray, best_score: np.ndarray, labels) -> float:
+    """Global Average Precision (see global_average_precision) of leave-one-out recognition: image i predicts the
+    label of its nearest other image with that cosine as the score; every image is a landmark query whose
+    solution is its own label. NaN for fewer than two images."""
+    if len(best_index) == 0:
+        return math.nan
+    labels = np.asarray(labels).reshape(-1).tolist()
+    predictions = {image: {'class': labels[neighbour], 'score': float(score)}
+                   for image, (neighbour, score) in enumerate(zip(best_index.tolist(), best_score.tolist()))}
+    return global_average_precision(predictions, {image: [label] for image, label in enumerate(labels)})
 
 
 def plot_roc(curves: dict, path: str):
@@ -548,6 +563,156 @@ def format_tar_line(prefix: str, coarse: list, fine: list) -> str:
     def listed(values):
         return '[' + ', '.join(repr(round(float(value), 5)) for value in values) + ']'
     return f'{prefix}: coarsegrained:{listed(coarse)}--finegrained:{listed(fine)}'
+
+
+# ------------------------------------------------------------------------------- the field's retrieval metrics
+# protocol -> (gnd keys whose images are positives, gnd keys whose images are junk)
+_PROTOCOLS = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
+_GND_KEYS = ("easy", "hard", "junk")
+
+
+def _gather(entry, keys):
+    """Concatenate the index lists of ``entry`` under ``keys`` (duplicates kept)."""
+    parts = [np.asarray(entry[key], dtype=np.int64).reshape(-1) for key in keys]
+    return np.concatenate(parts)
+
+
+def _query_scores(column, ok, junk, kappas):
+    """AP and precision at each kappa of one ranked column (see revisitop_map)."""
+    positions = np.flatnonzero(np.isin(column, ok))
+    junk_positions = np.flatnonzero(np.isin(column, junk))
+    # Remove junk from the ranking: each positive moves up by the junk ranked before it.
+    positions = positions - np.searchsorted(junk_positions, positions, side="left")
+    k = np.arange(positions.size, dtype=np.float64)
+    r = positions.astype(np.float64)
+    precision_0 = np.where(r > 0, k / np.maximum(r, 1.0), 1.0)
+    precision_1 = (k + 1.0) / (r + 1.0)
+    ap = float(np.sum((precision_0 + precision_1) / 2.0)) / ok.size
+    if positions.size == 0:  # no positive in the ranking at all
+        return ap, np.zeros(len(kappas))
+    one_based = positions + 1
+    cut = np.minimum(one_based.max(), np.asarray(kappas))
+    p_at = np.array([np.count_nonzero(one_based <= c) / c for c in cut], dtype=np.float64)
+    return ap, p_at
+
+
+def revisitop_map(ranks, gnd, kappas=(1, 5, 10)):
+    """Revisited Oxford/Paris mAP and mean precision@kappa for the three protocols.
+
+    ``ranks`` is (database x queries): column q lists database indices, best first.
+    ``gnd[q]`` is a dict with ``easy``, ``hard`` and ``junk`` database indices. Per
+    protocol the positive ('ok') and junk images are: easy: ok = easy, junk = junk +
+    hard; medium: ok = easy + hard, junk = junk; hard: ok = hard, junk = junk + easy.
+    Junk images are removed from the ranking, so each positive's 0-based position r
+    drops by the number of junk images ranked before it. AP is the trapezoidal rule:
+    the k-th positive (0-based) adds (k / r (1 if r = 0) + (k + 1) / (r + 1)) / 2
+    divided by the number of ok entries. Precision at kappa, with p the 1-based
+    junk-free positions and kq = min(max(p), kappa), is #(p <= kq) / kq (0 where no
+    positive appears in the ranking). Queries without an ok image get NaN AP and NaN
+    precisions and are left out of ``map`` and ``mp_at`` (NaN if every query lacks
+    one). Returns {protocol: {'map', 'aps', 'mp_at', 'p_at'}}.
+    """
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
+        raise utils.RunError(f"ranks must be a 2-D integer array (database x queries), "
+                             f"got dtype {ranks.dtype} and shape {ranks.shape}")
+    if len(gnd) != ranks.shape[1]:
+        raise utils.RunError(f"gnd has {len(gnd)} entries but ranks has {ranks.shape[1]} "
+                             f"query columns")
+    for q, entry in enumerate(gnd):
+        if not isinstance(entry, Mapping) or any(key not in entry for key in _GND_KEYS):
+            raise utils.RunError(f"gnd[{q}] must be a dict with keys 'easy', 'hard' and "
+                                 f"'junk', got {entry!r}")
+    kappas = [int(kappa) for kappa in kappas]
+    if any(kappa < 1 for kappa in kappas):
+        raise utils.RunError(f"kappas must be positive integers, got {kappas}")
+
+    results = {}
+    for protocol, (ok_keys, junk_keys) in _PROTOCOLS.items():
+        aps = np.full(len(gnd), np.nan)
+        p_at = np.full((len(gnd), len(kappas)), np.nan)
+        for q, entry in enumerate(gnd):
+            ok = _gather(entry, ok_keys)
+            if ok.size:
+                aps[q], p_at[q] = _query_scores(ranks[:, q], ok, _gather(entry, junk_keys), kappas)
+        valid = ~np.isnan(aps)
+        if valid.any():
+            mean_ap, mp_at = float(aps[valid].mean()), p_at[valid].mean(axis=0)
+        else:
+            mean_ap, mp_at = float("nan"), np.full(len(kappas), np.nan)
+        results[protocol] = {"map": mean_ap, "aps": aps, "mp_at": mp_at, "p_at": p_at}
+    return results
+
+
+def gldv2_map_at_k(predictions, solution, k=100):
+    """Google Landmarks v2 retrieval mAP@k.
+
+    ``predictions`` maps a query id to its ranked index ids (best first);
+    ``solution`` maps a query id to its non-empty list of ground-truth index ids.
+    For each solution query, AP@k = sum over the first k predictions, at 1-based
+    rank i, of precision@i * rel(i), divided by min(len(ground truth), k); a
+    repeated prediction still takes its place in the ranking but only its first
+    occurrence can be relevant (and counted as a hit). The result is the mean over
+    the solution's queries: a solution query without a prediction scores 0, and
+    predictions for queries outside the solution are ignored (the challenge
+    scores only its solution's queries).
+    """
+    if not isinstance(predictions, Mapping) or not isinstance(solution, Mapping):
+        raise utils.RunError("predictions and solution must be dicts keyed by query id")
+    if not solution:
+        raise utils.RunError("solution is empty: mAP@k is undefined")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise utils.RunError(f"k must be a positive integer, got {k!r}")
+    total = 0.0
+    for query, truth in solution.items():
+        truth = set(truth)
+        if not truth:
+            raise utils.RunError(f"solution[{query!r}] has no ground-truth index id")
+        seen, hits, ap = set(), 0, 0.0
+        for rank, item in enumerate(list(predictions.get(query, ()))[:k], start=1):
+            if item in truth and item not in seen:
+                hits += 1
+                ap += hits / rank
+            seen.add(item)
+        total += ap / min(len(truth), k)
+    return total / len(solution)
+
+
+def global_average_precision(predictions, solution):
+    """Google Landmarks v2 recognition GAP (micro AP), non-landmark queries kept.
+
+    ``predictions`` maps a query id to {'class': landmark, 'score': confidence};
+    ``solution`` maps a query id to its list of landmarks ([] for a non-landmark
+    query). Predictions are sorted by score descending, then query id, then
+    class; the i-th prediction is relevant when its class is in its query's
+    solution list, and GAP = (1 / M) * sum_i precision(i) * rel(i), where
+    precision(i) counts every prediction so far (non-landmark queries included,
+    as with ignore_non_gt_test_images=False) and M is the number of solution
+    queries with at least one landmark (GAP is 0 when M is 0). Predictions for
+    queries outside the solution are ignored.
+    """
+    if not isinstance(predictions, Mapping) or not isinstance(solution, Mapping):
+        raise utils.RunError("predictions and solution must be dicts keyed by query id")
+    for query, prediction in predictions.items():
+        if not isinstance(prediction, Mapping) or "class" not in prediction \
+                or "score" not in prediction:
+            raise utils.RunError(f"predictions[{query!r}] must be a dict with keys "
+                                 f"'class' and 'score', got {prediction!r}")
+    num_expected = sum(1 for landmarks in solution.values() if len(landmarks))
+    if num_expected == 0:
+        return 0.0
+    scored = [(-float(p["score"]), query, p["class"])
+              for query, p in predictions.items() if query in solution]
+    gap, correct = 0.0, 0
+    for i, (_, query, label) in enumerate(sorted(scored), start=1):
+        if label in solution[query]:
+            correct += 1
+            gap += correct / i
+    return gap / num_expected
 
 
 # ------------------------------------------------------------------------------------------- the test of a run
@@ -632,7 +797,8 @@ def log_report(logger, report: dict, roc_path: str):
     for name, result in report.items():
         logger.info(format_tar_line(names[name], result['coarse'], result['fine']))
         logger.info(f'{name} nearest-neighbour top-1: coarse={result["coarse_nn_accuracy"]:.5f}, '
-                    f'fine={result["fine_nn_accuracy"]:.5f}')
+                    f'fine={result["fine_nn_accuracy"]:.5f}; GAP: coarse={result["coarse_gap"]:.5f}, '
+                    f'fine={result["fine_gap"]:.5f}')
         for grain in ('coarse', 'fine'):
             if result[f'{grain}_undefined']:
                 logger.info(f'{name} {grain} TARs are nan (undefined): {result[f"{grain}_undefined"]}')

@@ -57,13 +57,15 @@ run_demo() {
     teacher="$runs/Synthetic-Swin_base-no_distill-NoAug/lr0.001_AdamW_cosine_epoch${teacher_epochs}_warmup1_bs128/max_acc.pth"
     distill="--is_distill --teacher_backbone_class Swin_base --teacher_init_weights $teacher --head_fixed
              --kd_loss KD --kd_weight 1.0"
+    # both students read the teacher's features from one cache, computed by the first: no teacher while training
+    cached="--teacher_cache $runs/teacher_cache"
     echo "demo: Swin_tiny student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
-    "$PYTHON" "$here/main.py" $common $distill --backbone_class Swin_tiny --lr 0.001 \
+    "$PYTHON" "$here/main.py" $common $distill $cached --backbone_class Swin_tiny --lr 0.001 \
         --max_epoch "${DEMO_STUDENT_EPOCHS:-3}"
     echo "demo: Resnet12 student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
-    "$PYTHON" "$here/main.py" $common $distill --backbone_class Resnet12 --lr 0.002 \
+    "$PYTHON" "$here/main.py" $common $distill $cached --backbone_class Resnet12 --lr 0.002 \
         --max_epoch "${DEMO_RESNET12_EPOCHS:-2}"
     echo "demo: untrained Swin_tiny student (the floor)"
     # shellcheck disable=SC2086

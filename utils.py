@@ -135,7 +135,8 @@ class Logger:
 # student backbone), 'epochs' (epoch, lr, train_accuracy, loss, ce, kd, val_loss and val_accuracy or null),
 # 'best_epoch', 'best_accuracy', and 'test': {'student' | 'teacher' | 'cross': {'coarse', 'fine' (TARs at FAR
 # 1e-1 ... 1e-8, null where undefined), 'coarse_undefined', 'fine_undefined' (why, or null), 'coarse_nn_accuracy',
-# 'fine_nn_accuracy', 'coarse_curve', 'fine_curve' ({'far': [...], 'tar': [...]})}}.
+# 'fine_nn_accuracy', 'coarse_gap', 'fine_gap' (of the nearest-neighbour predictions), 'coarse_curve', 'fine_curve'
+# ({'far': [...], 'tar': [...]})}}.
 RESULTS_NAME = 'results.json'
 
 

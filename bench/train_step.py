@@ -4,6 +4,8 @@
     python bench/train_step.py ... --original      # fp32, two copies of the head, a dense one-hot margin matrix
     python bench/train_step.py ... --compare       # both, each in its own process, and their ratios
     python bench/train_step.py --device cuda --batch 32 --amp bf16 --mfu   # on a GPU, with model FLOP utilisation
+    python bench/train_step.py --teacher_cache   # live teacher against its cache, Swin_tiny and Resnet12, and the
+                                                 # cache pre-pass's images/s (each in its own process)
 
 Last line: `step_s=<x> peak_gb=<y>` (median of 3 steps after a warm-up step; peak resident memory on the CPU,
 peak allocated GPU memory on cuda); with --mfu `img_s=<x> peak_gb=<y> mfu=<z>`, where mfu is the step's
@@ -66,11 +68,15 @@ def original_step_function(args):
 
 def project_step_function(args):
     device = torch.device(args.device)
-    teacher_backbone = models.create_backbone('Swin_base', args.img_size)
-    head = models.CosFaceHead(args.num_classes, teacher_backbone.feature_dim)
+    head = models.CosFaceHead(args.num_classes, models.FEATURE_DIM)
+    student = models.Classifier(models.create_backbone(args.backbone_class, args.img_size), head)
+    if args.cached_teacher:  # the teacher's features come with the batch, as from --teacher_cache
+        distiller = models.DistillationModel(student, teacher_head=head).to(device).train()
+        cached = torch.randn(args.batch, models.FEATURE_DIM, device=device)
+        return cached_step_function(args, distiller, cached)
     distiller = models.DistillationModel(
-        models.Classifier(models.create_backbone(args.backbone_class, args.img_size), head),
-        models.Classifier(teacher_backbone, head), stochastic_teacher=True).to(device).train()
+        student, models.Classifier(models.create_backbone('Swin_base', args.img_size), head),
+        stochastic_teacher=True).to(device).train()
     if device.type == 'cuda' and args.backbone_class == 'Resnet12':
         torch.backends.cudnn.benchmark = True
     if args.fused_attention:
@@ -90,6 +96,34 @@ def project_step_function(args):
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+    return step
+
+
+def cached_step_function(args, distiller, teacher_features):
+    device = torch.device(args.device)
+    optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=1e-4, weight_decay=5e-4)
+    criterion = trainer.DistillationLoss('KD')
+
+    def step(images, labels):
+        with utils.autocast_context(device, args.amp):
+            teacher_logits = distiller.teacher_logits(teacher_features, labels)
+            student_features, student_logits = distiller.student(images, labels)
+        loss, _, _ = criterion(student_features, student_logits, teacher_features, teacher_logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def prepass_step_function(args):
+    """The cache pre-pass: the eval-mode Swin_base teacher's features, no gradients."""
+    device = torch.device(args.device)
+    teacher = models.create_backbone('Swin_base', args.img_size).to(device).eval()
+
+    @torch.no_grad()
+    def step(images, labels):
+        with utils.autocast_context(device, args.amp):
+            teacher(images)
     return step
 
 
@@ -124,7 +158,8 @@ def step_flops(step, images, labels) -> float:
 def measure(args):
     torch.manual_seed(0)
     device = torch.device(args.device)
-    step = original_step_function(args) if args.original else project_step_function(args)
+    step = (original_step_function(args) if args.original else prepass_step_function(args) if args.prepass
+            else project_step_function(args))
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, args.num_classes, (args.batch,), device=device)
     step(images, labels)
@@ -139,9 +174,11 @@ def measure(args):
         peak_gb = torch.cuda.max_memory_allocated(device) / 1024 ** 3
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-    mode = 'original' if args.original else f'project amp={args.amp}'
+    mode = ('original' if args.original else f'cache pre-pass amp={args.amp}' if args.prepass else
+            f'project{" from the teacher cache" if args.cached_teacher else ""} amp={args.amp}')
     step_s = statistics.median(seconds)
-    print(f'{mode}: {args.backbone_class} batch {args.batch} img {args.img_size} classes {args.num_classes} '
+    network = 'Swin_base teacher' if args.prepass else args.backbone_class
+    print(f'{mode}: {network} batch {args.batch} img {args.img_size} classes {args.num_classes} '
           f'{device} threads {torch.get_num_threads()}: steps {", ".join(f"{s:.3f}" for s in seconds)} s, '
           f'{args.batch / step_s:.1f} img/s')
     if args.mfu:
@@ -156,19 +193,36 @@ def measure(args):
 
 def compare(args):
     """Each mode in its own process, so that each peak memory is its own."""
-    common = [sys.executable, os.path.abspath(__file__), '--backbone_class', args.backbone_class,
-              '--batch', str(args.batch), '--img_size', str(args.img_size), '--num_classes', str(args.num_classes),
-              '--device', args.device]
-    results = {}
-    for name, extra in (('original', ['--original']), ('project', ['--amp', args.amp])):
-        output = subprocess.run(common + extra, check=True, capture_output=True, text=True).stdout
-        print(output, end='')
-        last = dict(field.split('=') for field in output.strip().splitlines()[-1].split())
-        results[name] = {key: float(value) for key, value in last.items()}
+    results = {name: run_alone(args, ['--backbone_class', args.backbone_class] + extra)
+               for name, extra in (('original', ['--original']), ('project', []))}
     speedup = results['original']['step_s'] / results['project']['step_s']
     memory_ratio = results['project']['peak_gb'] / results['original']['peak_gb']
     print(f'speedup={speedup:.2f} memory_ratio={memory_ratio:.2f}')
     print(f'step_s={results["project"]["step_s"]:.3f} peak_gb={results["project"]["peak_gb"]:.2f}')
+
+
+def teacher_cache(args):
+    """The step with a live teacher against the step from its cache, for both students, and the pre-pass."""
+    results = {}
+    for backbone in ('Swin_tiny', 'Resnet12'):
+        for name, extra in (('live', []), ('cached', ['--cached_teacher'])):
+            results[backbone, name] = run_alone(args, ['--backbone_class', backbone] + extra)
+    prepass = run_alone(args, ['--prepass', '--batch', str(4 * args.batch)])
+    print(f'pre-pass: {4 * args.batch / prepass["step_s"]:.1f} img/s')
+    speedups = {backbone: results[backbone, 'live']['step_s'] / results[backbone, 'cached']['step_s']
+                for backbone in ('Swin_tiny', 'Resnet12')}
+    peak_ratio = results['Swin_tiny', 'cached']['peak_gb'] / results['Swin_tiny', 'live']['peak_gb']
+    print(f'cache_speedup_swin_tiny={speedups["Swin_tiny"]:.2f} cache_speedup_resnet12={speedups["Resnet12"]:.2f} '
+          f'cache_peak_ratio_swin_tiny={peak_ratio:.2f}')
+
+
+def run_alone(args, extra: list[str]) -> dict:
+    """One measurement in its own process (its own peak memory); its last line's figures."""
+    command = [sys.executable, os.path.abspath(__file__), '--batch', str(args.batch), '--img_size', str(args.img_size),
+               '--num_classes', str(args.num_classes), '--device', args.device, '--amp', args.amp]
+    output = subprocess.run(command + extra, check=True, capture_output=True, text=True).stdout
+    print(output, end='')
+    return {key: float(value) for key, value in (field.split('=') for field in output.strip().splitlines()[-1].split())}
 
 
 def main():
@@ -183,8 +237,11 @@ def main():
     parser.add_argument('--mfu', action='store_true', help='also count the step\'s FLOPs against a bf16 matmul')
     parser.add_argument('--original', action='store_true', help="the original's fp32 step with two heads")
     parser.add_argument('--compare', action='store_true', help='run both, each in its own process')
+    parser.add_argument('--cached_teacher', action='store_true', help='the step from the teacher cache')
+    parser.add_argument('--prepass', action='store_true', help="the cache pre-pass: the teacher's forward alone")
+    parser.add_argument('--teacher_cache', action='store_true', help='live teacher against its cache, both students')
     args = parser.parse_args()
-    compare(args) if args.compare else measure(args)
+    teacher_cache(args) if args.teacher_cache else compare(args) if args.compare else measure(args)
 
 
 if __name__ == '__main__':
