@@ -3,17 +3,17 @@ import os
 import re
 
 import numpy as np
+# requirements.txt installs onnx, onnxruntime and onnxscript (the exporter): a missing one fails, never skips
+import onnx
+import onnxruntime
+import onnxscript  # noqa: F401
 import pytest
 import torch
 
+import evaluation
 import helpers
 import model
-import evaluation
 from conftest import run_main
-
-onnx = pytest.importorskip('onnx')
-onnxruntime = pytest.importorskip('onnxruntime')
-pytest.importorskip('onnxscript')
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4']
 

@@ -638,3 +638,72 @@ def test_a_resume_with_another_trajectory_flag_stops_and_leaves_the_checkpoint(t
                               'has 1e-06)')
     with open(checkpoint, 'rb') as handle:
         assert handle.read() == before
+
+
+# ------------------------------------------------------------------------------ what the optimizer really got
+def record_learning_rates(monkeypatch) -> list:
+    rates, step = [], trainer.training_step
+
+    def recording_step(parts, *arguments):
+        rates.append(parts.optimizer.param_groups[0]['lr'])
+        return step(parts, *arguments)
+    monkeypatch.setattr(trainer, 'training_step', recording_step)
+    return rates
+
+
+@pytest.mark.parametrize('schedule, expected', [
+    # 6 iterations an epoch; the position is epoch + iteration / 6, epochs numbered from 1 (hand formulas)
+    (['--lr_scheduler', 'cosine', '--warmup_epoch', '2', '--min_lr', '0.001'],
+     lambda position, epoch: 0.01 * position / 2 if position < 2 else
+     0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * (position - 2) / 3))),
+    (['--lr_scheduler', 'step', '--step_size', '1', '--gamma', '0.5', '--warmup_epoch', '0'],
+     lambda position, epoch: 0.01 * 0.5 ** (epoch - 1)),
+    (['--lr_scheduler', 'multistep', '--step_size', '2,3', '--gamma', '0.5', '--warmup_epoch', '0'],
+     lambda position, epoch: 0.01 * (0.5 if epoch == 3 else 1.0)),
+])
+def test_the_optimizer_gets_the_scheduled_rate_at_every_iteration(tiny_data, tmp_path, monkeypatch, schedule,
+                                                                  expected):
+    rates = record_learning_rates(monkeypatch)
+    run_main(SMALL + data_args(tiny_data)[:4] + ['--backbone_class', 'Resnet12', '--num_classes', '4', '--lr', '0.01',
+                                                 '--max_epoch', '3', '--save_dir', str(tmp_path)] + schedule)
+    wanted = [expected(epoch + iteration / 6, epoch) for epoch in (1, 2, 3) for iteration in range(6)]
+    assert rates == pytest.approx(wanted, rel=1e-12)
+
+
+def test_one_step_is_cross_entropy_plus_kd_on_margin_logits(tiny_data, teacher_file, tmp_path, monkeypatch):
+    seen = []
+    forward = trainer.DistillationLoss.forward
+
+    def recording_forward(self, student_features, student_logits, teacher_features, teacher_logits, labels):
+        seen.append([tensor.detach().clone() for tensor in (student_features, student_logits, teacher_features,
+                                                               teacher_logits, labels)])
+        result = forward(self, student_features, student_logits, teacher_features, teacher_logits, labels)
+        seen[-1].append(result[0].item())
+        return result
+    monkeypatch.setattr(trainer.DistillationLoss, 'forward', recording_forward)
+    run_main(SMALL + data_args(tiny_data)[:4] + [
+        '--backbone_class', 'Resnet12', '--is_distill', '--teacher_backbone_class', 'Resnet12',
+        '--teacher_init_weights', teacher_file, '--head_fixed', '--kd_weight', '0.5', '--max_epoch', '1',
+        '--save_dir', str(tmp_path)])
+    head = torch.load(teacher_file, weights_only=True)['params']['head.weight']
+    for student_features, student_logits, teacher_features, teacher_logits, labels, loss in seen[:2]:
+        for features, logits in ((student_features, student_logits), (teacher_features, teacher_logits)):
+            cosine = F.normalize(features, dim=1) @ F.normalize(head, dim=1).T
+            margin = torch.zeros_like(cosine)
+            margin[torch.arange(len(labels)), labels] = 0.1
+            torch.testing.assert_close(logits, 32 * (cosine - margin), atol=1e-4, rtol=1e-5)
+        cross_entropy = sum(-math.log(math.exp(row[label]) / sum(math.exp(value) for value in row))
+                            for row, label in zip(student_logits.tolist(), labels.tolist())) / len(labels)
+        expected = cross_entropy + 0.5 * reference_kd(student_logits, teacher_logits, temperature=4.0)
+        assert loss == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize('kd_loss', ['global_KD', 'tempered_KD'])
+def test_the_other_distillation_losses_train_through_main(tiny_data, teacher_file, tmp_path, kd_loss):
+    run_main(SMALL + data_args(tiny_data)[:4] + [
+        '--backbone_class', 'Resnet12', '--is_distill', '--teacher_backbone_class', 'Resnet12',
+        '--teacher_init_weights', teacher_file, '--head_fixed', '--kd_loss', kd_loss, '--max_epoch', '1',
+        '--save_dir', str(tmp_path)])
+    with open(os.path.join(only_run_dir(tmp_path), 'results.json'), encoding='utf-8') as handle:
+        epoch, = json.load(handle)['epochs']
+    assert math.isfinite(epoch['kd']) and epoch['kd'] > 0 and epoch['loss'] == pytest.approx(epoch['ce'] + epoch['kd'])
