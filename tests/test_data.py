@@ -489,3 +489,31 @@ def test_two_process_evaluation_sees_every_image_once(tmp_path):
     expected = torch.stack([image_features({'image': dataset[index]['image'][None]})[0] for index in range(count)])
     for result in results:
         assert torch.equal(result['gathered'], expected)
+
+
+def test_augmented_batches_are_the_same_whatever_the_number_of_loader_workers(tmp_path):
+    root = tmp_path / 'images'
+    root.mkdir()
+    lines = []
+    for index in range(10):
+        smooth_image(160, 120, seed=index).save(root / f'{index}.jpg', quality=90)
+        lines.append(f'{index}.jpg\tname\t{index % 3}')
+    samples, _ = helpers.read_train_samples([str(root)], [write_list(tmp_path / 'train.txt', lines)])
+    epochs = {}
+    for workers in (0, 1, 2):
+        dataset = helpers.ImageDataset(samples, 48, train=True, augment=True, seed=5)
+        loader = helpers.build_train_loader(dataset, batch_size=4, num_workers=workers, seed=5, rank=0, world_size=1)
+        batches = []
+        for epoch in (1, 2):
+            loader.sampler.set_epoch(epoch)
+            batches += [(batch['index'], batch['image']) for batch in loader]
+        epochs[workers] = batches
+    for workers in (1, 2):
+        assert len(epochs[workers]) == len(epochs[0]) == 4
+        for (indices, images), (expected_indices, expected_images) in zip(epochs[workers], epochs[0]):
+            assert torch.equal(indices, expected_indices) and torch.equal(images, expected_images)
+    # the augmentation does draw: the same sample is cropped differently in the two epochs
+    first = {int(index): image for index, image in zip(*epochs[0][0])}
+    second = {int(index): image for indices, images in epochs[0][2:] for index, image in zip(indices, images)}
+    shared = set(first) & set(second)
+    assert shared and any(not torch.equal(first[index], second[index]) for index in shared)

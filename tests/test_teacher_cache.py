@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -169,3 +170,21 @@ def test_a_cache_built_by_two_processes_equals_one_built_by_one(tiny_data, teach
     one, two = cached_features(caches[1]), cached_features(caches[2])
     assert not np.isnan(two).any()
     np.testing.assert_allclose(two, one, atol=1e-5, rtol=1e-5)
+
+
+def test_a_run_from_the_cache_killed_mid_epoch_ends_as_an_uninterrupted_one(tiny_data, teachers, tmp_path):
+    from test_reliability import assert_same_final_weights, environment, interrupt_mid_epoch
+    argv = distill_argv(tiny_data, teachers[0], 'SAVE_DIR', '--max_epoch', '3', '--teacher_cache',
+                        str(tmp_path / 'cache'), '--checkpoint_minutes', '1e-9', '--drop_block', 'annealed')
+    main_py = [sys.executable, os.path.join(ROOT, 'main.py')]
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    subprocess.run(main_py + [str(straight) if value == 'SAVE_DIR' else value for value in argv], check=True,
+                   env=environment(), capture_output=True)
+    command = main_py + [str(resumed) if value == 'SAVE_DIR' else value for value in argv]
+    interrupt_mid_epoch(command, resumed, signal.SIGKILL)
+    rerun = subprocess.run(command, env=environment(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    straight_dir, = glob.glob(str(straight / '*' / '*'))
+    resumed_dir, = glob.glob(str(resumed / '*' / '*'))
+    assert 'resumed from' in open(os.path.join(resumed_dir, 'record.txt'), encoding='utf-8').read()
+    assert_same_final_weights(straight_dir, resumed_dir)

@@ -254,12 +254,12 @@ def test_test_only_on_a_student_in_the_original_file_layout(tiny_data, tmp_path)
     assert coarse == pytest.approx(evaluation.tar_at_far(torch.from_numpy(features), coarse_labels), abs=1e-5)
 
 
-def evaluation_batch(tiny_data) -> torch.Tensor:
-    """The test images through the evaluation transform, written out independently of helpers.py."""
+def evaluation_batch(tiny_data, list_name: str = 'test') -> torch.Tensor:
+    """The images of a list through the evaluation transform, written out independently of helpers.py."""
     from PIL import Image
     mean, std = torch.tensor([0.406, 0.456, 0.485]), torch.tensor([0.225, 0.224, 0.229])
     images = []
-    with open(tiny_data['test'], encoding='utf-8') as handle:
+    with open(tiny_data[list_name], encoding='utf-8') as handle:
         for line in handle:
             image = Image.open(os.path.join(tiny_data['root'], line.split('\t')[0])).convert('RGB')
             pixels = np.asarray(image.resize((96, 96), Image.BILINEAR))[:, :, ::-1].copy()
@@ -707,3 +707,79 @@ def test_the_other_distillation_losses_train_through_main(tiny_data, teacher_fil
     with open(os.path.join(only_run_dir(tmp_path), 'results.json'), encoding='utf-8') as handle:
         epoch, = json.load(handle)['epochs']
     assert math.isfinite(epoch['kd']) and epoch['kd'] > 0 and epoch['loss'] == pytest.approx(epoch['ce'] + epoch['kd'])
+
+
+def test_validation_figures_are_margin_free_cosine_cross_entropy_and_top1(tiny_data, tmp_path):
+    run_main(SMALL + data_args(tiny_data)[:8] + ['--backbone_class', 'Resnet12', '--num_classes', '4',
+                                                 '--max_epoch', '1', '--save_dir', str(tmp_path)])
+    run_dir = only_run_dir(tmp_path)
+    best = torch.load(os.path.join(run_dir, 'max_acc.pth'), weights_only=True)['params']
+    backbone = models.load_backbone('Resnet12', os.path.join(run_dir, 'max_acc.pth'), 96, 8)
+    with torch.no_grad():
+        features = backbone(evaluation_batch(tiny_data, 'val'))
+    logits = 32 * F.normalize(features, dim=1) @ F.normalize(best['head.weight'], dim=1).T  # no margin
+    labels = [label for label in range(4) for _ in range(2)]
+    expected_loss = sum(-math.log(math.exp(row[label]) / sum(math.exp(value) for value in row))
+                        for row, label in zip(logits.tolist(), labels)) / len(labels)
+    expected_accuracy = sum(int(max(range(4), key=row.__getitem__) == label)
+                            for row, label in zip(logits.tolist(), labels)) / len(labels)
+    with open(os.path.join(run_dir, 'results.json'), encoding='utf-8') as handle:
+        epoch, = json.load(handle)['epochs']
+    assert epoch['val_loss'] == pytest.approx(expected_loss, rel=1e-4)
+    assert epoch['val_accuracy'] == expected_accuracy
+
+
+def test_fp16_stops_only_at_the_hundredth_skipped_step_in_a_row():
+    watch = trainer.NonFiniteWatch(torch.device('cpu'), skips_allowed=True)
+    assert watch.limit == 100
+    for iteration in range(99):
+        watch.update(torch.tensor(False), iteration)
+    watch.update(torch.tensor(True), 99)  # a good step starts the count again
+    for iteration in range(100, 199):
+        watch.update(torch.tensor(False), iteration)
+    watch.check(epoch=1)  # 99 in a row: still running
+    watch.update(torch.tensor(False), 199)
+    with pytest.raises(trainer.NonFiniteLossError, match=r'epoch 1 iteration 199: .*\(100 steps in a row'):
+        watch.check(epoch=1)
+
+
+def test_the_third_signal_interrupts_at_once():
+    signals = trainer.StopSignals()
+    signals.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.name == 'SIGTERM'  # asked to stop, not interrupted
+        with pytest.raises(KeyboardInterrupt, match='received three times'):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signals.restore()
+
+
+def test_label_map_two_lists_masks_and_init_weights_through_main(tiny_data, tmp_path):
+    label_map = str(tmp_path / 'map.pkl')
+    torch.save({4 + label: (label, 1.0) for label in range(4)}, label_map)  # the second list's labels onto the first
+    student = str(tmp_path / 'student.pth')
+    torch.manual_seed(4)
+    torch.save({'params': models.create_backbone('Resnet12', 96, 8).state_dict()}, student)
+    test_labels = np.array([10 + label for label in range(3) for _ in range(4)])
+    fine_labels = np.array([20 + 2 * (index // 4) + index % 2 for index in range(12)])  # as conftest writes them
+    masks = {}
+    for grain, labels in (('coarse', test_labels), ('fine', fine_labels)):
+        rows, columns = np.triu_indices(12, 1)
+        masks[grain] = str(tmp_path / f'{grain}.npy')
+        np.save(masks[grain], labels[rows] == labels[columns])
+    run_main(SMALL + ['--train_root', tiny_data['root'], tiny_data['root'], '--train_list', tiny_data['train'],
+                      tiny_data['train'], '--label_map', label_map, '--test_root', tiny_data['root'], '--test_list',
+                      tiny_data['test'], '--test_mask_coarse', masks['coarse'], '--test_mask_fine', masks['fine'],
+                      '--init_weights', student, '--backbone_class', 'Resnet12', '--num_classes', '4',
+                      '--max_epoch', '1', '--save_dir', str(tmp_path / 'runs')])
+    run_dir = only_run_dir(tmp_path / 'runs')
+    assert run_dir.split(os.sep)[-2].endswith('-Pre-NoAug')
+    with open(os.path.join(run_dir, 'results.json'), encoding='utf-8') as handle:
+        results = json.load(handle)
+    features = np.load(os.path.join(run_dir, 'opensetFeat.npy'))
+    assert results['test']['student']['coarse'] == pytest.approx(evaluation.tar_at_far(features, test_labels))
+    assert results['test']['student']['fine'] == pytest.approx(evaluation.tar_at_far(features, fine_labels))
+    epoch, = results['epochs']
+    assert math.isfinite(epoch['loss'])  # 48 samples (two lists) in 4 classes, through the map
