@@ -546,24 +546,28 @@ def prepare_teacher_cache(cache: TeacherCache, *, rebuild: bool, rank: int, logg
 @torch.no_grad()
 def fill_teacher_cache(cache: TeacherCache, teacher_backbone, dataset, batch_transform, *, device, amp: str,
                        batch_size: int, num_workers: int, rank: int, world_size: int, logger):
-    """Compute the rows still missing (NaN) of this process's contiguous part of the training set with the
-    eval-mode teacher, write them into the cache, and, once every process is done, record its checksum."""
+    """Compute the rows still missing (NaN) of this process's contiguous part of the training set, in every view,
+    with the eval-mode teacher (each view's images as training draws them: `dataset` keyed by (index, view)),
+    write them into the cache, and, once every process is done, record its checksum."""
     features = cache.open(writable=True)
     start, end = len(dataset) * rank // world_size, len(dataset) * (rank + 1) // world_size
-    missing = [int(index) for index in np.flatnonzero(np.isnan(features[0, start:end, 0])) + start]
+    # a row is written front to back: one whose first or last value is still NaN was not finished
+    unfinished = np.isnan(features[:, start:end, 0]) | np.isnan(features[:, start:end, -1])
+    missing = [(int(index) + start, int(view)) for view, index in zip(*np.nonzero(unfinished))]
     teacher_backbone.eval()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=missing, num_workers=num_workers)
     begun, done = time.perf_counter(), 0
     bar = tqdm(loader, desc='teacher cache', disable=rank != 0, dynamic_ncols=True)
     for position, batch in enumerate(bar):
-        images = batch_transform(batch['image'].to(device, non_blocking=True), train=False)
+        images = batch_transform(batch['image'].to(device, non_blocking=True), train=True,
+                                 lighting=batch.get('lighting'))
         with utils.autocast_context(device, amp):
             output = teacher_backbone(images).float()
         if not bool(torch.isfinite(output).all()):
             raise utils.RunError('the teacher gives non-finite features: check the teacher file and --amp')
-        rows = missing[position * batch_size:position * batch_size + len(output)]
-        features[0, rows] = output.cpu().numpy()
-        done += len(rows)
+        indices, views = zip(*missing[position * batch_size:position * batch_size + len(output)])
+        features[list(views), list(indices)] = output.cpu().numpy()
+        done += len(indices)
         bar.set_postfix(img_s=f'{done * world_size / max(time.perf_counter() - begun, 1e-9):.1f}')
     features.flush()
     del features
@@ -582,11 +586,14 @@ def check_teacher_cache(cache: TeacherCache, teacher_backbone, dataset, batch_tr
     bf16 arithmetic."""
     generator = np.random.default_rng(seed)
     indices = sorted(generator.choice(cache.shape[1], size=min(rows, cache.shape[1]), replace=False).tolist())
-    images = torch.stack([dataset[index]['image'] for index in indices]).to(device)
+    views = generator.integers(0, cache.shape[0], size=len(indices)).tolist()
+    items = [dataset[(index, view)] for index, view in zip(indices, views)]
+    images = torch.stack([item['image'] for item in items]).to(device)
+    lighting = torch.stack([item['lighting'] for item in items]) if 'lighting' in items[0] else None
     teacher_backbone.eval()
     with utils.autocast_context(device, amp):
-        live = teacher_backbone(batch_transform(images, train=False)).float().cpu()
-    stored = torch.from_numpy(cache.open()[0, indices].astype(np.float32))
+        live = teacher_backbone(batch_transform(images, train=True, lighting=lighting)).float().cpu()
+    stored = torch.from_numpy(cache.open()[views, indices].astype(np.float32))
     error = float(((live - stored).norm(dim=1) / live.norm(dim=1).clamp_min(1e-12)).max())
     tolerance = 1e-4 if cache.dtype == 'float32' and amp == 'none' else 5e-2
     if not error <= tolerance:

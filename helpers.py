@@ -327,10 +327,10 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, samples, img_size: int, train: bool, augment: bool, seed: int = 0,
-                 teacher_features: str | None = None):
+                 teacher_features: str | None = None, views: int = 0):
         self.seed = seed
-        # the teacher cache's features file, opened in each loader worker (see teacher_feature)
-        self.teacher_features, self._teacher_rows = teacher_features, None
+        # the teacher cache's features file, opened in each loader worker, and its number of views (see __getitem__)
+        self.teacher_features, self._teacher_rows, self.views = teacher_features, None, views
         self.paths = PackedStrings([sample.path for sample in samples])
         self.origins = PackedStrings([sample.origin for sample in samples])
         self.labels = np.array([sample.label for sample in samples], dtype=np.int64)
@@ -353,8 +353,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         """Item `key`: a sample index, or (sample index, epoch) as the training sampler gives them; a training
-        sample's augmentation draws come from a generator seeded by (seed, epoch, index)."""
+        sample's augmentation draws come from a generator seeded by (seed, epoch, index). With `views` (a teacher
+        cache of that many views) epoch e draws view e mod views, seeded by (seed, view, index), its lighting
+        included ('lighting'), so that the student sees exactly the image whose teacher feature was stored."""
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        if self.views:
+            epoch %= self.views
         if not self.train:
             path = self.paths[index]
             try:
@@ -368,16 +372,18 @@ class ImageDataset(Dataset):
             # the CPU generator only: torch.manual_seed would also reseed (and never restore) a GPU's
             torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 63))
             item = self._train_item(index)
+            if self.views and self.augment:
+                item['lighting'] = torch.randn(3) * LIGHTING_STD
         if self.teacher_features:
-            item['teacher_feature'] = self.teacher_feature(index)
+            item['teacher_feature'] = self.teacher_feature(index, epoch)
         return item
 
-    def teacher_feature(self, index: int) -> torch.Tensor:
-        """The cached teacher feature of sample `index` (the image the pre-pass decoded for it, replacement
-        included), as float32."""
+    def teacher_feature(self, index: int, view: int) -> torch.Tensor:
+        """The cached teacher feature of sample `index` in `view` (the image the pre-pass decoded for it,
+        replacement included), as float32."""
         if self._teacher_rows is None:
             self._teacher_rows = np.load(self.teacher_features, mmap_mode='r')
-        return torch.from_numpy(self._teacher_rows[0, index].astype(np.float32))
+        return torch.from_numpy(self._teacher_rows[view, index].astype(np.float32))
 
     def _train_item(self, index: int) -> dict:
         problems = []
@@ -485,13 +491,14 @@ def read_checked_list(root: str | None, list_path: str | None, root_flag: str, *
 
 def build_training_loaders(train_samples, val_samples, *, val_list: str | None, num_classes: int, img_size: int,
                            batch_size: int, num_workers: int, augment: bool, seed: int, rank: int, world_size: int,
-                           teacher_features: str | None = None):
+                           teacher_features: str | None = None, views: int = 0):
     """(train loader, validation loader or None) over this process's part, every label checked against the head;
-    `batch_size` is the global batch; `teacher_features`, the teacher cache's file its samples carry rows of."""
+    `batch_size` is the global batch; `teacher_features`, the teacher cache's file (of `views` views) whose rows its
+    samples carry."""
     check_labels(train_samples, num_classes, 'the training lists')
     per_process_batch = batch_size // world_size
     train_set = ImageDataset(train_samples, img_size, train=True, augment=augment, seed=seed,
-                             teacher_features=teacher_features)
+                             teacher_features=teacher_features, views=views)
     train_loader = build_train_loader(train_set, per_process_batch, num_workers, seed=seed, rank=rank,
                                       world_size=world_size)
     if len(train_loader) == 0:
@@ -555,17 +562,19 @@ class BatchTransform:
                 for values in (PIXEL_MEAN_BGR, PIXEL_STD_BGR, LIGHTING_EIGENVALUES, LIGHTING_EIGENVECTORS))
         return self._constants[device]
 
-    def lighting_noise(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """(B, 3) per-image noise V @ (alpha * eigenvalues), alpha ~ N(0, LIGHTING_STD)."""
+    def lighting_noise(self, batch_size: int, device: torch.device, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3) per-image noise V @ (alpha * eigenvalues), alpha ~ N(0, LIGHTING_STD) drawn here unless given (the
+        draws of a teacher cache's views come with their samples)."""
         _, _, eigenvalues, eigenvectors = self._on(device)
-        alpha = torch.randn(batch_size, 3, device=device) * LIGHTING_STD
-        return (alpha * eigenvalues) @ eigenvectors.T
+        if alpha is None:
+            alpha = torch.randn(batch_size, 3, device=device) * LIGHTING_STD
+        return (alpha.to(device) * eigenvalues) @ eigenvectors.T
 
-    def __call__(self, images_uint8: torch.Tensor, train: bool) -> torch.Tensor:
+    def __call__(self, images_uint8: torch.Tensor, train: bool, lighting: torch.Tensor | None = None) -> torch.Tensor:
         mean, std, _, _ = self._on(images_uint8.device)
         images = images_uint8.float().div_(255)
         if self.augment and train:
-            images.add_(self.lighting_noise(images.shape[0], images.device)[:, :, None, None])
+            images.add_(self.lighting_noise(images.shape[0], images.device, lighting)[:, :, None, None])
         images = images.sub_(mean[:, None, None]).div_(std[:, None, None])
         return images.contiguous(memory_format=self.memory_format)
 

@@ -9,6 +9,7 @@ import hashlib
 import math
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -76,6 +77,8 @@ def add_distillation_flags(group):
     add('--teacher_cache', default=None, metavar='DIR',
         help="store the eval-mode teacher's feature of every training image once in DIR (computed before training "
              'if DIR holds none for this run) and train from it: the teacher is not run while training')
+    add('--teacher_cache_views', type=int, default=8,
+        help='with --augment: views of each image stored; epoch e trains on view e mod K as the teacher saw it')
     add('--teacher_cache_rebuild', action='store_true', help='compute the teacher cache again, replacing DIR\'s')
     add('--teacher_cache_dtype', default='float16', choices=('float16', 'float32'),
         help='how the cached features are stored (float32 for exactness checks)')
@@ -116,6 +119,10 @@ def add_run_flags(group):
     add('--export_onnx', default=None, metavar='OUT.onnx',
         help="write --init_weights (or the run's max_acc.pth) as an ONNX serving graph: BGR images in [0, 1] -> "
              'L2-normalised features')
+    add('--quantize', default='none', choices=('none', 'int8'),
+        help='with --export_onnx: an int8 graph for CPU serving (dynamic for Swin, calibrated static for Resnet12)')
+    add('--calibration_root', default=None, help='with --quantize int8 of a Resnet12: the calibration images')
+    add('--calibration_list', default=None, help="a list in the suite's format; up to 256 of its images are used")
     add('--amp', default='none', choices=('none', 'bf16', 'fp16'), help='mixed precision')
     add('--channels_last', action='store_true', help='channels-last memory format (Resnet12)')
     add('--compile', action='store_true', help='torch.compile the student backbone')
@@ -141,9 +148,6 @@ def combination_problems(args, world_size: int) -> list[str]:
         problems.append('--is_distill needs --teacher_init_weights (the teacher file)')
     if args.teacher_cache and not args.is_distill:
         problems.append('--teacher_cache stores the teacher\'s features: add --is_distill and a teacher')
-    if args.teacher_cache and args.augment:
-        problems.append('--teacher_cache stores one view of each image, the one training sees without --augment: '
-                        'drop --augment or --teacher_cache')
     if args.head_fixed and not args.is_distill:
         problems.append("--head_fixed shares the teacher's classifier: add --is_distill and a teacher")
     if len(args.train_root) != len(args.train_list):
@@ -153,6 +157,14 @@ def combination_problems(args, world_size: int) -> list[str]:
         problems.append('training needs --train_root and --train_list (or use --test_only or --export_onnx)')
     if args.export_onnx and args.test_only:
         problems.append('--export_onnx and --test_only are two runs: export first, then test the .onnx file')
+    if args.quantize != 'none' and not args.export_onnx:
+        problems.append('--quantize applies to --export_onnx: give the .onnx path to write')
+    if (args.quantize == 'int8' and models.INT8_METHODS.get(args.backbone_class) == 'static'
+            and not args.calibration_list):
+        problems.append(f'--quantize int8 of a {args.backbone_class} calibrates its activations on real images: give '
+                        "--calibration_root and --calibration_list (a list in the suite's format)")
+    if bool(args.calibration_root) != bool(args.calibration_list):
+        problems.append('give --calibration_root with --calibration_list')
     if args.test_only and not args.test_list:
         problems.append('--test_only needs --test_root and --test_list')
     if bool(args.val_root) != bool(args.val_list) or bool(args.test_root) != bool(args.test_list):
@@ -176,8 +188,8 @@ def path_problems(args) -> list[str]:
                             'that does not exist or is not writable); give the path of the .onnx file to write')
     for names, exists, kind in (
             (('train_list', 'val_list', 'test_list', 'label_map', 'init_weights', 'teacher_init_weights',
-              'test_mask_coarse', 'test_mask_fine'), os.path.isfile, 'file'),
-            (('train_root', 'val_root', 'test_root'), os.path.isdir, 'directory')):
+              'test_mask_coarse', 'test_mask_fine', 'calibration_list'), os.path.isfile, 'file'),
+            (('train_root', 'val_root', 'test_root', 'calibration_root'), os.path.isdir, 'directory')):
         for name in names:
             values = getattr(args, name)
             for path in values if isinstance(values, list) else [values]:
@@ -192,7 +204,8 @@ def number_problems(args) -> list[str]:
     """Counts and rates out of range, an image size the Swin windows do not take, a --step_size the schedule
     cannot use, and a run with nothing to do."""
     problems = [f'--{name} must be at least 1, not {getattr(args, name)}'
-                for name in ('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor')
+                for name in ('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor',
+                             'teacher_cache_views')
                 if getattr(args, name) < 1]
     problems += [f'--{name} must not be negative, not {getattr(args, name)}'
                  for name in ('max_epoch', 'warmup_epoch', 'min_lr', 'weight_decay', 'momentum', 'kd_weight',
@@ -270,7 +283,8 @@ def test_directory(run_dir: str, weights: str, img_size: int) -> str:
 # Settings that change a run's trajectory without naming its directory: a resume with other values is refused.
 TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_size', 'num_classes', 'drop_block',
                     'demo_width_divisor', 'teacher_backbone_class', 'teacher_init_weights', 'teacher_eval',
-                    'init_head_from_teacher', 'label_map', 'train_root', 'train_list', 'teacher_cache_dtype')
+                    'init_head_from_teacher', 'label_map', 'train_root', 'train_list', 'teacher_cache_dtype',
+                    'teacher_cache_views')
 
 
 def main(args):
@@ -367,7 +381,8 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     train_loader, val_loader = helpers.build_training_loaders(
         train_samples, val_samples, val_list=args.val_list, num_classes=distiller.student.head.num_classes,
         img_size=args.img_size, batch_size=args.batch_size, num_workers=args.num_workers, augment=args.augment,
-        seed=args.seed, rank=rank, world_size=world_size, teacher_features=cache.path if cache else None)
+        seed=args.seed, rank=rank, world_size=world_size, teacher_features=cache.path if cache else None,
+        views=teacher_views(args) if cache else 0)
     milestones = step_sizes(args.step_size)
 
     def schedule(epoch_position, epoch):
@@ -398,17 +413,18 @@ def ready_teacher_cache(args, place: trainer.RunPlace, samples) -> checkpoints.T
                 'teacher_file': checkpoints.file_digest([args.teacher_init_weights]),
                 'training_lists': checkpoints.file_digest(args.train_list + [args.label_map]),
                 'train_root': list(args.train_root), 'images': len(samples), 'img_size': args.img_size,
-                'width_divisor': args.demo_width_divisor, 'augment': args.augment, 'views': 1, 'seed': args.seed,
-                'dtype': args.teacher_cache_dtype}
-    cache = checkpoints.TeacherCache(args.teacher_cache, identity, (1, len(samples), models.FEATURE_DIM //
-                                                                    args.demo_width_divisor), args.teacher_cache_dtype)
+                'width_divisor': args.demo_width_divisor, 'augment': args.augment, 'views': teacher_views(args),
+                'seed': args.seed, 'dtype': args.teacher_cache_dtype}
+    shape = (teacher_views(args), len(samples), models.FEATURE_DIM // args.demo_width_divisor)
+    cache = checkpoints.TeacherCache(args.teacher_cache, identity, shape, args.teacher_cache_dtype)
     if place.world_size > 1:
         if place.rank == 0:
             os.makedirs(args.teacher_cache, exist_ok=True)
         checkpoints.check_shared_storage(args.teacher_cache, place.rank, '--teacher_cache')
     teacher = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(place.device)
-    dataset = helpers.ImageDataset(samples, args.img_size, train=True, augment=False, seed=args.seed)
-    transform = helpers.BatchTransform(augment=False)
+    dataset = helpers.ImageDataset(samples, args.img_size, train=True, augment=args.augment, seed=args.seed,
+                                   views=teacher_views(args))
+    transform = helpers.BatchTransform(augment=args.augment)
     if checkpoints.prepare_teacher_cache(cache, rebuild=args.teacher_cache_rebuild, rank=place.rank,
                                          logger=place.logger):
         checkpoints.fill_teacher_cache(cache, teacher, dataset, transform, device=place.device, amp=args.amp,
@@ -420,6 +436,11 @@ def ready_teacher_cache(args, place: trainer.RunPlace, samples) -> checkpoints.T
     place.logger.info(f'teacher cache {cache.path}: the teacher is in eval mode (no stochastic depth), its features '
                       'read from the cache; --teacher_cache_rebuild computes them again')
     return cache
+
+
+def teacher_views(args) -> int:
+    """Views of each image in the teacher cache: --teacher_cache_views with --augment, else the one image."""
+    return args.teacher_cache_views if args.augment else 1
 
 
 def test(args, place: trainer.RunPlace, samples, student_backbone, teacher_backbone):
@@ -449,6 +470,20 @@ def test_only(args, place: trainer.RunPlace, weights: str):
     test(args, place, samples, student_backbone, teacher_backbone)
 
 
+def calibration_batches(args, most: int = 256, batch_size: int = 8) -> list:
+    """Up to `most` images of --calibration_list in the serving graph's input contract (BGR in [0, 1], float32),
+    in batches."""
+    samples = helpers.read_checked_list(args.calibration_root, args.calibration_list, '--calibration_root')[:most]
+    dataset = helpers.ImageDataset(samples, args.img_size, train=False, augment=False)
+    images = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if item['bad']:
+            raise utils.RunError(item['bad'])
+        images.append(item['image'].float().div(255).numpy())
+    return [np.stack(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
+
+
 def backbone_of(args, weights: str, name: str | None = None):
     """The backbone `name` (default: the student's) of a weights file, at this run's image size and widths."""
     return models.load_backbone(name or args.backbone_class, weights, args.img_size, args.demo_width_divisor,
@@ -465,11 +500,21 @@ def weights_to_use(args, run_dir: str) -> str:
 
 
 def export(args, place: trainer.RunPlace, weights: str):
-    """Write `weights` as an ONNX serving graph and say its input contract."""
+    """Write `weights` as an ONNX serving graph (int8 with --quantize) and say its input contract."""
     backbone = backbone_of(args, weights)
-    contract = models.export_onnx(backbone, args.export_onnx, args.img_size, helpers.PIXEL_MEAN_BGR,
-                                  helpers.PIXEL_STD_BGR, description={'backbone': args.backbone_class,
-                                                                      'weights': weights})
+    description = {'backbone': args.backbone_class, 'weights': weights}
+    float_path = args.export_onnx if args.quantize == 'none' else f'{args.export_onnx}.float32.tmp'
+    contract = models.export_onnx(backbone, float_path, args.img_size, helpers.PIXEL_MEAN_BGR,
+                                  helpers.PIXEL_STD_BGR, description=description)
+    if args.quantize == 'int8':
+        method = models.INT8_METHODS[args.backbone_class]
+        batches = calibration_batches(args) if method == 'static' else None
+        if batches:
+            description['calibration'] = f'{sum(len(batch) for batch in batches)} images of {args.calibration_list}'
+        try:
+            contract = models.quantize_onnx(float_path, args.export_onnx, method, batches, description)
+        finally:
+            os.remove(float_path)
     place.logger.info(f'exported {weights} to {args.export_onnx}: ' +
                       '; '.join(f'{key}: {value}' for key, value in contract.items()))
 

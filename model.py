@@ -398,3 +398,48 @@ class OnnxBackbone(nn.Module):
         images = normalised_images.float().cpu() * self.pixel_std.cpu() + self.pixel_mean.cpu()
         features = self.session.run(None, {self.input_name: images.numpy()})[0]
         return torch.from_numpy(features).to(normalised_images.device)
+
+
+# How each backbone is quantized to int8, chosen by measurement (bench/export.py): Swin's work is MatMul, which
+# dynamic quantization covers without calibration; ResNet12's is Conv, which needs calibrated activation ranges.
+INT8_METHODS = {'Swin_tiny': 'dynamic', 'Swin_base': 'dynamic', 'Resnet12': 'static'}
+
+
+def quantize_onnx(float_path: str, int8_path: str, method: str, calibration_batches=None,
+                  description: dict | None = None) -> dict:
+    """Write an int8 copy of an exported serving graph (same input and output contract, metadata kept, with
+    `description` and how it was quantized): `dynamic` (int8 weights of MatMul/Gemm, activations quantized on the
+    fly) or `static` (QDQ, int8 weights per channel, activation ranges calibrated on `calibration_batches`, float32
+    arrays in the graph's input contract). Returns the metadata."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration_batches or [])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {'images': batch}
+
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # the quantizer's advice on pre-processing, once per weight
+    try:
+        if method == 'dynamic':
+            quantize_dynamic(float_path, int8_path, weight_type=QuantType.QInt8)
+        else:
+            quantize_static(float_path, int8_path, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    finally:
+        root.setLevel(level)
+    metadata = {entry.key: entry.value for entry in onnx.load(float_path).metadata_props}
+    metadata.update(description or {}, precision='int8', quantization=method)
+    quantized = onnx.load(int8_path)
+    del quantized.metadata_props[:]
+    for key, value in metadata.items():
+        quantized.metadata_props.add(key=key, value=str(value))
+    onnx.save(quantized, int8_path)
+    return metadata

@@ -315,7 +315,8 @@ def seed_epoch(seed: int, epoch: int, rank: int):
 def training_step(parts: TrainingParts, batch: dict, device: torch.device, amp: str):
     """One optimizer step on a batch: (loss, cross-entropy, distillation term, the step's sums: loss,
     cross-entropy and distillation times the batch size, correct predictions, batch size)."""
-    images = parts.batch_transform(batch['image'].to(device, non_blocking=True), train=True)
+    images = parts.batch_transform(batch['image'].to(device, non_blocking=True), train=True,
+                                   lighting=batch.get('lighting'))
     labels = batch['label'].to(device, non_blocking=True)
     distiller, teacher_features, teacher_logits = parts.distiller, None, None
     with utils.autocast_context(device, amp):

@@ -1,10 +1,14 @@
-"""Images per second of a student served on the CPU: eager PyTorch fp32, PyTorch bf16 autocast, ONNX Runtime fp32.
+"""Images per second of a student served on the CPU: eager PyTorch fp32, PyTorch bf16 autocast, ONNX Runtime fp32,
+and ONNX Runtime int8, quantized both ways (dynamic; static QDQ calibrated on real images), with each int8
+graph's accuracy cost: the mean cosine between its features and fp32's on real images.
 
     python bench/export.py [--img_size 384] [--backbones Swin_tiny Resnet12 Swin_base]
 
-Each backbone (random weights, full width) is exported once, then the three ways run side by side on the same
-images at batch 1 and 8 (median of 5 timed runs after 2 warm-ups each). Last line:
-`ort_speedup_b1=<x> ort_speedup_b8=<y>`: ONNX Runtime against eager fp32, for Swin_tiny.
+Each backbone (random weights, full width) is exported once, then the ways run side by side on the same images at
+batch 1 and 8 (median of 5 timed runs after 2 warm-ups each). The real images are synthetic landmark views
+rendered by demo.py (16 to calibrate, 16 to compare). Last line: `ort_speedup_b1=<x> ort_speedup_b8=<y>
+int8_speedup_b8=<z>`: ONNX Runtime fp32 against eager fp32, and the suite's int8 choice (model.INT8_METHODS)
+against eager fp32 at batch 8, for Swin_tiny.
 """
 import argparse
 import os
@@ -13,9 +17,11 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import demo  # noqa: E402
 import helpers  # noqa: E402
 import model as models  # noqa: E402
 
@@ -31,7 +37,19 @@ def images_per_second(run, images, repeats: int = 5) -> float:
     return images.shape[0] / statistics.median(seconds)
 
 
-def measure(backbone_name: str, img_size: int, directory: str) -> dict:
+def real_images(directory: str, img_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, comparison) batches of 16 rendered landmark views each, in the serving contract."""
+    lists = demo.make_synthetic_landmarks(os.path.join(directory, 'views'), seed=1, num_train_landmarks=8,
+                                          train_views=2, num_test_landmarks=4, test_views=4, image_size=img_size)
+
+    def batch(list_path):
+        samples = helpers.read_eval_samples(lists['root'], list_path)[:16]
+        return np.stack([helpers.decode_eval_image(sample.path, img_size).float().div(255).numpy()
+                         for sample in samples])
+    return batch(lists['train_list']), batch(lists['test_list'])
+
+
+def measure(backbone_name: str, img_size: int, directory: str, calibration, comparison) -> dict:
     import onnxruntime
     torch.manual_seed(0)
     backbone = models.create_backbone(backbone_name, img_size).eval()
@@ -51,14 +69,22 @@ def measure(backbone_name: str, img_size: int, directory: str) -> dict:
     def runtime(images):
         return session.run(None, {'images': images.numpy()})[0]
 
+    ways = {'eager_fp32': eager, 'eager_bf16': bf16, 'ort_fp32': runtime}
+    reference = runtime(torch.from_numpy(comparison))
+    for method in ('dynamic', 'static'):
+        int8_path = os.path.join(directory, f'{backbone_name}-{method}.onnx')
+        models.quantize_onnx(path, int8_path, method, [calibration[:8], calibration[8:]])
+        int8 = onnxruntime.InferenceSession(int8_path, providers=['CPUExecutionProvider'])
+        ways[f'ort_int8_{method}'] = lambda images, int8=int8: int8.run(None, {'images': images.numpy()})[0]
+        cosine = float((ways[f'ort_int8_{method}'](torch.from_numpy(comparison)) * reference).sum(axis=1).mean())
+        print(f'{backbone_name} int8 {method}: mean cosine to fp32 on real images {cosine:.5f}', flush=True)
     figures = {}
     for batch in (1, 8):
         images = torch.rand(batch, 3, img_size, img_size)
-        for name, run in (('eager_fp32', eager), ('eager_bf16', bf16), ('ort_fp32', runtime)):
+        for name, run in ways.items():
             figures[(name, batch)] = images_per_second(run, images)
         print(f'{backbone_name} {img_size} px batch {batch}: ' +
-              ', '.join(f'{name} {figures[(name, batch)]:.2f} img/s' for name in ('eager_fp32', 'eager_bf16',
-                                                                                  'ort_fp32')), flush=True)
+              ', '.join(f'{name} {figures[(name, batch)]:.2f} img/s' for name in ways), flush=True)
     return figures
 
 
@@ -70,12 +96,14 @@ def main():
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads')
     results = {}
     with tempfile.TemporaryDirectory() as directory:
+        calibration, comparison = real_images(directory, args.img_size)
         for name in args.backbones:
-            results[name] = measure(name, args.img_size, directory)
+            results[name] = measure(name, args.img_size, directory, calibration, comparison)
     if 'Swin_tiny' in results:
         tiny = results['Swin_tiny']
+        int8 = f'ort_int8_{models.INT8_METHODS["Swin_tiny"]}'
         print(' '.join(f'ort_speedup_b{batch}={tiny[("ort_fp32", batch)] / tiny[("eager_fp32", batch)]:.2f}'
-                       for batch in (1, 8)))
+                       for batch in (1, 8)) + f' int8_speedup_b8={tiny[(int8, 8)] / tiny[("eager_fp32", 8)]:.2f}')
 
 
 if __name__ == '__main__':

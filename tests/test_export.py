@@ -1,4 +1,5 @@
-"""ONNX export of a student: ONNX Runtime's features equal PyTorch's, --test_only scores an exported file."""
+"""ONNX export of a student: ONNX Runtime's features equal PyTorch's, --test_only scores an exported file; int8."""
+import glob
 import os
 import re
 
@@ -89,3 +90,53 @@ def test_exporting_a_file_of_another_backbone_says_what_it_fits(tmp_path):
     with pytest.raises(SystemExit, match=r'does not fit backbone Swin_tiny'):
         export(tmp_path, 'Swin_tiny', weights)
     assert not os.path.exists(tmp_path / 'Swin_tiny.onnx')
+
+
+def real_images(tiny_data) -> np.ndarray:
+    """The test list's images in the serving contract (BGR in [0, 1], 96 px), decoded independently."""
+    from PIL import Image
+    images = []
+    with open(tiny_data['test'], encoding='utf-8') as handle:
+        for line in handle:
+            rgb = Image.open(os.path.join(tiny_data['root'], line.split('\t')[0])).convert('RGB')
+            pixels = np.asarray(rgb.resize((96, 96), Image.BILINEAR))[:, :, ::-1]
+            images.append(pixels.transpose(2, 0, 1).astype(np.float32) / 255)
+    return np.stack(images)
+
+
+@pytest.mark.parametrize('backbone, method', [('Swin_tiny', 'dynamic'), ('Resnet12', 'static')])
+def test_an_int8_export_keeps_the_features_and_is_scored_like_any_other(tiny_data, tmp_path, backbone, method):
+    weights = student_file(tmp_path, backbone, seed=3)
+    float_path = export(tmp_path, backbone, weights)
+    int8_path = str(tmp_path / f'{backbone}-int8.onnx')
+    run_main(SMALL + ['--backbone_class', backbone, '--init_weights', weights, '--export_onnx', int8_path,
+                      '--quantize', 'int8', '--calibration_root', tiny_data['root'], '--calibration_list',
+                      tiny_data['train'], '--save_dir', str(tmp_path / 'runs')])
+    metadata = {entry.key: entry.value for entry in onnx.load(int8_path).metadata_props}
+    assert metadata['precision'] == 'int8' and metadata['quantization'] == method
+    assert metadata['input'].startswith('images: float32 (batch, 3, 96, 96)') and metadata['backbone'] == backbone
+    if method == 'static':
+        assert metadata['calibration'] == f"24 images of {tiny_data['train']}"
+    images = real_images(tiny_data)
+    features = {path: onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider']).run(
+        None, {'images': images})[0] for path in (float_path, int8_path)}
+    assert os.path.getsize(int8_path) < os.path.getsize(float_path)  # the weights are int8
+    cosines = (features[float_path] * features[int8_path]).sum(axis=1)
+    assert cosines.mean() >= 0.99, cosines
+    run_main(SMALL + ['--backbone_class', backbone, '--test_only', '--init_weights', int8_path, '--test_root',
+                      tiny_data['root'], '--test_list', tiny_data['test'], '--save_dir', str(tmp_path / 'runs')])
+    opened = next((tmp_path / 'runs').glob(f'*/*/test-{backbone}-int8-*/opensetFeat.npy'))
+    # dynamic quantization scales activations per batch: the test's batches of 4 give slightly other features
+    assert (np.load(opened) * features[int8_path]).sum(axis=1).min() > 0.999
+
+
+def test_an_int8_export_of_the_wrong_file_or_without_calibration_is_one_line(tiny_data, tmp_path):
+    weights = student_file(tmp_path, 'Resnet12')
+    with pytest.raises(SystemExit, match=r'^error: .*does not fit backbone Swin_tiny'):
+        run_main(SMALL + ['--backbone_class', 'Swin_tiny', '--init_weights', weights, '--export_onnx',
+                          str(tmp_path / 'out.onnx'), '--quantize', 'int8', '--save_dir', str(tmp_path / 'runs')])
+    with pytest.raises(SystemExit, match=r'^error: --quantize int8 of a Resnet12 calibrates its activations on real '
+                                         r'images: give --calibration_root and --calibration_list'):
+        run_main(SMALL + ['--backbone_class', 'Resnet12', '--init_weights', weights, '--export_onnx',
+                          str(tmp_path / 'out.onnx'), '--quantize', 'int8', '--save_dir', str(tmp_path / 'runs')])
+    assert not os.path.exists(tmp_path / 'out.onnx') and not glob.glob(str(tmp_path / '*.tmp'))

@@ -188,3 +188,28 @@ def test_a_run_from_the_cache_killed_mid_epoch_ends_as_an_uninterrupted_one(tiny
     resumed_dir, = glob.glob(str(resumed / '*' / '*'))
     assert 'resumed from' in open(os.path.join(resumed_dir, 'record.txt'), encoding='utf-8').read()
     assert_same_final_weights(straight_dir, resumed_dir)
+
+
+def test_with_augment_the_student_sees_the_very_image_of_the_stored_view(tiny_data, teachers, tmp_path,
+                                                                          monkeypatch):
+    import trainer
+    seen, step = [], trainer.training_step
+
+    def recording_step(parts, batch, *arguments):
+        images = parts.batch_transform(batch['image'], train=True, lighting=batch.get('lighting'))
+        seen.append((images, batch['teacher_feature'], batch['index'].clone()))
+        return step(parts, batch, *arguments)
+    monkeypatch.setattr(trainer, 'training_step', recording_step)
+    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '3', '--augment',
+                          '--teacher_cache', str(tmp_path / 'cache'), '--teacher_cache_views', '2',
+                          '--teacher_cache_dtype', 'float32'))
+    assert cached_features(tmp_path / 'cache').shape == (2, 24, 128)
+    teacher = models.load_backbone('Resnet12', teachers[0], 96, 8)
+    with torch.no_grad():
+        for images, stored, _ in seen:
+            torch.testing.assert_close(teacher(images), stored, atol=1e-5, rtol=1e-5)
+    # epochs 1 and 3 train on view 1, epoch 2 on view 0: other crops of the same images
+    first, second, third = ({int(index): image for images, _, indices in seen[epoch * 6:(epoch + 1) * 6]
+                             for index, image in zip(indices, images)} for epoch in range(3))
+    assert all(torch.equal(first[index], third[index]) for index in first)
+    assert not all(torch.equal(first[index], second[index]) for index in first)
