@@ -516,16 +516,18 @@ class TeacherCache:
 
 def prepare_teacher_cache(cache: TeacherCache, *, rebuild: bool, rank: int, logger) -> bool:
     """Check the cache directory and make it ready to fill; whether rows remain to compute (the same on every
-    process). A cache of another run stops in one line naming what differs; a damaged one is set up again."""
+    process). A cache of another run stops in one line naming what differs (`rebuild` replaces it; a cache of
+    this run is kept, so that a relaunched command does not compute it again); a damaged one is set up again."""
     problems, decision = [], []
     if rank == 0:
         manifest = cache.manifest()
-        if manifest is not None and not rebuild and cache.differences(manifest):
+        foreign = manifest is not None and cache.differences(manifest)
+        if foreign and not rebuild:
             problems.append(f'{cache.directory} holds the teacher cache of another run: '
                             f'{"; ".join(cache.differences(manifest))}; give another --teacher_cache directory, '
                             'or --teacher_cache_rebuild to replace it')
-        elif manifest is None or rebuild or cache.damage(manifest):
-            if manifest is not None and not rebuild:
+        elif manifest is None or foreign or cache.damage(manifest):
+            if manifest is not None and not foreign:
                 logger.info(f'teacher cache damaged: {cache.damage(manifest)}; computing it again')
             size = int(np.prod(cache.shape)) * np.dtype(cache.dtype).itemsize
             os.makedirs(cache.directory, exist_ok=True)

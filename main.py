@@ -9,7 +9,6 @@ import hashlib
 import math
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -79,7 +78,8 @@ def add_distillation_flags(group):
              'if DIR holds none for this run) and train from it: the teacher is not run while training')
     add('--teacher_cache_views', type=int, default=8,
         help='with --augment: views of each image stored; epoch e trains on view e mod K as the teacher saw it')
-    add('--teacher_cache_rebuild', action='store_true', help='compute the teacher cache again, replacing DIR\'s')
+    add('--teacher_cache_rebuild', action='store_true',
+        help="replace a cache in DIR that was built for another teacher, list, size, seed or view count")
     add('--teacher_cache_dtype', default='float16', choices=('float16', 'float32'),
         help='how the cached features are stored (float32 for exactness checks)')
 
@@ -120,8 +120,8 @@ def add_run_flags(group):
         help="write --init_weights (or the run's max_acc.pth) as an ONNX serving graph: BGR images in [0, 1] -> "
              'L2-normalised features')
     add('--quantize', default='none', choices=('none', 'int8'),
-        help='with --export_onnx: an int8 graph for CPU serving (dynamic for Swin, calibrated static for Resnet12)')
-    add('--calibration_root', default=None, help='with --quantize int8 of a Resnet12: the calibration images')
+        help='with --export_onnx: an int8 graph for CPU serving, its activations calibrated on --calibration_list')
+    add('--calibration_root', default=None, help='with --quantize int8: the calibration images')
     add('--calibration_list', default=None, help="a list in the suite's format; up to 256 of its images are used")
     add('--amp', default='none', choices=('none', 'bf16', 'fp16'), help='mixed precision')
     add('--channels_last', action='store_true', help='channels-last memory format (Resnet12)')
@@ -434,7 +434,7 @@ def ready_teacher_cache(args, place: trainer.RunPlace, samples) -> checkpoints.T
     checkpoints.check_teacher_cache(cache, teacher, dataset, transform, device=place.device, amp=args.amp,
                                     seed=args.seed)
     place.logger.info(f'teacher cache {cache.path}: the teacher is in eval mode (no stochastic depth), its features '
-                      'read from the cache; --teacher_cache_rebuild computes them again')
+                      'read from the cache')
     return cache
 
 
@@ -470,9 +470,9 @@ def test_only(args, place: trainer.RunPlace, weights: str):
     test(args, place, samples, student_backbone, teacher_backbone)
 
 
-def calibration_batches(args, most: int = 256, batch_size: int = 8) -> list:
+def calibration_batches(args, most: int = 256) -> list:
     """Up to `most` images of --calibration_list in the serving graph's input contract (BGR in [0, 1], float32),
-    in batches."""
+    one a batch: calibration holds every intermediate tensor of a batch at once."""
     samples = helpers.read_checked_list(args.calibration_root, args.calibration_list, '--calibration_root')[:most]
     dataset = helpers.ImageDataset(samples, args.img_size, train=False, augment=False)
     images = []
@@ -481,7 +481,7 @@ def calibration_batches(args, most: int = 256, batch_size: int = 8) -> list:
         if item['bad']:
             raise utils.RunError(item['bad'])
         images.append(item['image'].float().div(255).numpy())
-    return [np.stack(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
+    return [image[None] for image in images]
 
 
 def backbone_of(args, weights: str, name: str | None = None):

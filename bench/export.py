@@ -6,7 +6,7 @@ graph's accuracy cost: the mean cosine between its features and fp32's on real i
 
 Each backbone (random weights, full width) is exported once, then the ways run side by side on the same images at
 batch 1 and 8 (median of 5 timed runs after 2 warm-ups each). The real images are synthetic landmark views
-rendered by demo.py (16 to calibrate, 16 to compare). Last line: `ort_speedup_b1=<x> ort_speedup_b8=<y>
+rendered by demo.py (4 to calibrate, 16 to compare). Last line: `ort_speedup_b1=<x> ort_speedup_b8=<y>
 int8_speedup_b8=<z>`: ONNX Runtime fp32 against eager fp32, and the suite's int8 choice (model.INT8_METHODS)
 against eager fp32 at batch 8, for Swin_tiny.
 """
@@ -73,7 +73,9 @@ def measure(backbone_name: str, img_size: int, directory: str, calibration, comp
     reference = runtime(torch.from_numpy(comparison))
     for method in ('dynamic', 'static'):
         int8_path = os.path.join(directory, f'{backbone_name}-{method}.onnx')
-        models.quantize_onnx(path, int8_path, method, [calibration[:8], calibration[8:]])
+        # batches of one image: calibration keeps every intermediate tensor of a batch (16 Swin images at 384 px
+        # took more than 24 GB)
+        models.quantize_onnx(path, int8_path, method, [image[None] for image in calibration[:4]])
         int8 = onnxruntime.InferenceSession(int8_path, providers=['CPUExecutionProvider'])
         ways[f'ort_int8_{method}'] = lambda images, int8=int8: int8.run(None, {'images': images.numpy()})[0]
         cosine = float((ways[f'ort_int8_{method}'](torch.from_numpy(comparison)) * reference).sum(axis=1).mean())
