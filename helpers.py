@@ -140,13 +140,17 @@ def read_train_samples(roots: list[str], lists: list[str], label_map: str | None
         raise utils.RunError(f"got {len(roots)} train roots but {len(lists)} train lists; "
                              f"give one --train_root per --train_list, in the same order")
     final_label_of = load_label_map(label_map) if label_map else {}
-    samples = []
+    samples, notes = [], {}  # one note a distinct label, shared by its images: millions of lines, few labels
     offset = 0
     for root, list_path in zip(roots, lists):
         entries = read_list_file(list_path)
         for relative_path, label, _, origin in entries:
             final_label = final_label_of.get(label + offset, label + offset)
-            note = _label_note(label, offset, final_label, label_map if label + offset in final_label_of else None)
+            mapped = label + offset in final_label_of
+            note = notes.get((label, offset, mapped))
+            if note is None:
+                note = notes[label, offset, mapped] = _label_note(label, offset, final_label,
+                                                                  label_map if mapped else None)
             samples.append(Sample(os.path.join(root, relative_path), final_label, final_label, origin, note))
         offset += len({label for _, label, _, _ in entries})
     if not samples:
