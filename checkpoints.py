@@ -521,14 +521,14 @@ def prepare_teacher_cache(cache: TeacherCache, *, rebuild: bool, rank: int, logg
     problems, decision = [], []
     if rank == 0:
         manifest = cache.manifest()
-        foreign = manifest is not None and cache.differences(manifest)
+        foreign = cache.differences(manifest) if manifest is not None else []
+        damage = cache.damage(manifest) if manifest is not None and not foreign else None  # reads the whole file
         if foreign and not rebuild:
-            problems.append(f'{cache.directory} holds the teacher cache of another run: '
-                            f'{"; ".join(cache.differences(manifest))}; give another --teacher_cache directory, '
-                            'or --teacher_cache_rebuild to replace it')
-        elif manifest is None or foreign or cache.damage(manifest):
-            if manifest is not None and not foreign:
-                logger.info(f'teacher cache damaged: {cache.damage(manifest)}; computing it again')
+            problems.append(f'{cache.directory} holds the teacher cache of another run: {"; ".join(foreign)}; give '
+                            'another --teacher_cache directory, or --teacher_cache_rebuild to replace it')
+        elif manifest is None or foreign or damage:
+            if damage:
+                logger.info(f'teacher cache damaged: {damage}; computing it again')
             size = int(np.prod(cache.shape)) * np.dtype(cache.dtype).itemsize
             os.makedirs(cache.directory, exist_ok=True)
             free = shutil.disk_usage(cache.directory).free
