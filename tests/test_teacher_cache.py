@@ -213,3 +213,17 @@ def test_with_augment_the_student_sees_the_very_image_of_the_stored_view(tiny_da
                              for index, image in zip(indices, images)} for epoch in range(3))
     assert all(torch.equal(first[index], third[index]) for index in first)
     assert not all(torch.equal(first[index], second[index]) for index in first)
+
+
+def test_a_disk_too_small_for_the_cache_stops_before_any_work(tiny_data, teachers, tmp_path, monkeypatch):
+    cache = tmp_path / 'cache'
+    # 24 training images x 1 view x 128 float16 values (width divisor 8) = 6 KiB: 1 KiB free cannot hold it
+    monkeypatch.setattr(checkpoints.shutil, 'disk_usage', lambda path: checkpoints.shutil._ntuple_diskusage(
+        10 ** 9, 10 ** 9 - 1024, 1024))
+    with pytest.raises(SystemExit) as stopped:
+        run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
+                              str(cache)))
+    message = str(stopped.value.code)
+    assert len(message.splitlines()) == 1
+    assert re.search(re.escape(f'{cache} has 0.0 GB free, too little for the teacher cache (0.00 GB)'), message)
+    assert not os.path.exists(cache / 'features.npy')
