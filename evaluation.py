@@ -1,6 +1,8 @@
 """Everything that scores features: the original's TAR at FAR over all pairs of a test list, nearest-neighbour
 accuracy, the ROC plot, feature extraction, and the test report of a run (student, teacher, and the student's
 queries against the teacher's gallery)."""
+import functools
+import hashlib
 import math
 import os
 from collections.abc import Mapping
@@ -713,6 +715,152 @@ def global_average_precision(predictions, solution):
             correct += 1
             gap += correct / i
     return gap / num_expected
+
+
+# --------------------------------------------------------------------------------- the field's benchmarks, scored
+BENCHMARK_TILE_ROWS = 16384  # database rows scored at once: 1,129 GLDv2 queries x 16,384 rows is 74 MB of scores
+
+
+def _unit_rows(rows, device) -> torch.Tensor:
+    """Unit float32 rows on `device` of a tensor or of an array (a memory-mapped one read into memory)."""
+    rows = rows.float() if isinstance(rows, torch.Tensor) else torch.from_numpy(np.array(rows, dtype=np.float32))
+    return functional.normalize(rows.to(device), dim=1)
+
+
+def ranked_database(queries, database, device=None, queries_at_once: int = 16) -> np.ndarray:
+    """(database x queries) database indices, best cosine first (ties: the smaller index first), as revisitop's
+    `ranks`; a few queries at a time, so that only (queries_at_once x database) scores are ever held."""
+    device = torch.device(device) if device is not None else default_device()
+    database = _unit_rows(database, device)
+    queries = _unit_rows(queries, device)
+    ranks = np.empty((database.shape[0], queries.shape[0]), dtype=np.int64)
+    for first in range(0, queries.shape[0], queries_at_once):
+        scores = queries[first:first + queries_at_once] @ database.T
+        ranks[:, first:first + queries_at_once] = scores.sort(dim=1, descending=True, stable=True).indices.T.cpu()
+    return ranks
+
+
+def top_k_neighbours(queries, database, k: int = 100, device=None, tile_rows: int = BENCHMARK_TILE_ROWS):
+    """(indices, cosines), each (queries x k), of every query's k best database rows, best first. `database` is read
+    `tile_rows` rows at a time (an array, a memory-mapped .npy or a tensor) and a running top-k kept: the full score
+    matrix is never held."""
+    device = torch.device(device) if device is not None else default_device()
+    queries = _unit_rows(queries, device)
+    best_scores = torch.empty(queries.shape[0], 0, device=device)
+    best_indices = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=device)
+    for first in range(0, len(database), tile_rows):
+        scores = queries @ _unit_rows(database[first:first + tile_rows], device).T
+        tile_best = scores.topk(min(k, scores.shape[1]), dim=1)  # the tile's own best first: small to merge
+        candidates = torch.cat([best_scores, tile_best.values], dim=1)
+        best_scores, order = candidates.topk(min(k, candidates.shape[1]), dim=1)
+        best_indices = torch.cat([best_indices, tile_best.indices + first], dim=1).gather(1, order)
+    return best_indices.cpu().numpy(), best_scores.cpu().numpy()
+
+
+def revisitop_figures(queries, database, gnd, device=None) -> dict:
+    """{protocol: {'map', 'mp_at'}} of revisitop_map for the features' ranking (mP at 1, 5 and 10)."""
+    results = revisitop_map(ranked_database(queries, database, device), gnd)
+    return {protocol: {'map': figures['map'], 'mp_at': figures['mp_at'].tolist()}
+            for protocol, figures in results.items()}
+
+
+def gldv2_figures(queries, database, images, device=None) -> dict:
+    """GLDv2 retrieval mAP@100 of the features' 100 best index images: {'private', 'public', 'all'}."""
+    best, _ = top_k_neighbours(queries, database, k=100, device=device)
+    predictions = {query: [images.database_ids[index] for index in row]
+                   for query, row in zip(images.query_ids, best.tolist())}
+    figures = {'all': gldv2_map_at_k(predictions, images.solution)}
+    for usage in ('Private', 'Public'):
+        part = {query: truth for query, truth in images.solution.items() if images.usage[query] == usage}
+        figures[usage.lower()] = gldv2_map_at_k(predictions, part) if part else math.nan
+    return figures
+
+
+def benchmark_report(images, student: tuple, teacher: tuple | None = None, device=None) -> dict:
+    """The figures of `images` (a helpers.BenchmarkImages) for the student's (query, database) features, and with
+    the teacher's, for the teacher and for the student's queries against the teacher's database ('cross')."""
+    models = {'student': student}
+    if teacher is not None:
+        models.update(teacher=teacher, cross=(student[0], teacher[1]))
+    if images.gnd is not None:
+        return {name: revisitop_figures(queries, database, images.gnd, device)
+                for name, (queries, database) in models.items()}
+    return {name: gldv2_figures(queries, database, images, device) for name, (queries, database) in models.items()}
+
+
+def benchmark_lines(name: str, report: dict) -> list[str]:
+    """record.txt's lines of a benchmark report, in percent as the field prints them."""
+    lines = []
+    for model, figures in report.items():
+        if 'all' in figures:
+            lines.append(f'{name} {model}: mAP@100 private {100 * figures["private"]:.2f}, public '
+                         f'{100 * figures["public"]:.2f}, all {100 * figures["all"]:.2f}')
+            continue
+        maps = ', '.join(f'{protocol[0].upper()} {100 * figures[protocol]["map"]:.2f}' for protocol in _PROTOCOLS)
+        precisions = ', '.join(f'{protocol[0].upper()} ' + '/'.join(f'{100 * value:.2f}' for value in
+                                                                    figures[protocol]['mp_at'])
+                               for protocol in _PROTOCOLS)
+        lines.append(f'{name} {model}: mAP {maps}; mP@1/5/10 {precisions}')
+    return lines
+
+
+def saved_features(path: str, count: int, extract, rank: int, logger):
+    """The (count x d) features saved at `path` by an earlier run (on rank 0; None elsewhere), or `extract()`'s on
+    every process, saved at `path` by rank 0 for the next run. Every process takes the same branch."""
+    reuse = utils.gather_objects(rank == 0 and _whole_features(path, count))[0]
+    if reuse:
+        logger.info(f'features read from {path} (saved by an earlier run)')
+        return np.load(path, mmap_mode='r') if rank == 0 else None
+    features = extract()
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        utils.write_atomically(path, lambda file: np.save(file, features.numpy().astype(np.float32)))
+    return features
+
+
+def run_benchmark(images, backbones: dict, model_keys: dict, *, feature_dir: str, img_size: int, batch_size: int,
+                  num_workers: int, device: torch.device, amp: str, rank: int, world_size: int, logger):
+    """Score `backbones` ({'student': ..., optionally 'teacher': ...}) on a benchmark's images: the features of its
+    queries and database (saved in `feature_dir` under a name made of the model's key in `model_keys` and the
+    images, so that a rerun or another test of the same model reads them instead), then on rank 0 the report in
+    record.txt and results.json (under the benchmark's name)."""
+    features = {}
+    for model, backbone in backbones.items():
+        parts = []
+        for part, samples in (('queries', images.queries), ('database', images.database)):
+            loader = helpers.build_test_loader(samples, img_size, batch_size, num_workers, rank=rank,
+                                               world_size=world_size)
+            extract = functools.partial(_features, backbone, loader, device, amp, rank, logger)
+            path = _feature_path(feature_dir, f'{images.name}-{part}', model_keys[model], samples)
+            parts.append(saved_features(path, len(samples), extract, rank, logger))
+        features[model] = tuple(parts)
+    if rank != 0:
+        return
+    report = benchmark_report(images, features['student'], features.get('teacher'), device)
+    for line in benchmark_lines(images.name, report):
+        logger.info(line)
+    logger.result(images.name, report)
+
+
+def _feature_path(feature_dir: str, name: str, model_key: str, samples) -> str:
+    """`feature_dir/<name>-<digest of the model's key and the images' paths and boxes>.npy`."""
+    identity = '\n'.join([model_key] + [f'{sample.path} {sample.box}' for sample in samples])
+    return os.path.join(feature_dir, f'{name}-{hashlib.sha1(identity.encode()).hexdigest()[:16]}.npy')
+
+
+def _features(backbone, loader, device: torch.device, amp: str, rank: int, logger) -> torch.Tensor:
+    features, truncated = extract_features(backbone, loader, helpers.BatchTransform(augment=False), device, amp,
+                                           total=len(loader.dataset), show_progress=rank == 0)
+    helpers.report_truncated(truncated, logger)
+    return features
+
+
+def _whole_features(path: str, count: int) -> bool:
+    try:
+        features = np.load(path, mmap_mode='r')
+    except (OSError, ValueError):
+        return False
+    return features.ndim == 2 and features.shape[0] == count and features.dtype == np.float32
 
 
 # ------------------------------------------------------------------------------------------- the test of a run

@@ -1,6 +1,7 @@
 """Data (file lists, images, data sets, loaders, batch transforms) and the construction of the models and optimizer."""
 import contextlib
 import copy
+import csv
 import itertools
 import os
 import signal
@@ -53,6 +54,7 @@ class Sample:
     fine_label: int
     origin: str = ''
     label_note: str = ''
+    box: tuple[float, float, float, float] | None = None  # a benchmark query's region (left, top, right, bottom)
 
 
 @contextlib.contextmanager
@@ -240,10 +242,12 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == 'RGB' else image.convert('RGB')
 
 
-def decode_eval_image(path: str, img_size: int) -> torch.Tensor:
-    """Full decode, RGB, bilinear (antialiased) resize to img_size x img_size, as uint8 BGR."""
+def decode_eval_image(path: str, img_size: int, box=None) -> torch.Tensor:
+    """Full decode, RGB, cropped to `box` (left, top, right, bottom) when one is given, bilinear (antialiased) resize
+    to img_size x img_size, as uint8 BGR."""
     with Image.open(path) as image:
-        resized = _rgb(image).resize((img_size, img_size), Image.Resampling.BILINEAR)
+        rgb = _rgb(image)
+        resized = (rgb.crop(box) if box else rgb).resize((img_size, img_size), Image.Resampling.BILINEAR)
     return _bgr_tensor(resized)
 
 
@@ -273,17 +277,19 @@ def decode_train_crop(path: str, img_size: int) -> torch.Tensor:
     return _bgr_tensor(crop)
 
 
-def decode_image(path: str, img_size: int, augment: bool) -> tuple[torch.Tensor, bool]:
-    """(uint8 BGR image: a random resized crop and flip with `augment`, else the evaluation resize; whether the file
-    was truncated and decoded with its missing part filled in, as the original's PIL LOAD_TRUNCATED_IMAGES did)."""
-    decode = decode_train_crop if augment else decode_eval_image
+def decode_image(path: str, img_size: int, augment: bool, box=None) -> tuple[torch.Tensor, bool]:
+    """(uint8 BGR image: a random resized crop and flip with `augment`, else the evaluation resize of the image or of
+    its `box`; whether the file was truncated and decoded with its missing part filled in, as the original's PIL
+    LOAD_TRUNCATED_IMAGES did)."""
+    def decode():
+        return decode_train_crop(path, img_size) if augment else decode_eval_image(path, img_size, box)
     try:
-        return decode(path, img_size), False
+        return decode(), False
     except FileNotFoundError:
         raise
     except OSError:
         with _truncated_images_allowed():
-            return decode(path, img_size), True
+            return decode(), True
 
 
 def image_problem(path: str, error: BaseException) -> str:
@@ -339,6 +345,7 @@ class ImageDataset(Dataset):
         self.origins = PackedStrings([sample.origin for sample in samples])
         self.labels = np.array([sample.label for sample in samples], dtype=np.int64)
         self.fine_labels = np.array([sample.fine_label for sample in samples], dtype=np.int64)
+        self.boxes = {index: sample.box for index, sample in enumerate(samples) if sample.box}
         self.img_size = img_size
         self.train = train
         self.augment = augment and train
@@ -366,7 +373,8 @@ class ImageDataset(Dataset):
         if not self.train:
             path = self.paths[index]
             try:
-                return self._item(index, *decode_image(path, self.img_size, self.augment), '')
+                image, truncated = decode_image(path, self.img_size, self.augment, self.boxes.get(index))
+                return self._item(index, image, truncated, '')
             except IMAGE_READ_ERRORS as error:
                 blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
                 problem = (f"{path}: {image_problem(path, error)} ({self.origins[index]}); fix the file or remove it "
@@ -487,10 +495,152 @@ def read_checked_list(root: str | None, list_path: str | None, root_flag: str, *
     if not list_path:
         return []
     samples = read_eval_samples(root, list_path)
+    check_images_exist(samples, root_flag, rank, world_size)
+    return samples
+
+
+def check_images_exist(samples, root_flag: str, rank: int, world_size: int):
+    """Stop every process, naming the first missing image, unless each process finds its contiguous part's images."""
     shard = ContiguousShardSampler(len(samples), rank, world_size)
     problem = missing_image_problem(samples[shard.start:shard.end], root_flag)
     utils.stop_if_any_process_failed([problem] if problem else [])
-    return samples
+
+
+# ------------------------------------------------------------------------------- the field's benchmarks' images
+REVISITOP_SETS = ('roxford5k', 'rparis6k')
+
+
+@dataclass
+class BenchmarkImages:
+    """A retrieval benchmark's query and database images, and what scores a ranking of them: revisitop's `gnd` (per
+    query its 'easy', 'hard' and 'junk' database indices), or GLDv2's `solution` (query id -> index ids) with each
+    query's `usage` ('Private' or 'Public') and the ids of the queries and of the database (index) images."""
+    name: str
+    queries: list[Sample]
+    database: list[Sample]
+    gnd: list[dict] | None = None
+    solution: dict | None = None
+    usage: dict | None = None
+    query_ids: list[str] | None = None
+    database_ids: list[str] | None = None
+
+
+def read_revisitop(root: str, name: str, distractors: list[str] | None = None) -> BenchmarkImages:
+    """Revisited Oxford or Paris as revisitop lays it out: `root/gnd_<name>.pkl` (read as plain data only) and
+    `root/jpg/<image>.jpg`; queries are cropped to their bbx; `distractors` (ROOT, LIST) adds database images."""
+    path = os.path.join(root, f'gnd_{name}.pkl')
+    if not os.path.isfile(path):
+        raise utils.RunError(f'{path}: no such file; --benchmark_root must hold gnd_{name}.pkl and jpg/, as revisitop '
+                             'lays them out')
+    try:
+        content = utils.load_plain_data(path)
+    except Exception as error:  # noqa: BLE001 - whatever a damaged or foreign pickle raises, the file is named
+        raise utils.RunError(f'{path}: not a revisitop ground-truth file ({error}); download gnd_{name}.pkl '
+                             'again') from None
+    images, query_images, gnd = _revisitop_fields(path, content)
+    database = [Sample(os.path.join(root, 'jpg', f'{image}.jpg'), 0, 0, f"{path}: imlist[{index}] '{image}'")
+                for index, image in enumerate(images)]
+    queries = [Sample(os.path.join(root, 'jpg', f'{image}.jpg'), 0, 0, f"{path}: qimlist[{index}] '{image}'",
+                      box=_query_box(path, index, entry.get('bbx')))
+               for index, (image, entry) in enumerate(zip(query_images, gnd))]
+    if distractors:
+        database += read_image_paths(*distractors)
+    ground_truth = [{key: [int(value) for value in np.asarray(entry[key]).reshape(-1)]
+                     for key in ('easy', 'hard', 'junk')} for entry in gnd]
+    for index, entry in enumerate(ground_truth):
+        outside = [value for values in entry.values() for value in values if not 0 <= value < len(images)]
+        if outside:
+            raise utils.RunError(f'{path}: gnd[{index}] names database image {outside[0]}, outside imlist '
+                                 f'({len(images)} images); download gnd_{name}.pkl again')
+    return BenchmarkImages(name, queries, database, gnd=ground_truth)
+
+
+def _revisitop_fields(path: str, content) -> tuple[list[str], list[str], list[dict]]:
+    """(imlist, qimlist, gnd) of a loaded revisitop file, each checked for its shape."""
+    fields = content if isinstance(content, dict) else {}
+    images, query_images, gnd = fields.get('imlist'), fields.get('qimlist'), fields.get('gnd')
+    if not all(isinstance(value, (list, tuple)) for value in (images, query_images, gnd)):
+        raise utils.RunError(f"{path}: not a revisitop ground-truth file (a dict with lists 'imlist', 'qimlist' and "
+                             "'gnd' expected)")
+    if len(gnd) != len(query_images):
+        raise utils.RunError(f'{path}: {len(query_images)} queries in qimlist but {len(gnd)} gnd entries')
+    for index, entry in enumerate(gnd):
+        if not isinstance(entry, dict) or any(key not in entry for key in ('bbx', 'easy', 'hard', 'junk')):
+            raise utils.RunError(f"{path}: gnd[{index}] is not a dict with 'bbx', 'easy', 'hard' and 'junk'")
+    return [str(image) for image in images], [str(image) for image in query_images], list(gnd)
+
+
+def _query_box(path: str, index: int, bbx) -> tuple[float, float, float, float]:
+    """A query's bbx as (left, top, right, bottom), refused unless it is four numbers enclosing an area."""
+    try:
+        left, top, right, bottom = (float(value) for value in np.asarray(bbx, dtype=np.float64).reshape(-1))
+    except (TypeError, ValueError):
+        raise utils.RunError(f'{path}: gnd[{index}] bbx {bbx!r} is not four numbers (left, top, right, '
+                             'bottom)') from None
+    if not (right > left and bottom > top):
+        raise utils.RunError(f'{path}: gnd[{index}] bbx {bbx!r} encloses no area')
+    return left, top, right, bottom
+
+
+def read_image_paths(root: str, list_path: str) -> list[Sample]:
+    """The images of a list of paths relative to `root`, one a line (its first tab- or space-separated field)."""
+    with open(list_path, encoding='utf-8-sig') as handle:
+        lines = [(number, line.split()[0]) for number, line in enumerate(handle, start=1) if line.strip()]
+    return [Sample(os.path.join(root, relative), 0, 0, f'{list_path}:{number}') for number, relative in lines]
+
+
+def read_gldv2(root: str) -> BenchmarkImages:
+    """Google Landmarks v2 retrieval in its own layout: `index.csv`, `test.csv` and `retrieval_solution_v2.1.csv`
+    (`id,images,Usage`), images at `index/a/b/c/<id>.jpg` and `test/a/b/c/<id>.jpg`. The queries are the
+    solution's Private and Public rows (its Ignored rows have no ground truth)."""
+    index_ids = _csv_column(os.path.join(root, 'index.csv'), 'id')
+    test_ids = set(_csv_column(os.path.join(root, 'test.csv'), 'id'))
+    known_index = set(index_ids)
+    solution_path = os.path.join(root, 'retrieval_solution_v2.1.csv')
+    solution, usage = {}, {}
+    for line, row in _csv_rows(solution_path, ('id', 'images', 'Usage')):
+        if row['Usage'] == 'Ignored':
+            continue
+        images = row['images'].split()
+        problem = _solution_problem(row, images, test_ids, known_index)
+        if problem:
+            raise utils.RunError(f'{solution_path}:{line}: {problem}; download the GLDv2 files again')
+        solution[row['id']], usage[row['id']] = images, row['Usage']
+
+    def sample(part, image_id, origin):
+        return Sample(os.path.join(root, part, *image_id[:3], f'{image_id}.jpg'), 0, 0, origin)
+    queries = [sample('test', query, f'{solution_path}: query {query}') for query in solution]
+    database = [sample('index', image, f'index.csv: {image}') for image in index_ids]
+    return BenchmarkImages('gldv2', queries, database, solution=solution, usage=usage, query_ids=list(solution),
+                           database_ids=index_ids)
+
+
+def _solution_problem(row: dict, images: list[str], test_ids: set, index_ids: set) -> str | None:
+    """What is wrong with a Private or Public row of the retrieval solution, or None."""
+    if row['id'] not in test_ids:
+        return f"its query {row['id']} is not in test.csv"
+    if row['Usage'] not in ('Private', 'Public'):
+        return f"Usage {row['Usage']!r} is not Private, Public or Ignored"
+    if not images or images == ['None']:
+        return 'no ground-truth image'
+    return next((f'index image {image} is not in index.csv' for image in images if image not in index_ids), None)
+
+
+def _csv_rows(path: str, columns: tuple[str, ...]):
+    """(line number, row dict) of a CSV file with a header naming at least `columns`."""
+    if not os.path.isfile(path):
+        raise utils.RunError(f'{path}: no such file; --benchmark_root must hold the GLDv2 csv files')
+    with open(path, encoding='utf-8-sig', newline='') as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in columns if column not in (reader.fieldnames or ())]
+        if missing:
+            raise utils.RunError(f'{path}: no column {missing[0]!r} in its header {reader.fieldnames}')
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _csv_column(path: str, column: str) -> list[str]:
+    return [row[column] for _, row in _csv_rows(path, (column,))]
 
 
 def build_training_loaders(train_samples, val_samples, *, val_list: str | None, num_classes: int, img_size: int,

@@ -97,6 +97,13 @@ def add_data_flags(group):
     add('--test_list', default=None, help='open-set list: path, name, coarse label[, fine label]')
     add('--test_mask_coarse', default=None, help="the original's upper-triangle pair mask (.npy)")
     add('--test_mask_fine', default=None)
+    add('--benchmark', default=None, choices=helpers.REVISITOP_SETS + ('gldv2',),
+        help='with --test_only: score on a retrieval benchmark instead of --test_list')
+    add('--benchmark_root', default=None, metavar='DIR',
+        help="the benchmark's files as it lays them out: gnd_<name>.pkl and jpg/ (roxford5k, rparis6k), or "
+             'index.csv, test.csv, retrieval_solution_v2.1.csv, index/ and test/ (gldv2)')
+    add('--benchmark_distractors', nargs=2, default=None, metavar=('ROOT', 'LIST'),
+        help='roxford5k, rparis6k: extra database images (the 1M distractors), LIST one path under ROOT a line')
     add('--augment', action='store_true', help='random resized crop, flip and PCA lighting')
     add('--num_workers', type=int, default=8, help='data loading processes per training process')
     add('--max_bad_images', type=float, default=0.01, help='fraction of an epoch that may be unreadable')
@@ -165,8 +172,9 @@ def combination_problems(args, world_size: int) -> list[str]:
                         "--calibration_root and --calibration_list (a list in the suite's format)")
     if bool(args.calibration_root) != bool(args.calibration_list):
         problems.append('give --calibration_root with --calibration_list')
-    if args.test_only and not args.test_list:
-        problems.append('--test_only needs --test_root and --test_list')
+    if args.test_only and not args.test_list and not args.benchmark:
+        problems.append('--test_only needs --test_root and --test_list, or a --benchmark')
+    problems += benchmark_combination_problems(args)
     if bool(args.val_root) != bool(args.val_list) or bool(args.test_root) != bool(args.test_list):
         problems.append('give --val_root with --val_list and --test_root with --test_list')
     if args.init_weights and args.init_weights.endswith('.onnx') and not args.test_only:
@@ -175,6 +183,23 @@ def combination_problems(args, world_size: int) -> list[str]:
     if not args.test_only and not args.export_onnx and args.warmup_epoch > args.max_epoch > 0:
         problems.append(f'--warmup_epoch {args.warmup_epoch} is longer than --max_epoch {args.max_epoch}: the rate '
                         'would never reach --lr; give a --warmup_epoch of at most --max_epoch')
+    return problems
+
+
+def benchmark_combination_problems(args) -> list[str]:
+    """--benchmark and its companions."""
+    if not args.benchmark:
+        given = [flag for flag in ('benchmark_root', 'benchmark_distractors') if getattr(args, flag)]
+        return [f'--{given[0]} goes with --benchmark: name the benchmark'] if given else []
+    problems = []
+    if not args.test_only:
+        problems.append(f'--benchmark {args.benchmark} scores a model: add --test_only (and --init_weights)')
+    if args.test_list:
+        problems.append(f'--benchmark {args.benchmark} and --test_list are two tests: run them one at a time')
+    if not args.benchmark_root:
+        problems.append(f'--benchmark {args.benchmark} needs --benchmark_root, the directory of its files')
+    if args.benchmark_distractors and args.benchmark not in helpers.REVISITOP_SETS:
+        problems.append('--benchmark_distractors adds database images to roxford5k or rparis6k only')
     return problems
 
 
@@ -189,7 +214,8 @@ def path_problems(args) -> list[str]:
     for names, exists, kind in (
             (('train_list', 'val_list', 'test_list', 'label_map', 'init_weights', 'teacher_init_weights',
               'test_mask_coarse', 'test_mask_fine', 'calibration_list'), os.path.isfile, 'file'),
-            (('train_root', 'val_root', 'test_root', 'calibration_root'), os.path.isdir, 'directory')):
+            (('train_root', 'val_root', 'test_root', 'calibration_root', 'benchmark_root'), os.path.isdir,
+             'directory')):
         for name in names:
             values = getattr(args, name)
             for path in values if isinstance(values, list) else [values]:
@@ -197,6 +223,11 @@ def path_problems(args) -> list[str]:
                     problems.append(f'--{name} {path} is a directory; give the file itself')
                 elif path and not exists(path):
                     problems.append(f'--{name} {path}: no such {kind}')
+    if args.benchmark_distractors:
+        root, listed = args.benchmark_distractors
+        if not os.path.isdir(root) or not os.path.isfile(listed):
+            problems.append(f'--benchmark_distractors {root} {listed}: give the images\' directory, then the file '
+                            'listing them')
     return problems
 
 
@@ -272,12 +303,20 @@ def run_directory(args) -> str:
     return utils.RunName(**naming).directory(args.save_dir)
 
 
-def test_directory(run_dir: str, weights: str, img_size: int) -> str:
-    """Where a --test_only run writes: `test-<weights name>-<digest of its path>-<img_size>px` in the run
+def test_directory(run_dir: str, weights: str, img_size: int, test_name: str = 'test') -> str:
+    """Where a --test_only run writes: `<test name>-<weights name>-<digest of its path>-<img_size>px` in the run
     directory, so that its figures are never taken for (or written over) the training run's or another test's."""
     digest = hashlib.sha1(os.path.abspath(weights).encode('utf-8')).hexdigest()[:8]
     name = os.path.splitext(os.path.basename(weights))[0]
-    return os.path.join(run_dir, f'test-{name}-{digest}-{img_size}px')
+    return os.path.join(run_dir, f'{test_name}-{name}-{digest}-{img_size}px')
+
+
+def test_name(args) -> str:
+    """'test', or the benchmark's name (+ the distractor list's name)."""
+    if not args.benchmark:
+        return 'test'
+    distractors = args.benchmark_distractors
+    return args.benchmark + (f'+{os.path.splitext(os.path.basename(distractors[1]))[0]}' if distractors else '')
 
 
 # Settings that change a run's trajectory without naming its directory: a resume with other values is refused.
@@ -295,7 +334,7 @@ def main(args):
         check_args(args, world_size)
         run_dir = run_directory(args)
         weights = weights_to_use(args, run_dir) if args.test_only or args.export_onnx else None
-        output_dir = test_directory(run_dir, weights, args.img_size) if args.test_only else run_dir
+        output_dir = test_directory(run_dir, weights, args.img_size, test_name(args)) if args.test_only else run_dir
         lock = checkpoints.hold_run_directory(output_dir, rank, world_size)
         logger = utils.Logger(output_dir, rank=rank)
         signals.install()
@@ -311,7 +350,7 @@ def main(args):
             export(args, place, weights)
         elif args.test_only:
             signals.at_once = 'during the test: the files of the earlier tests are whole; the same command tests again'
-            test_only(args, place, weights)
+            test_only(args, place, weights, feature_dir=os.path.join(run_dir, 'benchmark_features'))
         else:
             train_and_test(args, place, signals)
     except utils.RunError as error:
@@ -453,12 +492,16 @@ def test(args, place: trainer.RunPlace, samples, student_backbone, teacher_backb
                         coarse_mask=args.test_mask_coarse, fine_mask=args.test_mask_fine)
 
 
-def test_only(args, place: trainer.RunPlace, weights: str):
-    """Evaluate `weights` (original or own format, or an exported .onnx); no teacher needed."""
+def test_only(args, place: trainer.RunPlace, weights: str, feature_dir: str):
+    """Evaluate `weights` (original or own format, or an exported .onnx) on the test list or a --benchmark (whose
+    features are kept in `feature_dir`); no teacher needed."""
     logger, device = place.logger, place.device
-    samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root', rank=place.rank,
-                                        world_size=place.world_size)
-    evaluation.check_test_list(samples, args.test_mask_coarse, args.test_mask_fine, logger)
+    if args.benchmark:
+        images = benchmark_images(args, place)
+    else:
+        samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root', rank=place.rank,
+                                            world_size=place.world_size)
+        evaluation.check_test_list(samples, args.test_mask_coarse, args.test_mask_fine, logger)
     if weights.endswith('.onnx'):
         student_backbone = models.OnnxBackbone(weights, args.img_size, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR)
     else:
@@ -467,7 +510,33 @@ def test_only(args, place: trainer.RunPlace, weights: str):
     teacher_backbone = None
     if args.teacher_init_weights:
         teacher_backbone = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(device)
-    test(args, place, samples, student_backbone, teacher_backbone)
+    if not args.benchmark:
+        test(args, place, samples, student_backbone, teacher_backbone)
+        return
+    backbones, keys = {'student': student_backbone}, {'student': model_key(args, weights, args.backbone_class)}
+    if teacher_backbone is not None:
+        backbones['teacher'] = teacher_backbone
+        keys['teacher'] = model_key(args, args.teacher_init_weights, args.teacher_backbone_class)
+    evaluation.run_benchmark(images, backbones, keys, feature_dir=feature_dir, img_size=args.img_size,
+                             batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=args.amp,
+                             rank=place.rank, world_size=place.world_size, logger=logger)
+
+
+def benchmark_images(args, place: trainer.RunPlace) -> helpers.BenchmarkImages:
+    """The --benchmark's queries and database, every image checked to exist (each process its part)."""
+    if args.benchmark == 'gldv2':
+        images = helpers.read_gldv2(args.benchmark_root)
+    else:
+        images = helpers.read_revisitop(args.benchmark_root, args.benchmark, args.benchmark_distractors)
+    helpers.check_images_exist(images.queries + images.database, '--benchmark_root', place.rank, place.world_size)
+    place.logger.info(f'{args.benchmark}: {len(images.queries)} queries, {len(images.database)} database images')
+    return images
+
+
+def model_key(args, weights: str, backbone_name: str) -> str:
+    """What a model's features depend on: its weights' bytes, its backbone, the image size, widths and precision."""
+    return (f'{checkpoints.file_digest([weights])} {backbone_name} {args.img_size}px '
+            f'width/{args.demo_width_divisor} amp={args.amp}')
 
 
 def calibration_batches(args, most: int = 256) -> list:
