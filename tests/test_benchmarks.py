@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import torch
 from PIL import Image
 
 import model as models
-from conftest import run_main
+from conftest import ROOT, run_main
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
@@ -206,6 +208,28 @@ def test_gldv2_scores_each_usage_and_a_rerun_reads_the_saved_features(weights, t
     run_main(argv)
     assert results_of(tmp_path / 'runs', 'gldv2') == report
     assert record_of(tmp_path / 'runs', 'gldv2').count('(saved by an earlier run)') == 4
+
+
+def test_two_processes_score_gldv2_as_one_and_a_rerun_of_two_reads_the_saved_features(weights, tmp_path):
+    gldv2_set(tmp_path / 'gldv2')
+    # a Public query whose ground truth is another landmark's: a figure below 1 that a wrong gather would change
+    path = tmp_path / 'gldv2' / 'retrieval_solution_v2.1.csv'
+    lines = path.read_text(encoding='utf-8').splitlines()
+    other = lines[1].split(',')[1]
+    lines[4] = ','.join([lines[4].split(',')[0], other, 'Public'])
+    path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    reports = {}
+    for processes in (1, 2, 2):
+        command = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
+                   if processes == 2 else [sys.executable])
+        argv = benchmark_argv(weights, tmp_path / f'runs{processes}', 'gldv2', tmp_path / 'gldv2')
+        finished = subprocess.run(command + [os.path.join(ROOT, 'main.py')] + argv, capture_output=True, text=True,
+                                  env=dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1'), timeout=300)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        reports.setdefault(processes, []).append(results_of(tmp_path / f'runs{processes}', 'gldv2'))
+    assert reports[1][0]['student']['private'] == 1.0 and reports[1][0]['student']['public'] < 1.0
+    assert reports[2][0] == reports[1][0] and reports[2][1] == reports[1][0]
+    assert record_of(tmp_path / 'runs2', 'gldv2').count('(saved by an earlier run)') == 4
 
 
 def test_a_gldv2_solution_naming_an_unknown_index_image_is_refused(weights, tmp_path):
