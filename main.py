@@ -395,11 +395,7 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     trainer.seed_epoch(args.seed, 0, rank)
     train_samples, _ = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
     helpers.check_training_roots(train_samples)
-    generators, cache = checkpoints.random_state(), None
-    if args.teacher_cache:
-        cache = ready_teacher_cache(args, place, train_samples)
-        checkpoints.set_random_state(generators)  # the student starts as it would without the pre-pass
-    # what would only fail after the last epoch is found now
+    # what would only fail after the last epoch (or after the teacher cache's pre-pass) is found now
     val_samples = helpers.read_checked_list(args.val_root, args.val_list, '--val_root', rank=rank,
                                             world_size=world_size)
     test_samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root', rank=rank,
@@ -412,16 +408,22 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
         width_divisor=args.demo_width_divisor, grad_checkpointing=args.grad_checkpointing,
         channels_last=args.channels_last, init_head_from_teacher=args.init_head_from_teacher,
         stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block,
-        cached_teacher=cache is not None).to(device)
-    counts = helpers.parameter_counts(distiller)
-    logger.info(f'student para trainable/sum {counts["student_trainable"]}/{counts["student_total"]}; '
-                f'teacher para trainable/sum {counts["teacher_trainable"]}/{counts["teacher_total"]}')
-    logger.result('parameters', counts)
+        cached_teacher=bool(args.teacher_cache)).to(device)
+    cache = teacher_cache_of(args, train_samples) if args.teacher_cache else None
     train_loader, val_loader = helpers.build_training_loaders(
         train_samples, val_samples, val_list=args.val_list, num_classes=distiller.student.head.num_classes,
         img_size=args.img_size, batch_size=args.batch_size, num_workers=args.num_workers, augment=args.augment,
         seed=args.seed, rank=rank, world_size=world_size, teacher_features=cache.path if cache else None,
         views=teacher_views(args) if cache else 0)
+    logger.start()  # every start-up check has passed: from here on the run writes in its directory
+    counts = helpers.parameter_counts(distiller)
+    logger.info(f'student para trainable/sum {counts["student_trainable"]}/{counts["student_total"]}; '
+                f'teacher para trainable/sum {counts["teacher_trainable"]}/{counts["teacher_total"]}')
+    logger.result('parameters', counts)
+    if cache is not None:
+        generators = checkpoints.random_state()
+        ready_teacher_cache(args, place, cache, train_samples)
+        checkpoints.set_random_state(generators)  # the run goes on as it would without the pre-pass
     milestones = step_sizes(args.step_size)
 
     def schedule(epoch_position, epoch):
@@ -445,9 +447,8 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     return trainer.Trainer(args, parts, place, flags, signals), test_samples
 
 
-def ready_teacher_cache(args, place: trainer.RunPlace, samples) -> checkpoints.TeacherCache:
-    """The teacher cache of this run in --teacher_cache: refused if it belongs to another run, computed where rows
-    are missing or damaged, and checked against the teacher on a few random rows."""
+def teacher_cache_of(args, samples) -> checkpoints.TeacherCache:
+    """The teacher cache this run needs in --teacher_cache: what it is valid for, and its shape."""
     identity = {'teacher': args.teacher_backbone_class,
                 'teacher_file': checkpoints.file_digest([args.teacher_init_weights]),
                 'training_lists': checkpoints.file_digest(args.train_list + [args.label_map]),
@@ -455,7 +456,12 @@ def ready_teacher_cache(args, place: trainer.RunPlace, samples) -> checkpoints.T
                 'width_divisor': args.demo_width_divisor, 'augment': args.augment, 'views': teacher_views(args),
                 'seed': args.seed, 'dtype': args.teacher_cache_dtype}
     shape = (teacher_views(args), len(samples), models.FEATURE_DIM // args.demo_width_divisor)
-    cache = checkpoints.TeacherCache(args.teacher_cache, identity, shape, args.teacher_cache_dtype)
+    return checkpoints.TeacherCache(args.teacher_cache, identity, shape, args.teacher_cache_dtype)
+
+
+def ready_teacher_cache(args, place: trainer.RunPlace, cache: checkpoints.TeacherCache, samples):
+    """Make `cache` ready: refused if it belongs to another run, computed where rows are missing or damaged, and
+    checked against the teacher on a few random rows."""
     if place.world_size > 1:
         if place.rank == 0:
             os.makedirs(args.teacher_cache, exist_ok=True)
@@ -474,7 +480,6 @@ def ready_teacher_cache(args, place: trainer.RunPlace, samples) -> checkpoints.T
                                     seed=args.seed)
     place.logger.info(f'teacher cache {cache.path}: the teacher is in eval mode (no stochastic depth), its features '
                       'read from the cache')
-    return cache
 
 
 def teacher_views(args) -> int:
@@ -510,6 +515,7 @@ def test_only(args, place: trainer.RunPlace, weights: str, feature_dir: str):
     teacher_backbone = None
     if args.teacher_init_weights:
         teacher_backbone = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(device)
+    logger.start()
     if not args.benchmark:
         test(args, place, samples, student_backbone, teacher_backbone)
         return
@@ -571,6 +577,7 @@ def weights_to_use(args, run_dir: str) -> str:
 def export(args, place: trainer.RunPlace, weights: str):
     """Write `weights` as an ONNX serving graph (int8 with --quantize) and say its input contract."""
     backbone = backbone_of(args, weights)
+    place.logger.start()
     description = {'backbone': args.backbone_class, 'weights': weights}
     float_path = args.export_onnx if args.quantize == 'none' else f'{args.export_onnx}.float32.tmp'
     contract = models.export_onnx(backbone, float_path, args.img_size, helpers.PIXEL_MEAN_BGR,

@@ -69,7 +69,8 @@ class RunName:
 
 class Logger:
     """Append-only `record.txt` + console + tensorboardX scalars + results.json; every method does nothing when
-    rank != 0."""
+    rank != 0. Nothing is written in the run directory before `start`: a run stopped by a start-up check leaves
+    none of its files there (its lines reach the console only)."""
 
     def __init__(self, run_dir: str, rank: int = 0, tensorboard: bool = True):
         self.run_dir = run_dir
@@ -77,27 +78,44 @@ class Logger:
         self.record_path = os.path.join(run_dir, 'record.txt')
         self.writer = None
         self.results = {}
+        self.started = False
+        self._tensorboard = tensorboard
+        self._pending = []  # record.txt's lines said before start
         self._said = set()
+
+    def start(self):
+        """The run has passed its start-up checks: write the lines said so far, open tensorboard, read results.json."""
+        if self.started:
+            return
+        self.started = True
         if not self.active:
             return
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self._append(self._pending)
+        self._pending = []
         try:
-            self.results = read_results(run_dir)  # a resumed run adds to its figures
+            self.results = read_results(self.run_dir)  # a resumed run adds to its figures
         except ValueError as damage:  # never let a damaged file block a rerun
-            path = os.path.join(run_dir, RESULTS_NAME)
+            path = os.path.join(self.run_dir, RESULTS_NAME)
             self.info(f'{damage}: set aside as {set_aside(path)}; this run writes a new one')
-        if tensorboard:
+        if self._tensorboard:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(logdir=run_dir)
+            self.writer = SummaryWriter(logdir=self.run_dir)
 
     def info(self, message: str):
-        """Append `message` as a line of record.txt and echo it on the console."""
+        """Append `message` as a line of record.txt (once the run has started) and echo it on the console."""
         if not self.active:
             return
-        with open(self.record_path, 'a', encoding='utf-8') as record:
-            record.write(f'{message}\n')
+        if self.started:
+            self._append([message])
+        else:
+            self._pending.append(message)
         sys.stdout.write(f'{message}\n')
         sys.stdout.flush()
+
+    def _append(self, lines: list[str]):
+        with open(self.record_path, 'a', encoding='utf-8') as record:
+            record.writelines(f'{line}\n' for line in lines)
 
     def once(self, key: str, message: str):
         """info(message) the first time `key` is given in this run, nothing after (a bad image seen every epoch)."""
@@ -107,12 +125,14 @@ class Logger:
 
     def scalar(self, tag, value, step):
         """Write one tensorboard scalar (nothing when tensorboard is off)."""
+        self.start()
         if not self.active or self.writer is None:
             return
         self.writer.add_scalar(tag, float(value), step)
 
     def result(self, key: str, value):
         """Set one top-level entry of the run's results.json (see RESULTS_NAME) and rewrite the file."""
+        self.start()
         if not self.active:
             return
         self.results[key] = value

@@ -63,3 +63,63 @@ def run_main(argv: list[str]):
     """Parse `argv` as main.py would and run it in this process."""
     import main
     return main.main(main.get_parser().parse_args(argv))
+
+
+# A main.py run with dropout and drop-path off, so that one process and several take the same steps; with
+# WRONG_REDUCTION set, DDP sums the gradients over the processes instead of averaging them (a deliberate bug that the
+# comparison of several processes with one must catch).
+DDP_RUNNER = '''
+import os
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+import helpers, main, model
+from timm.layers import DropPath
+
+create_backbone = model.create_backbone
+
+
+def without_regularisers(*arguments, **keywords):
+    backbone = create_backbone(*arguments, **keywords)
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, DropPath):
+            module.drop_prob = 0.0
+    return backbone
+
+
+def summing(bucket_state, bucket):
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda future: future.value()[0])
+
+
+distributed_student = helpers.distributed_student
+
+
+def with_summed_gradients(classifier, device):
+    wrapped = distributed_student(classifier, device)
+    network = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else wrapped.backbone
+    network.register_comm_hook(None, summing)
+    return wrapped
+
+
+model.create_backbone = without_regularisers
+if os.environ.get('WRONG_REDUCTION'):
+    helpers.distributed_student = with_summed_gradients
+main.main(main.get_parser().parse_args(sys.argv[1:]))
+'''
+
+# Two runs take the same steps when their updates (trained - initial weights) differ by less than this fraction of
+# the update's norm: a GPU's reductions reorder sums (about 1e-6 of it), a wrong reduction is off by the whole update.
+UPDATE_TOLERANCE = 1e-2
+
+
+def update_difference(initial: dict, one: dict, two: dict) -> float:
+    """||update_two - update_one|| / ||update_one|| over every floating-point tensor of `initial`; the updates are
+    `one - initial` and `two - initial`. Fails when run one did not move the weights at all."""
+    keys = [key for key, value in initial.items() if value.is_floating_point()]
+    first = torch.cat([(one[key].float().cpu() - initial[key].float().cpu()).reshape(-1) for key in keys])
+    second = torch.cat([(two[key].float().cpu() - initial[key].float().cpu()).reshape(-1) for key in keys])
+    assert first.norm() > 0, 'the first run did not change the weights'
+    return float((second - first).norm() / first.norm())

@@ -177,7 +177,8 @@ def test_an_export_path_that_cannot_be_written_is_one_line(tmp_path, student_fil
 def test_a_train_root_without_the_images_stops_before_the_model_is_built(tiny_data, tmp_path):
     argv = train_argv(tiny_data, tmp_path)
     argv[argv.index('--train_root') + 1] = str(tmp_path)
-    stops_with(argv, re.escape(f"{tiny_data['train']}: none of its first 16 images exists") + r'.*check its --train_root')
+    stops_with(argv, re.escape(f"{tiny_data['train']}: none of its first 16 images exists") +
+               r'.*check its --train_root')
 
 
 def test_a_rerun_with_another_head_or_width_is_one_line(tiny_data, tmp_path):
@@ -256,3 +257,47 @@ def test_the_original_ignored_flags_are_accepted_but_not_shown():
     assert '--resume' not in shown and '--multi_gpu' not in shown
     args = main.get_parser().parse_args(['--resume', 'True', '--multi_gpu'])
     assert args.resume is True and args.multi_gpu
+
+
+# ------------------------------------------------------------------------- a run that cannot start leaves nothing
+def files_under(directory) -> list[str]:
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(str(directory)) for name in names)
+
+
+def teacher_with_classes(path, classes: int) -> str:
+    torch.manual_seed(7)
+    backbone = model.create_backbone('Resnet12', 96, 8)
+    torch.save(model.student_weights(model.Classifier(backbone, model.CosFaceHead(classes, backbone.feature_dim)),
+                                     include_head=True), path)
+    return str(path)
+
+
+def without_an_image(tiny_data, tmp_path, list_name: str, line: int) -> dict:
+    """A copy of the tiny data set whose `list_name` names one image that is not there."""
+    import shutil
+    root = tmp_path / 'data'
+    shutil.copytree(tiny_data['root'], root)
+    name = read(root / list_name).splitlines()[line - 1].split('\t')[0]
+    os.remove(root / name)
+    return dict(tiny_data, root=str(root), train=str(root / 'train.txt'), val=str(root / 'val.txt'),
+                test=str(root / 'test.txt'))
+
+
+@pytest.mark.parametrize('case', ['num_classes', 'validation_image', 'mask', 'label_map', 'teacher_file'])
+def test_a_run_stopped_by_a_start_up_check_writes_nothing_in_its_run_directory(tiny_data, tmp_path, case):
+    data = without_an_image(tiny_data, tmp_path, 'val.txt', 3) if case == 'validation_image' else tiny_data
+    save_dir = tmp_path / 'runs'
+    mask = tmp_path / 'mask.npy'
+    np.save(mask, np.zeros(10, dtype=bool))
+    extra, pattern = {
+        'num_classes': (['--is_distill', '--teacher_backbone_class', 'Resnet12', '--teacher_init_weights',
+                         teacher_with_classes(tmp_path / 'teacher.pth', 40)],
+                        r'--num_classes 4 but the teacher .*teacher\.pth classifies 40 classes; drop --num_classes'),
+        'validation_image': ([], r'val\.txt:3: .*: no such image; fix the list or --val_root'),
+        'mask': (['--test_mask_coarse', str(mask)], r'mask has 10 entries but 12 features have 66 pairs'),
+        'label_map': (['--label_map', str(tmp_path / 'no_map.pkl')], r'--label_map .*no_map\.pkl: no such file'),
+        'teacher_file': (['--is_distill', '--teacher_backbone_class', 'Resnet12', '--teacher_init_weights',
+                          str(tmp_path / 'no_teacher.pth')], r'--teacher_init_weights .*no_teacher\.pth: no such file'),
+    }[case]
+    stops_with(train_argv(data, save_dir, *extra), pattern)
+    assert files_under(save_dir) == []
