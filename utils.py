@@ -73,32 +73,25 @@ class Logger:
     none of its files there (its lines reach the console only)."""
 
     def __init__(self, run_dir: str, rank: int = 0, tensorboard: bool = True):
-        self.run_dir = run_dir
-        self.active = rank == 0
+        self.run_dir, self.active, self.tensorboard = run_dir, rank == 0, tensorboard
         self.record_path = os.path.join(run_dir, 'record.txt')
-        self.writer = None
-        self.results = {}
-        self.started = False
-        self._tensorboard = tensorboard
-        self._pending = []  # record.txt's lines said before start
-        self._said = set()
+        self.writer, self.results, self.started = None, {}, False
+        self._pending, self._said = [], set()  # record.txt's lines not written yet; the keys `once` was given
 
     def start(self):
         """The run has passed its start-up checks: write the lines said so far, open tensorboard, read results.json."""
-        if self.started:
+        if self.started or not self.active:
+            self.started = True
             return
         self.started = True
-        if not self.active:
-            return
         os.makedirs(self.run_dir, exist_ok=True)
-        self._append(self._pending)
-        self._pending = []
+        self._write_pending()
         try:
             self.results = read_results(self.run_dir)  # a resumed run adds to its figures
         except ValueError as damage:  # never let a damaged file block a rerun
             path = os.path.join(self.run_dir, RESULTS_NAME)
             self.info(f'{damage}: set aside as {set_aside(path)}; this run writes a new one')
-        if self._tensorboard:
+        if self.tensorboard:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(logdir=self.run_dir)
 
@@ -106,16 +99,16 @@ class Logger:
         """Append `message` as a line of record.txt (once the run has started) and echo it on the console."""
         if not self.active:
             return
+        self._pending.append(message)
         if self.started:
-            self._append([message])
-        else:
-            self._pending.append(message)
+            self._write_pending()
         sys.stdout.write(f'{message}\n')
         sys.stdout.flush()
 
-    def _append(self, lines: list[str]):
+    def _write_pending(self):
         with open(self.record_path, 'a', encoding='utf-8') as record:
-            record.writelines(f'{line}\n' for line in lines)
+            record.writelines(f'{line}\n' for line in self._pending)
+        self._pending = []
 
     def once(self, key: str, message: str):
         """info(message) the first time `key` is given in this run, nothing after (a bad image seen every epoch)."""
@@ -156,7 +149,7 @@ class Logger:
 # 'best_epoch', 'best_accuracy', and 'test': {'student' | 'teacher' | 'cross': {'coarse', 'fine' (TARs at FAR
 # 1e-1 ... 1e-8, null where undefined), 'coarse_undefined', 'fine_undefined' (why, or null), 'coarse_nn_accuracy',
 # 'fine_nn_accuracy', 'coarse_gap', 'fine_gap' (of the nearest-neighbour predictions), 'coarse_curve', 'fine_curve'
-# ({'far': [...], 'tar': [...]})}}.
+# ({'far': [...], 'tar': [...]})}}; a --benchmark run's figures under its name (see evaluation.benchmark_report).
 RESULTS_NAME = 'results.json'
 
 
@@ -200,12 +193,6 @@ def write_json(value, path: str):
     write_atomically(path, lambda file: file.write(json.dumps(_json_ready(value)).encode('utf-8')))
 
 
-def _current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def write_atomically(path: str, write, check=None, previous_path: str | None = None):
     """write(binary file) into a temporary file beside `path`, flushed to disk, checked by check(temporary path),
     then renamed over `path` (its old content kept at `previous_path` when given): an interrupted or failed write
@@ -220,7 +207,9 @@ def write_atomically(path: str, write, check=None, previous_path: str | None = N
             os.fsync(file.fileno())
         if check is not None:
             check(temporary)
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes files private; run files are shared
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files private; run files are shared
         if previous_path is not None and os.path.exists(path):
             _keep_as(path, previous_path)
         os.replace(temporary, path)
@@ -331,22 +320,15 @@ def gather_in_order(local_values: torch.Tensor, local_indices: torch.Tensor, tot
 
 def _all_gather_rows(local_values: torch.Tensor, local_indices: torch.Tensor):
     """Every process's rows and their indices, concatenated in rank order (shards may differ in length)."""
-    world_size = dist.get_world_size()
-    count = torch.tensor([local_values.shape[0]], device=local_values.device)
-    counts = [torch.zeros_like(count) for _ in range(world_size)]
-    dist.all_gather(counts, count)
-    counts = [int(value) for value in counts]
-    longest = max(counts)
-    padded_values = local_values.new_zeros((longest, *local_values.shape[1:]))
-    padded_values[:local_values.shape[0]] = local_values
-    padded_indices = local_indices.new_zeros(longest)
-    padded_indices[:local_indices.shape[0]] = local_indices
-    gathered_values = [torch.empty_like(padded_values) for _ in range(world_size)]
-    gathered_indices = [torch.empty_like(padded_indices) for _ in range(world_size)]
-    dist.all_gather(gathered_values, padded_values.contiguous())
-    dist.all_gather(gathered_indices, padded_indices)
-    return (torch.cat([part[:length] for part, length in zip(gathered_values, counts)]),
-            torch.cat([part[:length] for part, length in zip(gathered_indices, counts)]))
+    counts = gather_objects(local_values.shape[0])
+
+    def gathered(tensor):
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:count] for part, count in zip(parts, counts)])
+    return gathered(local_values), gathered(local_indices)
 
 
 class StopOnEveryRank(RunError):
