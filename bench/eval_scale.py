@@ -45,6 +45,10 @@ def gldv2(arguments):
     usage = {query: 'Private' if number % 3 else 'Public' for number, query in enumerate(query_ids)}
     images = helpers.BenchmarkImages('gldv2', [], [], solution=solution, usage=usage, query_ids=query_ids,
                                      database_ids=index_ids)
+    with open('/proc/self/statm') as statm:
+        resident_gb = int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
+    print(f'resident before scoring: {resident_gb:.2f} GB, of which the index features '
+          f'{index.numel() * index.element_size() / 2 ** 30:.2f} GB')
     start, start_cpu = time.perf_counter(), time.process_time()
     figures = evaluation.gldv2_figures(queries, index, images, device='cpu')
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu

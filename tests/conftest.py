@@ -1,5 +1,6 @@
 """Shared fixtures: tiny image lists in the real format, teacher files, and a way to run main.py in-process."""
 import os
+import socket
 import sys
 
 # The suite runs on the CPU, where exactness tests can be exact: a GPU stays hidden (before torch first looks), and
@@ -38,6 +39,18 @@ def write_image_list(root: str, list_name: str, labels: list[int], size: int = 4
     with open(list_path, 'w', encoding='utf-8') as handle:
         handle.write('\n'.join(lines) + '\n')
     return list_path
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """The suite never downloads (weights, data): a connection to anything but this machine fails the test."""
+    connect = socket.socket.connect
+
+    def local_only(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ('127.0.0.1', 'localhost', '::1'):
+            raise AssertionError(f'a test tried to reach {address}: the suite never downloads')
+        return connect(self, address)
+    monkeypatch.setattr(socket.socket, 'connect', local_only)
 
 
 @pytest.fixture(scope='session')

@@ -160,6 +160,41 @@ def test_sigterm_during_the_final_test_ends_with_one_line_and_a_clean_directory(
     assert os.path.getsize(events) > 0
 
 
+SIGNAL_IN_EXPORT_RUNNER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import main, model
+export = model.export_onnx
+def signal_then_export(*arguments, **keywords):
+    os.kill(os.getpid(), signal.SIGTERM)  # the export is under way
+    return export(*arguments, **keywords)
+model.export_onnx = signal_then_export
+main.main(main.get_parser().parse_args(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize('task', ['test_only', 'export'])
+def test_sigterm_during_a_test_only_run_or_an_export_ends_at_once_with_one_line(tiny_data, tmp_path, student_file,
+                                                                               task):
+    runner = tmp_path / 'runner.py'
+    code = SIGNAL_IN_TEST_RUNNER if task == 'test_only' else SIGNAL_IN_EXPORT_RUNNER
+    runner.write_text(code.format(root=ROOT))
+    target = tmp_path / 'student.onnx'
+    argv = SMALL + ['--init_weights', student_file, '--save_dir', str(tmp_path / 'runs')] + (
+        ['--test_only', '--test_root', tiny_data['root'], '--test_list', tiny_data['test']] if task == 'test_only'
+        else ['--export_onnx', str(target)])
+    finished = subprocess.run([sys.executable, str(runner)] + argv, env=dict(os.environ, CUDA_VISIBLE_DEVICES=''),
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 128 + signal.SIGTERM, finished.stderr[-2000:]
+    assert 'Traceback' not in finished.stderr
+    expected = ('stopped by SIGTERM during the test: the files of the earlier tests are whole; the same command tests '
+                'again' if task == 'test_only' else
+                'stopped by SIGTERM during the export: nothing was written; the same command exports again')
+    assert finished.stdout.splitlines()[-1] == expected
+    assert not glob.glob(str(tmp_path / 'runs' / '**' / 'run.lock'), recursive=True)
+    assert not target.exists() and not glob.glob(str(tmp_path / '*.tmp'))
+
+
 # ------------------------------------------------------------------------------------ one line, not a traceback
 def test_a_save_dir_that_cannot_hold_a_run_is_one_line(tiny_data, tmp_path):
     not_a_directory = tmp_path / 'file'

@@ -97,13 +97,13 @@ def benchmark_argv(weights, save_dir, benchmark, root, *extra):
 
 
 def results_of(save_dir, benchmark) -> dict:
-    path, = glob.glob(os.path.join(str(save_dir), '*', '*', f'{benchmark}-*', 'results.json'))
+    path, = glob.glob(os.path.join(str(save_dir), '*', '*', f'{benchmark}-student-*', 'results.json'))
     with open(path, encoding='utf-8') as handle:
         return json.load(handle)[benchmark]
 
 
 def record_of(save_dir, benchmark) -> str:
-    path, = glob.glob(os.path.join(str(save_dir), '*', '*', f'{benchmark}-*', 'record.txt'))
+    path, = glob.glob(os.path.join(str(save_dir), '*', '*', f'{benchmark}-student-*', 'record.txt'))
     with open(path, encoding='utf-8') as handle:
         return handle.read()
 
@@ -208,6 +208,12 @@ def test_gldv2_scores_each_usage_and_a_rerun_reads_the_saved_features(weights, t
     run_main(argv)
     assert results_of(tmp_path / 'runs', 'gldv2') == report
     assert record_of(tmp_path / 'runs', 'gldv2').count('(saved by an earlier run)') == 4
+    # another student against the same teacher: the teacher's features are read, the student's extracted
+    other = weights_file(tmp_path / 'other.pth', 3)
+    run_main(benchmark_argv((other, weights[1]), tmp_path / 'runs', 'gldv2', tmp_path / 'gldv2'))
+    record, = glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'gldv2-other-*' / 'record.txt'))
+    assert open(record, encoding='utf-8').read().count('(saved by an earlier run)') == 2
+    assert len(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*.npy'))) == 6
 
 
 def test_two_processes_score_gldv2_as_one_and_a_rerun_of_two_reads_the_saved_features(weights, tmp_path):

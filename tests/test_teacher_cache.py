@@ -16,6 +16,7 @@ from PIL import Image
 
 import checkpoints
 import model as models
+import trainer
 from conftest import ROOT, data_args, run_main
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
@@ -227,3 +228,100 @@ def test_a_disk_too_small_for_the_cache_stops_before_any_work(tiny_data, teacher
     assert len(message.splitlines()) == 1
     assert re.search(re.escape(f'{cache} has 0.0 GB free, too little for the teacher cache (0.00 GB)'), message)
     assert not os.path.exists(cache / 'features.npy')
+
+
+@pytest.mark.parametrize('change, differs', [
+    (['--img_size', '32'], 'img_size 96 (this run: 32)'),
+    (['--seed', '4'], 'seed 3 (this run: 4)'),
+    (['--augment', '--teacher_cache_views', '2'], 'augment False (this run: True)'),
+])
+def test_a_cache_of_other_settings_is_refused_naming_what_differs(tiny_data, teachers, tmp_path, change, differs):
+    cache = str(tmp_path / 'cache')
+    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'first', '--max_epoch', '1', '--teacher_cache', cache))
+    with pytest.raises(SystemExit) as stopped:
+        run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'second', '--max_epoch', '1', '--teacher_cache',
+                              cache, *change))
+    message = str(stopped.value.code)
+    assert len(message.splitlines()) == 1
+    assert f'{cache} holds the teacher cache of another run: ' in message and differs in message
+
+
+def rewrite_rows(cache, rows, value, keep_checksum: bool):
+    """Overwrite `rows` of view 0 with `value`; with keep_checksum, make the manifest's checksum match the new bytes
+    (a cache that looks whole but holds other features)."""
+    path = os.path.join(str(cache), 'features.npy')
+    features = np.load(path, mmap_mode='r+')
+    features[0, rows] = value
+    features.flush()
+    del features
+    if keep_checksum:
+        manifest_path = os.path.join(str(cache), 'manifest.json')
+        manifest = json.load(open(manifest_path, encoding='utf-8'))
+        manifest['crc32'] = checkpoints._crc(path)
+        with open(manifest_path, 'w', encoding='utf-8') as handle:
+            json.dump(manifest, handle)
+
+
+def test_a_cache_failing_its_checksum_is_computed_again(tiny_data, teachers, tmp_path):
+    cache = tmp_path / 'cache'
+    argv = distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache', str(cache))
+    run_main(argv)
+    whole = cached_features(cache)
+    rewrite_rows(cache, [5], 0.5, keep_checksum=False)  # the file still loads, with its shape and dtype
+    run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'again')] + argv[argv.index('--save_dir') + 2:])
+    np.testing.assert_array_equal(cached_features(cache), whole)
+    record, = glob.glob(str(tmp_path / 'again' / '*' / '*' / 'record.txt'))
+    assert 'features.npy fails its checksum; computing it again' in open(record, encoding='utf-8').read()
+
+
+def test_a_whole_looking_cache_of_other_features_fails_the_check_against_the_teacher(tiny_data, teachers, tmp_path):
+    cache = tmp_path / 'cache'
+    argv = distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache', str(cache))
+    run_main(argv)
+    rewrite_rows(cache, slice(None), 0.25, keep_checksum=True)  # every row, so that the random rows checked hit one
+    with pytest.raises(SystemExit) as stopped:
+        run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'again')] +
+                 argv[argv.index('--save_dir') + 2:])
+    message = str(stopped.value.code)
+    assert len(message.splitlines()) == 1
+    assert re.search(r"features\.npy: the stored teacher features of rows \[.*\] differ from the teacher's "
+                     r'\(relative error .*\): the cache is stale or another teacher\'s; rerun with '
+                     r'--teacher_cache_rebuild', message)
+
+
+def test_training_from_the_cache_holds_no_teacher_and_reads_its_features(tiny_data, teachers, tmp_path, monkeypatch):
+    seen = []
+    step = trainer.training_step
+
+    def recording(parts, batch, *arguments):
+        seen.append((parts.distiller.teacher is None, 'teacher_feature' in batch))
+        return step(parts, batch, *arguments)
+    monkeypatch.setattr(trainer, 'training_step', recording)
+    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
+                          str(tmp_path / 'cache')))
+    assert seen == [(True, True)] * 6
+
+
+SEPARATE_CACHE_RUNNER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import main
+argv = sys.argv[1:]
+if os.environ['RANK'] == '1':  # this process's --teacher_cache is another disk, as on a host without shared storage
+    argv[argv.index('--teacher_cache') + 1] += '_elsewhere'
+main.main(main.get_parser().parse_args(argv))
+"""
+
+
+def test_a_cache_directory_that_processes_do_not_share_is_refused(tiny_data, teachers, tmp_path):
+    runner = tmp_path / 'runner.py'
+    runner.write_text(SEPARATE_CACHE_RUNNER.format(root=ROOT))
+    argv = distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--batch_size', '8',
+                        '--teacher_cache', str(tmp_path / 'cache'))
+    finished = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                               str(runner)] + argv, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1'))
+    assert finished.returncode != 0
+    messages = re.findall(r'^error: .*$', finished.stderr, re.M)
+    assert len(messages) == 1, finished.stderr[-3000:]
+    assert 'process 1 on host' in messages[0] and '--teacher_cache must be storage that every host shares' in messages[0]

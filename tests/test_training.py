@@ -372,6 +372,56 @@ def test_two_processes_take_the_same_steps_as_one_and_a_wrong_reduction_is_caugh
     assert update_difference(initial, one, wrong) > UPDATE_TOLERANCE
 
 
+def test_under_ddp_a_frozen_head_stays_outside_and_only_batch_norm_buffers_are_broadcast(tmp_path, monkeypatch):
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', str(29400 + os.getpid() % 500))
+    torch.distributed.init_process_group('gloo', rank=0, world_size=1)
+    try:
+        wrapped = {}
+        for name in ('Swin_tiny', 'Resnet12'):
+            backbone = models.create_backbone(name, 96, 8)
+            head = models.CosFaceHead(4, backbone.feature_dim).requires_grad_(False)
+            wrapped[name] = helpers.distributed_student(models.Classifier(backbone, head), torch.device('cpu'))
+        trainable = models.create_backbone('Resnet12', 96, 8)
+        whole = helpers.distributed_student(models.Classifier(trainable, models.CosFaceHead(4, trainable.feature_dim)),
+                                            torch.device('cpu'))
+    finally:
+        torch.distributed.destroy_process_group()
+    for name, student in wrapped.items():
+        ddp = student.backbone
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and not isinstance(student.head, type(ddp))
+        assert all(parameter is not student.head.weight for parameter in ddp.parameters())
+        assert ddp.broadcast_buffers == (name == 'Resnet12') and ddp.gradient_as_bucket_view
+    assert isinstance(whole, torch.nn.parallel.DistributedDataParallel)  # a trainable head is trained under DDP
+
+
+def test_loader_workers_persist_across_epochs(tiny_data):
+    samples, _ = helpers.read_train_samples([tiny_data['root']], [tiny_data['train']])
+    dataset = helpers.ImageDataset(samples, 96, train=True, augment=False)
+    loader = helpers.build_train_loader(dataset, 4, 2, seed=0, rank=0, world_size=1)
+    assert loader.persistent_workers and loader.num_workers == 2
+
+
+def test_the_teacher_runs_before_the_student(tiny_data, teacher_file, tmp_path, monkeypatch):
+    order = []
+    teacher_outputs, classifier_forward = models.DistillationModel.teacher_outputs, models.Classifier.forward
+
+    def recording_teacher(self, *arguments):
+        order.append('teacher')
+        return teacher_outputs(self, *arguments)
+
+    def recording_classifier(self, *arguments):
+        order.append('classifier')
+        return classifier_forward(self, *arguments)
+    monkeypatch.setattr(models.DistillationModel, 'teacher_outputs', recording_teacher)
+    monkeypatch.setattr(models.Classifier, 'forward', recording_classifier)
+    run_main(SMALL + data_args(tiny_data)[:4] + [
+        '--backbone_class', 'Resnet12', '--is_distill', '--teacher_backbone_class', 'Resnet12',
+        '--teacher_init_weights', teacher_file, '--head_fixed', '--max_epoch', '1', '--save_dir', str(tmp_path)])
+    # each step: the teacher (its classifier inside teacher_outputs), then the student's classifier
+    assert order[:6] == ['teacher', 'classifier', 'classifier'] * 2
+
+
 # ------------------------------------------------------------------------------------------- bad images
 @pytest.mark.parametrize('damage', ['missing', 'empty', 'cut_in_headers', 'garbage'])
 def test_unreadable_training_image_is_logged_counted_and_replaced(tiny_data, tmp_path, damage):
@@ -506,6 +556,9 @@ def test_defaults_are_the_published_runs():
     args = main.get_parser().parse_args([])
     assert args.min_lr == 1e-6 and args.drop_block == 'published' and not args.teacher_eval
     assert not args.init_head_from_teacher
+    # the README's stated defaults of this project's own flags
+    assert (args.max_bad_images, args.checkpoint_minutes, args.teacher_cache_views, args.teacher_cache_dtype) == (
+        0.01, 30.0, 8, 'float16')
     for value, expected in (('True', True), ('False', False), ('1', True)):
         assert main.get_parser().parse_args(['--resume', value]).resume is expected
     assert main.get_parser().parse_args(['--resume']).resume is True
@@ -656,20 +709,30 @@ def test_fp16_epoch_averages_leave_out_the_steps_the_scaler_skipped(tiny_data, t
     assert epoch['ce'] == pytest.approx(expected_ce, rel=1e-6)
 
 
-def test_a_resume_with_another_trajectory_flag_stops_and_leaves_the_checkpoint(tiny_data, tmp_path):
+@pytest.fixture(scope='module')
+def trained_run(tiny_data, tmp_path_factory):
+    """(argv, run directory) of a one-epoch ResNet12 run, for reruns with other flags."""
     argv = SMALL + data_args(tiny_data)[:4] + ['--backbone_class', 'Resnet12', '--num_classes', '4',
-                                               '--max_epoch', '1', '--save_dir', str(tmp_path)]
+                                               '--max_epoch', '1', '--save_dir', str(tmp_path_factory.mktemp('run'))]
     run_main(argv)
-    run_dir = only_run_dir(tmp_path)
+    return argv, only_run_dir(argv[-1])
+
+
+@pytest.mark.parametrize('flag, value, stored', [
+    ('min_lr', '1e-05', '1e-06'), ('seed', '1', '0'), ('weight_decay', '0.001', '0.0005'), ('amp', 'bf16', 'none'),
+    ('drop_block', 'annealed', 'published'), ('img_size', '32', '96'), ('momentum', '0.9', '0.0'),
+])
+def test_a_resume_with_another_trajectory_flag_stops_and_leaves_the_checkpoint(trained_run, flag, value, stored):
+    argv, run_dir = trained_run
     checkpoint = os.path.join(run_dir, 'checkpoint.pth.tar')
     with open(checkpoint, 'rb') as handle:
         before = handle.read()
     with pytest.raises(SystemExit) as stopped:
-        run_main(argv + ['--min_lr', '1e-05'])
+        run_main(argv + [f'--{flag}', value])
     message = str(stopped.value.code)
     assert len(message.splitlines()) == 1
-    assert message.startswith(f'error: {checkpoint} was written with other settings: --min_lr 1e-05 (the checkpoint '
-                              'has 1e-06)')
+    assert message.startswith(f'error: {checkpoint} was written with other settings: --{flag} {value} (the '
+                              f'checkpoint has {stored})'), message
     with open(checkpoint, 'rb') as handle:
         assert handle.read() == before
 
@@ -846,3 +909,13 @@ def test_label_map_two_lists_masks_and_init_weights_through_main(tiny_data, tmp_
     assert results['test']['student']['fine'] == pytest.approx(evaluation.tar_at_far(features, fine_labels))
     epoch, = results['epochs']
     assert math.isfinite(epoch['loss'])  # 48 samples (two lists) in 4 classes, through the map
+
+
+def test_test_only_without_init_weights_scores_the_runs_max_acc(tiny_data, tmp_path):
+    argv = SMALL + data_args(tiny_data)[:4] + ['--backbone_class', 'Resnet12', '--num_classes', '4',
+                                               '--max_epoch', '1', '--save_dir', str(tmp_path)]
+    run_main(argv)
+    run_dir = only_run_dir(tmp_path)
+    run_main(argv + ['--test_only', '--test_root', tiny_data['root'], '--test_list', tiny_data['test']])
+    record, = glob.glob(os.path.join(run_dir, 'test-max_acc-*-96px', 'record.txt'))
+    assert f'test only: {run_dir}/max_acc.pth' in open(record, encoding='utf-8').read()
