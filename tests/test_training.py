@@ -656,6 +656,25 @@ def test_an_unreadable_test_image_on_one_process_stops_every_process_with_one_me
     assert 'test_0011.jpg: not a decodable image (' in messages[0] and 'test.txt:12)' in messages[0]
 
 
+def test_an_unreadable_validation_image_on_one_process_stops_every_process_with_one_message(tiny_data, tmp_path):
+    import shutil
+    root = str(tmp_path / 'data')
+    shutil.copytree(tiny_data['root'], root)
+    with open(os.path.join(root, 'val_0007.jpg'), 'wb') as handle:
+        handle.write(b'not a jpeg at all')  # in the second process's half of the list
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         os.path.join(ROOT, 'main.py')] + SMALL + [
+            '--backbone_class', 'Resnet12', '--num_classes', '4', '--max_epoch', '1', '--batch_size', '8',
+            '--train_root', root, '--train_list', os.path.join(root, 'train.txt'), '--val_root', root,
+            '--val_list', os.path.join(root, 'val.txt'), '--save_dir', str(tmp_path / 'runs')],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    messages = re.findall(r'^error: .*$', result.stderr, re.M)
+    assert len(messages) == 1, result.stderr[-3000:]
+    assert 'val_0007.jpg: not a decodable image (' in messages[0] and 'val.txt:8)' in messages[0]
+
+
 # ----------------------------------------------------------------------------------------- several processes
 def test_two_processes_validate_and_save_one_and_the_same_model(tiny_data, tmp_path):
     argv = SMALL + data_args(tiny_data)[:8] + ['--backbone_class', 'Resnet12', '--num_classes', '4',
