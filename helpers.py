@@ -534,7 +534,7 @@ def read_revisitop(root: str, name: str, distractors: list[str] | None = None) -
                              'lays them out')
     try:
         content = utils.load_plain_data(path)
-    except Exception as error:  # noqa: BLE001 - whatever a damaged or foreign pickle raises, the file is named
+    except Exception as error:  # whatever a damaged or foreign pickle raises, the file is named
         raise utils.RunError(f'{path}: not a revisitop ground-truth file ({error}); download gnd_{name}.pkl '
                              'again') from None
     images, query_images, gnd = _revisitop_fields(path, content)
@@ -545,14 +545,21 @@ def read_revisitop(root: str, name: str, distractors: list[str] | None = None) -
                for index, (image, entry) in enumerate(zip(query_images, gnd))]
     if distractors:
         database += read_image_paths(*distractors)
-    ground_truth = [{key: [int(value) for value in np.asarray(entry[key]).reshape(-1)]
-                     for key in ('easy', 'hard', 'junk')} for entry in gnd]
-    for index, entry in enumerate(ground_truth):
-        outside = [value for values in entry.values() for value in values if not 0 <= value < len(images)]
-        if outside:
-            raise utils.RunError(f'{path}: gnd[{index}] names database image {outside[0]}, outside imlist '
-                                 f'({len(images)} images); download gnd_{name}.pkl again')
+    ground_truth = [{key: _database_indices(path, index, key, entry[key], len(images))
+                     for key in ('easy', 'hard', 'junk')} for index, entry in enumerate(gnd)]
     return BenchmarkImages(name, queries, database, gnd=ground_truth)
+
+
+def _database_indices(path: str, query: int, key: str, values, database_size: int) -> list[int]:
+    """gnd[query][key] as a list of database indices, refused unless each is an integer inside imlist."""
+    array = np.asarray(values).reshape(-1)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise utils.RunError(f"{path}: gnd[{query}]['{key}'] holds {array.dtype} values, not database indices")
+    outside = [int(value) for value in array if not 0 <= value < database_size]
+    if outside:
+        raise utils.RunError(f"{path}: gnd[{query}] names database image {outside[0]}, outside imlist "
+                             f"({database_size} images); download the file again")
+    return [int(value) for value in array]
 
 
 def _revisitop_fields(path: str, content) -> tuple[list[str], list[str], list[dict]]:

@@ -516,16 +516,23 @@ def test_only(args, place: trainer.RunPlace, weights: str, feature_dir: str):
     if args.teacher_init_weights:
         teacher_backbone = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(device)
     logger.start()
-    if not args.benchmark:
+    if args.benchmark:
+        benchmark(args, place, images, weights, student_backbone, teacher_backbone, feature_dir)
+    else:
         test(args, place, samples, student_backbone, teacher_backbone)
-        return
+
+
+def benchmark(args, place: trainer.RunPlace, images: helpers.BenchmarkImages, weights: str, student_backbone,
+              teacher_backbone, feature_dir: str):
+    """Score the student of `weights` (and the teacher, with the cross figures) on the --benchmark's images, each
+    model's features kept in `feature_dir` under what they depend on."""
     backbones, keys = {'student': student_backbone}, {'student': model_key(args, weights, args.backbone_class)}
     if teacher_backbone is not None:
         backbones['teacher'] = teacher_backbone
         keys['teacher'] = model_key(args, args.teacher_init_weights, args.teacher_backbone_class)
     evaluation.run_benchmark(images, backbones, keys, feature_dir=feature_dir, img_size=args.img_size,
-                             batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=args.amp,
-                             rank=place.rank, world_size=place.world_size, logger=logger)
+                             batch_size=args.batch_size, num_workers=args.num_workers, device=place.device,
+                             amp=args.amp, rank=place.rank, world_size=place.world_size, logger=place.logger)
 
 
 def benchmark_images(args, place: trainer.RunPlace) -> helpers.BenchmarkImages:

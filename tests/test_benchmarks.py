@@ -182,16 +182,20 @@ def test_a_missing_image_is_named_with_its_gnd_entry(weights, tmp_path):
     assert f"gnd_roxford5k.pkl: imlist[5] 'db_1_2': {tmp_path}/roxford5k/jpg/db_1_2.jpg: no such image" in message
 
 
-def test_a_gnd_naming_a_database_image_that_does_not_exist_is_refused(weights, tmp_path):
+@pytest.mark.parametrize('junk, message', [
+    ([12], 'gnd_roxford5k.pkl: gnd[2] names database image 12, outside imlist (12 images)'),
+    (['db_0_0'], "gnd_roxford5k.pkl: gnd[2]['junk'] holds <U6 values, not database indices"),
+])
+def test_a_gnd_naming_a_database_image_that_does_not_exist_is_refused(weights, tmp_path, junk, message):
     gnd = revisitop_set(tmp_path / 'roxford5k')
-    gnd[2]['junk'] = [12]
+    gnd[2]['junk'] = junk
     with open(tmp_path / 'roxford5k' / 'gnd_roxford5k.pkl', 'rb') as handle:
         content = pickle.load(handle)
     with open(tmp_path / 'roxford5k' / 'gnd_roxford5k.pkl', 'wb') as handle:
         pickle.dump(dict(content, gnd=gnd), handle)
     with pytest.raises(SystemExit) as stopped:
         run_main(benchmark_argv(weights, tmp_path / 'runs', 'roxford5k', tmp_path / 'roxford5k'))
-    assert 'gnd_roxford5k.pkl: gnd[2] names database image 12, outside imlist (12 images)' in str(stopped.value.code)
+    assert message in str(stopped.value.code) and len(str(stopped.value.code).splitlines()) == 1
 
 
 def test_gldv2_scores_each_usage_and_a_rerun_reads_the_saved_features(weights, tmp_path):
