@@ -98,7 +98,11 @@ def save_atomically(obj, path: str, previous_path: str | None = None, verify: bo
     tensors memory-mapped) before it replaces anything; `previous_path` keeps the file it replaces, so that a
     damaged latest checkpoint never leaves a run without a good one."""
     def read_back(temporary):
-        torch.load(temporary, map_location='cpu', weights_only=True, mmap=True)
+        try:
+            torch.load(temporary, map_location='cpu', weights_only=True, mmap=True)
+        except Exception as error:  # whatever the bytes on disk raise, they are not what was saved
+            raise utils.RunError(f'{path}: the file just written does not read back ({models.first_line(error)}); '
+                                 'the one that was there is kept: check the storage, then rerun') from None
 
     utils.write_atomically(path, lambda file: torch.save(obj, file), check=read_back if verify else None,
                            previous_path=previous_path)

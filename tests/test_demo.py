@@ -68,8 +68,9 @@ def launched_command(tmp_path, **extra) -> str:
     fake = tmp_path / 'python'
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
-    environment = demo_environment(tmp_path, PYTHON=str(fake), TEACHER='/t/teacher.pyth', TRAIN_ROOT='/d/train',
-                                   TRAIN_LIST='/d/train.txt', TEST_ROOT='/d/test', TEST_LIST='/d/test.txt', **extra)
+    recipe = dict(PYTHON=str(fake), TEACHER='/t/teacher.pyth', TRAIN_ROOT='/d/train', TRAIN_LIST='/d/train.txt',
+                  TEST_ROOT='/d/test', TEST_LIST='/d/test.txt')
+    environment = demo_environment(tmp_path, **dict(recipe, **extra))
     if 'NPROC' not in extra:
         environment.pop('NPROC', None)
     finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh'), '--num_workers', '12'], env=environment,
@@ -88,6 +89,9 @@ def test_recipes_launch_torchrun_on_every_gpu(tmp_path):
         assert flag in swin
     assert swin.endswith('--num_workers 12')
     assert '--amp fp16' in launched_command(tmp_path, FAKE_BF16='0')
+    assert '--save_dir ./checkpoints' in swin
+    several = launched_command(tmp_path, TRAIN_ROOT='/r1 /r2', TRAIN_LIST='/l1.txt /l2.txt', SAVE_DIR='/runs')
+    assert '--train_root /r1 /r2 --train_list /l1.txt /l2.txt' in several and '--save_dir /runs' in several
     resnet = launched_command(tmp_path, STUDENT='Resnet12', NPROC='4', AMP='none')
     assert f'--nproc_per_node 4 {ROOT}/main.py --backbone_class Resnet12 --max_epoch 40 --warmup_epoch 0 ' \
            '--lr 0.01 --optim SGD' in resnet and '--amp none' in resnet

@@ -310,6 +310,18 @@ def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
     assert os.listdir(str(tmp_path)) == ['checkpoint.pth.tar']
 
 
+def test_a_checkpoint_that_does_not_read_back_replaces_nothing(tmp_path, monkeypatch):
+    path, previous = str(tmp_path / 'checkpoint.pth.tar'), str(tmp_path / 'previous.pth.tar')
+    checkpoints.save_atomically({'epoch': 1}, path)
+    monkeypatch.setattr(torch, 'save', lambda obj, file, *arguments, **keywords: file.write(b'not a checkpoint'))
+    with pytest.raises(utils.RunError, match=r'checkpoint\.pth\.tar: the file just written does not read back .*'
+                                             r'the one that was there is kept'):
+        checkpoints.save_atomically({'epoch': 2}, path, previous_path=previous, verify=True)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'epoch': 1}
+    assert os.listdir(str(tmp_path)) == ['checkpoint.pth.tar']
+
+
 # ------------------------------------------------------------------------------------ processes and resume
 def subprocess_env():
     environment = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
