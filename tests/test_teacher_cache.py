@@ -324,4 +324,5 @@ def test_a_cache_directory_that_processes_do_not_share_is_refused(tiny_data, tea
     assert finished.returncode != 0
     messages = re.findall(r'^error: .*$', finished.stderr, re.M)
     assert len(messages) == 1, finished.stderr[-3000:]
-    assert 'process 1 on host' in messages[0] and '--teacher_cache must be storage that every host shares' in messages[0]
+    assert 'process 1 on host' in messages[0]
+    assert '--teacher_cache must be storage that every host shares' in messages[0]
