@@ -41,6 +41,17 @@ def write_image_list(root: str, list_name: str, labels: list[int], size: int = 4
     return list_path
 
 
+def classifier_file(path, backbone: str = 'Resnet12', num_classes: int = 4, seed: int = 0) -> str:
+    """A classifier (backbone at 96 px, widths / 8, and cosine head) saved in this project's own format: a teacher
+    or a student file for the tests."""
+    import model
+    torch.manual_seed(seed)
+    network = model.create_backbone(backbone, 96, 8)
+    classifier = model.Classifier(network, model.CosFaceHead(num_classes, network.feature_dim))
+    torch.save(model.student_weights(classifier, include_head=True), path)
+    return str(path)
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """The suite never downloads (weights, data): a connection to anything but this machine fails the test."""

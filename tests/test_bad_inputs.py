@@ -16,7 +16,7 @@ from PIL import Image
 
 import helpers
 import model
-from conftest import ROOT, data_args, run_main
+from conftest import ROOT, classifier_file, data_args, run_main
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
          '--log_interval', '1', '--warmup_epoch', '1', '--backbone_class', 'Resnet12']
@@ -299,14 +299,6 @@ def files_under(directory) -> list[str]:
     return sorted(os.path.join(folder, name) for folder, _, names in os.walk(str(directory)) for name in names)
 
 
-def teacher_with_classes(path, classes: int) -> str:
-    torch.manual_seed(7)
-    backbone = model.create_backbone('Resnet12', 96, 8)
-    torch.save(model.student_weights(model.Classifier(backbone, model.CosFaceHead(classes, backbone.feature_dim)),
-                                     include_head=True), path)
-    return str(path)
-
-
 def without_an_image(tiny_data, tmp_path, list_name: str, line: int) -> dict:
     """A copy of the tiny data set whose `list_name` names one image that is not there."""
     import shutil
@@ -326,7 +318,7 @@ def test_a_run_stopped_by_a_start_up_check_writes_nothing_in_its_run_directory(t
     np.save(mask, np.zeros(10, dtype=bool))
     extra, pattern = {
         'num_classes': (['--is_distill', '--teacher_backbone_class', 'Resnet12', '--teacher_init_weights',
-                         teacher_with_classes(tmp_path / 'teacher.pth', 40)],
+                         classifier_file(tmp_path / 'teacher.pth', num_classes=40)],
                         r'--num_classes 4 but the teacher .*teacher\.pth classifies 40 classes; drop --num_classes'),
         'validation_image': ([], r'val\.txt:3: .*: no such image; fix the list or --val_root'),
         'mask': (['--test_mask_coarse', str(mask)], r'mask has 10 entries but 12 features have 66 pairs'),

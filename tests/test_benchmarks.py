@@ -13,29 +13,19 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import model as models
-from conftest import ROOT, run_main
+from conftest import ROOT, classifier_file, run_main
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
          '--backbone_class', 'Resnet12']
 
 
-def weights_file(path, seed: int) -> str:
-    torch.manual_seed(seed)
-    backbone = models.create_backbone('Resnet12', 96, 8)
-    classifier = models.Classifier(backbone, models.CosFaceHead(4, backbone.feature_dim))
-    torch.save(models.student_weights(classifier, include_head=True), path)
-    return str(path)
-
-
 @pytest.fixture(scope='module')
 def weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp('weights')
-    return weights_file(folder / 'student.pth', 1), weights_file(folder / 'teacher.pth', 2)
+    return classifier_file(folder / 'student.pth', seed=1), classifier_file(folder / 'teacher.pth', seed=2)
 
 
 def solid_jpeg(path, colour, size=(64, 48), region=None, region_colour=None):
@@ -213,7 +203,7 @@ def test_gldv2_scores_each_usage_and_a_rerun_reads_the_saved_features(weights, t
     assert results_of(tmp_path / 'runs', 'gldv2') == report
     assert record_of(tmp_path / 'runs', 'gldv2').count('(saved by an earlier run)') == 4
     # another student against the same teacher: the teacher's features are read, the student's extracted
-    other = weights_file(tmp_path / 'other.pth', 3)
+    other = classifier_file(tmp_path / 'other.pth', seed=3)
     run_main(benchmark_argv((other, weights[1]), tmp_path / 'runs', 'gldv2', tmp_path / 'gldv2'))
     record, = glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'gldv2-other-*' / 'record.txt'))
     assert open(record, encoding='utf-8').read().count('(saved by an earlier run)') == 2

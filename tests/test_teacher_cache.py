@@ -17,24 +17,16 @@ from PIL import Image
 import checkpoints
 import model as models
 import trainer
-from conftest import ROOT, data_args, run_main
+from conftest import ROOT, classifier_file, data_args, run_main
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
          '--log_interval', '1', '--warmup_epoch', '1', '--backbone_class', 'Resnet12', '--seed', '3']
 
 
-def teacher_file(path, seed):
-    torch.manual_seed(seed)
-    backbone = models.create_backbone('Resnet12', 96, 8)
-    classifier = models.Classifier(backbone, models.CosFaceHead(4, backbone.feature_dim))
-    torch.save(models.student_weights(classifier, include_head=True), path)
-    return str(path)
-
-
 @pytest.fixture(scope='module')
 def teachers(tmp_path_factory):
     folder = tmp_path_factory.mktemp('teachers')
-    return teacher_file(folder / 'a.pth', 1), teacher_file(folder / 'b.pth', 2)
+    return classifier_file(folder / 'a.pth', seed=1), classifier_file(folder / 'b.pth', seed=2)
 
 
 def distill_argv(tiny_data, teacher, save_dir, *extra):

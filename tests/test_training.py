@@ -22,24 +22,16 @@ import main
 import model as models
 import trainer
 import utils
-from conftest import DDP_RUNNER, ROOT, UPDATE_TOLERANCE, data_args, run_main, update_difference
+from conftest import (DDP_RUNNER, ROOT, UPDATE_TOLERANCE, classifier_file, data_args, run_main,
+                      update_difference)
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
          '--log_interval', '1', '--warmup_epoch', '1']
 
 
-def make_teacher_file(path: str, backbone: str = 'Resnet12', num_classes: int = 40, seed: int = 0) -> str:
-    """A teacher in this project's own format (backbone and cosine head) at the test size."""
-    torch.manual_seed(seed)
-    network = models.create_backbone(backbone, 96, 8)
-    classifier = models.Classifier(network, models.CosFaceHead(num_classes, network.feature_dim))
-    torch.save(models.student_weights(classifier, include_head=True), path)
-    return path
-
-
 @pytest.fixture(scope='module')
 def teacher_file(tmp_path_factory):
-    return make_teacher_file(str(tmp_path_factory.mktemp('teacher') / 'teacher.pth'))
+    return classifier_file(str(tmp_path_factory.mktemp('teacher') / 'teacher.pth'), num_classes=40)
 
 
 def record_of(run_dir: str) -> str:
@@ -360,7 +352,7 @@ def test_sigkill_after_epoch_one_then_rerun_equals_an_uninterrupted_run(tiny_dat
 def test_two_processes_take_the_same_steps_as_one_and_a_wrong_reduction_is_caught(tiny_data, teacher_file, tmp_path):
     runner = tmp_path / 'runner.py'
     runner.write_text(DDP_RUNNER.format(root=ROOT))
-    teacher = make_teacher_file(str(tmp_path / 'swin_teacher.pth'), 'Swin_tiny', num_classes=40)
+    teacher = classifier_file(str(tmp_path / 'swin_teacher.pth'), 'Swin_tiny', num_classes=40)
     argv = SMALL + data_args(tiny_data)[:4] + [
         '--backbone_class', 'Swin_tiny', '--is_distill', '--teacher_backbone_class', 'Swin_tiny',
         '--teacher_init_weights', teacher, '--head_fixed', '--max_epoch', '1', '--warmup_epoch', '0',
@@ -648,43 +640,28 @@ def test_missing_test_image_stops_the_run_before_training(tiny_data, tmp_path):
     assert not glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'checkpoint.pth.tar'))
 
 
-def test_an_unreadable_test_image_on_one_process_stops_every_process_with_one_message(tiny_data,
-                                                                                       resnet_student_file,
-                                                                                       tmp_path):
+@pytest.mark.parametrize('listed', ['test', 'val'])
+def test_an_unreadable_image_on_one_process_stops_every_process_with_one_message(tiny_data, resnet_student_file,
+                                                                                   tmp_path, listed):
     import shutil
     root = str(tmp_path / 'data')
     shutil.copytree(tiny_data['root'], root)
-    with open(os.path.join(root, 'test_0011.jpg'), 'wb') as handle:
+    image, line = {'test': ('test_0011.jpg', 12), 'val': ('val_0007.jpg', 8)}[listed]
+    with open(os.path.join(root, image), 'wb') as handle:
         handle.write(b'not a jpeg at all')  # in the second process's half of the list
+    run = (['--test_only', '--init_weights', resnet_student_file, '--test_root', root, '--test_list',
+            os.path.join(root, 'test.txt')] if listed == 'test' else
+           ['--num_classes', '4', '--max_epoch', '1', '--batch_size', '8', '--train_root', root, '--train_list',
+            os.path.join(root, 'train.txt'), '--val_root', root, '--val_list', os.path.join(root, 'val.txt')])
     result = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-         os.path.join(ROOT, 'main.py')] + SMALL + [
-            '--backbone_class', 'Resnet12', '--test_only', '--init_weights', resnet_student_file,
-            '--test_root', root, '--test_list', os.path.join(root, 'test.txt'), '--save_dir', str(tmp_path / 'runs')],
+         os.path.join(ROOT, 'main.py')] + SMALL + ['--backbone_class', 'Resnet12', '--save_dir',
+                                                   str(tmp_path / 'runs')] + run,
         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     messages = re.findall(r'^error: .*$', result.stderr, re.M)
     assert len(messages) == 1, result.stderr[-3000:]
-    assert 'test_0011.jpg: not a decodable image (' in messages[0] and 'test.txt:12)' in messages[0]
-
-
-def test_an_unreadable_validation_image_on_one_process_stops_every_process_with_one_message(tiny_data, tmp_path):
-    import shutil
-    root = str(tmp_path / 'data')
-    shutil.copytree(tiny_data['root'], root)
-    with open(os.path.join(root, 'val_0007.jpg'), 'wb') as handle:
-        handle.write(b'not a jpeg at all')  # in the second process's half of the list
-    result = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-         os.path.join(ROOT, 'main.py')] + SMALL + [
-            '--backbone_class', 'Resnet12', '--num_classes', '4', '--max_epoch', '1', '--batch_size', '8',
-            '--train_root', root, '--train_list', os.path.join(root, 'train.txt'), '--val_root', root,
-            '--val_list', os.path.join(root, 'val.txt'), '--save_dir', str(tmp_path / 'runs')],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    messages = re.findall(r'^error: .*$', result.stderr, re.M)
-    assert len(messages) == 1, result.stderr[-3000:]
-    assert 'val_0007.jpg: not a decodable image (' in messages[0] and 'val.txt:8)' in messages[0]
+    assert f'{image}: not a decodable image (' in messages[0] and f'{listed}.txt:{line})' in messages[0]
 
 
 # ----------------------------------------------------------------------------------------- several processes
