@@ -97,21 +97,11 @@ import os
 import sys
 import torch
 import torch.distributed as dist
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, os.path.join({root!r}, 'tests')]
 import helpers, main, model
-from timm.layers import DropPath
+from regularisers import regularisers_off
 
 create_backbone = model.create_backbone
-
-
-def without_regularisers(*arguments, **keywords):
-    backbone = create_backbone(*arguments, **keywords)
-    for module in backbone.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(module, DropPath):
-            module.drop_prob = 0.0
-    return backbone
 
 
 def summing(bucket_state, bucket):
@@ -128,7 +118,7 @@ def with_summed_gradients(classifier, device):
     return wrapped
 
 
-model.create_backbone = without_regularisers
+model.create_backbone = lambda *arguments, **keywords: regularisers_off(create_backbone(*arguments, **keywords))
 if os.environ.get('WRONG_REDUCTION'):
     helpers.distributed_student = with_summed_gradients
 main.main(main.get_parser().parse_args(sys.argv[1:]))

@@ -64,13 +64,14 @@ for name in ('lattice', 'clustered'):
 ''')
 
 
-# main.py with drop-path off (its masks would be other draws in another precision), printing the cross-entropy of
-# every training step
+# main.py with the random regularisers off (their masks would be other draws in another precision), printing the
+# cross-entropy of every training step
 LOSS_RUNNER = '''
+import os
 import sys
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, os.path.join({root!r}, 'tests')]
 import main, model, trainer
-from timm.layers import DropPath
+from regularisers import regularisers_off
 
 step, create_backbone = trainer.training_step, model.create_backbone
 
@@ -81,15 +82,8 @@ def recording(*arguments, **keywords):
     return outputs
 
 
-def without_drop_path(*arguments, **keywords):
-    backbone = create_backbone(*arguments, **keywords)
-    for module in backbone.modules():
-        if isinstance(module, DropPath):
-            module.drop_prob = 0.0
-    return backbone
-
-
-trainer.training_step, model.create_backbone = recording, without_drop_path
+trainer.training_step = recording
+model.create_backbone = lambda *arguments, **keywords: regularisers_off(create_backbone(*arguments, **keywords))
 main.main(main.get_parser().parse_args(sys.argv[1:]))
 '''
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 
 import checkpoints
 import evaluation
@@ -24,6 +23,7 @@ import trainer
 import utils
 from conftest import (DDP_RUNNER, ROOT, UPDATE_TOLERANCE, classifier_file, data_args, run_main,
                       update_difference)
+from regularisers import regularisers_off
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
          '--log_interval', '1', '--warmup_epoch', '1']
@@ -482,15 +482,7 @@ def step_losses(argv: list[str]) -> list[float]:
         return outputs
 
     def without_regularisers(*arguments, **keywords):
-        backbone = original_create(*arguments, **keywords)
-        for module in backbone.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-            if isinstance(module, DropPath):
-                module.drop_prob = 0.0
-        if hasattr(backbone, 'drop_rate'):  # ResNet12: DropBlock's keep rate is then 1
-            backbone.drop_rate = 0.0
-        return backbone
+        return regularisers_off(original_create(*arguments, **keywords))
     trainer.training_step, models.create_backbone = recording, without_regularisers
     try:
         run_main(argv)
