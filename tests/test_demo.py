@@ -56,10 +56,12 @@ def test_recipe_launch_refuses_an_unknown_student(tmp_path):
 
 FAKE_PYTHON = '''#!/bin/sh
 # stands in for python: reports 8 GPUs (bf16-capable unless FAKE_BF16=0), prints the command start.sh would run
+# (and appends it to FAKE_LOG when set: the demo sends some output to /dev/null)
 if [ "$1" = "-c" ]; then
     case "$2" in *bf16*) echo "${FAKE_BF16:-1}" ;; *) echo 8 ;; esac
 else
     echo "$@"
+    [ -z "${FAKE_LOG:-}" ] || echo "$@" >> "$FAKE_LOG"
 fi
 '''
 
@@ -147,3 +149,27 @@ def test_test_only_through_start_sh_scores_a_student(tiny_data, tmp_path):
                               env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert re.search(r'^test acc: coarsegrained:\[[0-9., ]+\]--finegrained:\[[0-9., ]+\]$', finished.stdout, re.M)
+
+
+def test_the_demo_runs_with_the_settings_the_readme_gives(tmp_path):
+    fake = tmp_path / 'python'
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / 'commands.txt'
+    environment = demo_environment(tmp_path, PYTHON=str(fake), FAKE_LOG=str(log))
+    for name in ('DEMO_LANDMARKS', 'DEMO_VIEWS', 'DEMO_TEST_LANDMARKS', 'DEMO_IMG_SIZE', 'DEMO_WIDTH_DIVISOR',
+                 'DEMO_AMP', 'DEMO_TEACHER_EPOCHS', 'DEMO_STUDENT_EPOCHS', 'DEMO_RESNET12_EPOCHS'):
+        environment.pop(name, None)
+    finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True,
+                              text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    data, teacher, swin, resnet, floor, report = [' '.join(line.split()) for line in log.read_text().splitlines()]
+    assert '--num_train_landmarks 300 --train_views 40 --num_test_landmarks 50' in data
+    for command in (teacher, swin, resnet, floor):
+        assert ('--img_size 32 --demo_width_divisor 4 --amp bf16 --num_workers 1 --batch_size 128 --optim AdamW '
+                '--weight_decay 0.05 --warmup_epoch 1') in command
+    assert '--backbone_class Swin_base --num_classes 300 --max_epoch 7 --lr 0.001' in teacher
+    assert '--backbone_class Swin_tiny --lr 0.001 --max_epoch 3' in swin and '--teacher_cache' in swin
+    assert '--backbone_class Resnet12 --lr 0.002 --max_epoch 2' in resnet and '--teacher_cache' in resnet
+    assert '--max_epoch 0 --suffix=-untrained' in floor
+    assert report.split()[-3:] == ['report', f'{tmp_path}/demo/runs', f'{tmp_path}/demo']

@@ -13,8 +13,9 @@ import torch
 
 import evaluation
 import helpers
+import main
 import model
-from conftest import run_main
+from conftest import run_main, write_image_list
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4']
 
@@ -43,6 +44,8 @@ def test_onnx_runtime_features_equal_pytorch_features(tmp_path, backbone):
     path = export(tmp_path, backbone, weights)
     metadata = {entry.key: entry.value for entry in onnx.load(path).metadata_props}
     assert metadata['input'].startswith('images: float32 (batch, 3, 96, 96), BGR channel order, values in [0, 1]')
+    record, = glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'record.txt'))
+    assert f"exported {weights} to {path}: input: {metadata['input']}" in open(record, encoding='utf-8').read()
     assert metadata['output'] == 'features: float32 (batch, 128), L2-normalised' and metadata['backbone'] == backbone
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     pytorch = model.load_backbone(backbone, weights, 96, width_divisor=8)
@@ -146,3 +149,12 @@ def test_an_int8_export_of_the_wrong_file_or_without_calibration_is_one_line(tin
         run_main(SMALL + ['--backbone_class', 'Resnet12', '--init_weights', weights, '--export_onnx',
                           str(tmp_path / 'out.onnx'), '--quantize', 'int8', '--save_dir', str(tmp_path / 'runs')])
     assert not os.path.exists(tmp_path / 'out.onnx') and not glob.glob(str(tmp_path / '*.tmp'))
+
+
+def test_calibration_takes_at_most_256_images_one_a_batch(tmp_path):
+    list_path = write_image_list(str(tmp_path), 'calibration.txt', [0] * 260, size=8)
+    args = main.get_parser().parse_args(['--img_size', '32', '--calibration_root', str(tmp_path),
+                                         '--calibration_list', list_path])
+    batches = main.calibration_batches(args)
+    assert len(batches) == 256 and {batch.shape for batch in batches} == {(1, 3, 32, 32)}
+    assert all(0.0 <= batch.min() and batch.max() <= 1.0 for batch in batches)

@@ -272,3 +272,13 @@ def test_a_lock_that_cannot_be_read_yet_is_a_run_starting(tmp_path):
     with pytest.raises(checkpoints.RunDirectoryBusy, match='being taken by another run that is starting'):
         checkpoints.RunLock(run_dir).acquire()
     assert os.path.getsize(os.path.join(run_dir, 'run.lock')) == 0
+
+
+def test_the_run_lock_names_the_host_process_and_start_of_its_run(tmp_path):
+    lock = checkpoints.hold_run_directory(str(tmp_path / 'run'), 0, 1)
+    with open(tmp_path / 'run' / 'run.lock', encoding='utf-8') as handle:
+        content = json.load(handle)
+    lock.release()
+    assert content['host'] == socket.gethostname() and content['pid'] == os.getpid()
+    assert time.strptime(content['started'], '%Y-%m-%d %H:%M:%S')
+    assert not (tmp_path / 'run' / 'run.lock').exists()

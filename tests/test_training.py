@@ -161,12 +161,43 @@ def test_global_batch_must_divide_among_processes():
 
 
 # -------------------------------------------------------------------------------------------- end to end
-def test_distillation_run_writes_every_output_of_a_run(tiny_data, teacher_file, tmp_path):
+def tensorboard_tags(run_dir: str) -> set[str]:
+    """The scalar tags of a run's tensorboard files (TFRecord framing: length, its crc, the event, its crc)."""
+    from tensorboardX.proto import event_pb2
+    tags = set()
+    for path in glob.glob(os.path.join(run_dir, 'events.out.tfevents.*')):
+        data, position = open(path, 'rb').read(), 0
+        while position < len(data):
+            length = int.from_bytes(data[position:position + 8], 'little')
+            event = event_pb2.Event.FromString(data[position + 12:position + 12 + length])
+            tags.update(value.tag for value in event.summary.value)
+            position += 12 + length + 4
+    return tags
+
+
+def test_distillation_run_writes_every_output_of_a_run(tiny_data, teacher_file, tmp_path, monkeypatch):
     argv = SMALL + data_args(tiny_data) + [
         '--backbone_class', 'Resnet12', '--is_distill', '--teacher_backbone_class', 'Resnet12',
         '--teacher_init_weights', teacher_file, '--head_fixed', '--max_epoch', '2', '--warmup_epoch', '1',
         '--lr', '0.01', '--optim', 'SGD', '--save_dir', str(tmp_path), '--augment']
+    written, plotted = set(), []
+    write_atomically, plot_roc = utils.write_atomically, evaluation.plot_roc
+
+    def recording_write(path, *arguments, **keywords):
+        written.add(os.path.basename(path))
+        return write_atomically(path, *arguments, **keywords)
+
+    def recording_plot(curves, path):
+        plotted.extend(curves)
+        return plot_roc(curves, path)
+    monkeypatch.setattr(utils, 'write_atomically', recording_write)
+    monkeypatch.setattr(evaluation, 'plot_roc', recording_plot)
     run_main(argv)
+    # every output goes through the atomic writer (tested for kills and a full disk in test_reliability and
+    # test_bad_inputs); the ROC plot holds both grains of the student, teacher and cross figures; tensorboard the
+    # losses, accuracy, rate, validation and test TARs
+    assert {'checkpoint.pth.tar', 'max_acc.pth', 'results.json', 'opensetFeat.npy', 'roc.png'} <= written
+    assert plotted == ['student coarse', 'student fine', 'teacher coarse', 'teacher fine', 'cross coarse', 'cross fine']
     run_dir = os.path.join(str(tmp_path), 'TLD-Resnet12-KD-1.0', 'lr0.01_SGD_cosine_epoch2_warmup1_bs4-head_fixed')
     record = record_of(run_dir)
     feature_dim = 1024 // 8
@@ -186,6 +217,9 @@ def test_distillation_run_writes_every_output_of_a_run(tiny_data, teacher_file, 
     assert not any(key.startswith('head') for key in best['params'])
     assert os.path.isfile(os.path.join(run_dir, 'roc.png'))
     assert glob.glob(os.path.join(run_dir, '**', 'events.out.tfevents.*'), recursive=True)
+    # tensorboard stores a tag's '@' as '_'
+    assert {'train/ce_loss', 'train/kd_loss', 'train/lr', 'train/accuracy', 'val/loss', 'val/accuracy',
+            'test/student_coarse_tar_far1e-01', 'test/cross_fine_tar_far1e-01'} <= tensorboard_tags(run_dir)
     with open(os.path.join(run_dir, 'results.json'), encoding='utf-8') as handle:
         results = json.load(handle)
     assert results['parameters']['student_backbone'] == backbone_parameters
