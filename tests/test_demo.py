@@ -173,3 +173,19 @@ def test_the_demo_runs_with_the_settings_the_readme_gives(tmp_path):
     assert '--backbone_class Resnet12 --lr 0.002 --max_epoch 2' in resnet and '--teacher_cache' in resnet
     assert '--max_epoch 0 --suffix=-untrained' in floor
     assert report.split()[-3:] == ['report', f'{tmp_path}/demo/runs', f'{tmp_path}/demo']
+
+
+def test_the_cluster_job_runs_the_recipe_on_every_host(tmp_path):
+    with open(os.path.join(ROOT, 'simple_config.json'), encoding='utf-8') as handle:
+        job = json.load(handle)
+    assert (job['host_num'], job['host_gpu_num'], job['exec_start_in_all_mpi_pods']) == (2, 8, True)
+    assert job['init_cmd'] == 'pip install -r requirements.txt'
+    settings = dict(word.split('=', 1) for word in job['start_cmd'].split() if '=' in word)
+    assert job['start_cmd'].endswith(' sh start.sh')
+    # what the cluster sets on host 1 of 2, then the job's own variables
+    command = launched_command(tmp_path, HOST_NUM='2', HOST_GPU_NUM='8', INDEX='1', CHIEF_IP='10.0.0.5', **settings)
+    assert command.startswith('-m torch.distributed.run --nnodes 2 --node_rank 1 --master_addr 10.0.0.5 ')
+    for flag in (f"--teacher_init_weights {settings['TEACHER']}", f"--train_root {settings['TRAIN_ROOT']}",
+                 f"--train_list {settings['TRAIN_LIST']}", f"--val_root {settings['VAL_ROOT']}",
+                 f"--test_list {settings['TEST_LIST']}", f"--save_dir {settings['SAVE_DIR']}"):
+        assert flag in command
