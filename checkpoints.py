@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import helpers
 import model as models
 import utils
 
@@ -441,18 +441,22 @@ def file_digest(paths) -> str:
     digest = hashlib.sha256()
     for path in paths:
         if path:
-            with open(path, 'rb') as handle:
-                for block in iter(lambda: handle.read(1 << 24), b''):
-                    digest.update(block)
+            for block in _blocks(path):
+                digest.update(block)
     return digest.hexdigest()
 
 
 def _crc(path: str) -> int:
     value = 0
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(1 << 24), b''):
-            value = zlib.crc32(block, value)
+    for block in _blocks(path):
+        value = zlib.crc32(block, value)
     return value
+
+
+def _blocks(path: str, size: int = 1 << 24):
+    """The bytes of a file, `size` at a time."""
+    with open(path, 'rb') as handle:
+        yield from iter(lambda: handle.read(size), b'')
 
 
 class TeacherCache:
@@ -561,7 +565,7 @@ def fill_teacher_cache(cache: TeacherCache, teacher_backbone, dataset, batch_tra
     unfinished = np.isnan(features[:, start:end, 0]) | np.isnan(features[:, start:end, -1])
     missing = [(int(index) + start, int(view)) for view, index in zip(*np.nonzero(unfinished))]
     teacher_backbone.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=missing, num_workers=num_workers)
+    loader = helpers.make_loader(dataset, missing, batch_size, num_workers, drop_last=False)
     begun, done = time.perf_counter(), 0
     bar = tqdm(loader, desc='teacher cache', disable=rank != 0, dynamic_ncols=True)
     for position, batch in enumerate(bar):

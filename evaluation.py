@@ -39,7 +39,8 @@ def default_device():
 
 def _normalized_features(features, device, name):
     """(N, d) array or tensor -> float32 L2-normalised tensor on `device`."""
-    tensor = features if torch.is_tensor(features) else torch.as_tensor(np.asarray(features))
+    # a read-only array (a memory-mapped .npy) is copied: torch does not take non-writable memory
+    tensor = features if torch.is_tensor(features) else torch.from_numpy(np.require(features, requirements='W'))
     if tensor.ndim != 2:
         raise utils.RunError(f'{name} must be a 2-d (N, d) array, got shape {tuple(tensor.shape)}')
     tensor = tensor.to(device=device, dtype=torch.float32)
@@ -721,18 +722,12 @@ def global_average_precision(predictions, solution):
 BENCHMARK_TILE_ROWS = 16384  # database rows scored at once: 1,129 GLDv2 queries x 16,384 rows is 74 MB of scores
 
 
-def _unit_rows(rows, device) -> torch.Tensor:
-    """Unit float32 rows on `device` of a tensor or of an array (a memory-mapped one read into memory)."""
-    rows = rows.float() if isinstance(rows, torch.Tensor) else torch.from_numpy(np.array(rows, dtype=np.float32))
-    return functional.normalize(rows.to(device), dim=1)
-
-
 def ranked_database(queries, database, device=None, queries_at_once: int = 16) -> np.ndarray:
     """(database x queries) database indices, best cosine first (ties: the smaller index first), as revisitop's
     `ranks`; a few queries at a time, so that only (queries_at_once x database) scores are ever held."""
     device = torch.device(device) if device is not None else default_device()
-    database = _unit_rows(database, device)
-    queries = _unit_rows(queries, device)
+    database = _normalized_features(database, device, 'database features')
+    queries = _normalized_features(queries, device, 'query features')
     ranks = np.empty((database.shape[0], queries.shape[0]), dtype=np.int64)
     for first in range(0, queries.shape[0], queries_at_once):
         scores = queries[first:first + queries_at_once] @ database.T
@@ -745,11 +740,11 @@ def top_k_neighbours(queries, database, k: int = 100, device=None, tile_rows: in
     `tile_rows` rows at a time (an array, a memory-mapped .npy or a tensor) and a running top-k kept: the full score
     matrix is never held."""
     device = torch.device(device) if device is not None else default_device()
-    queries = _unit_rows(queries, device)
+    queries = _normalized_features(queries, device, 'query features')
     best_scores = torch.empty(queries.shape[0], 0, device=device)
     best_indices = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=device)
     for first in range(0, len(database), tile_rows):
-        scores = queries @ _unit_rows(database[first:first + tile_rows], device).T
+        scores = queries @ _normalized_features(database[first:first + tile_rows], device, 'database features').T
         tile_best = scores.topk(min(k, scores.shape[1]), dim=1)  # the tile's own best first: small to merge
         candidates = torch.cat([best_scores, tile_best.values], dim=1)
         best_scores, order = candidates.topk(min(k, candidates.shape[1]), dim=1)
@@ -814,7 +809,7 @@ def saved_features(path: str, count: int, extract, rank: int, logger):
     features = extract()
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        utils.write_atomically(path, lambda file: np.save(file, features.numpy().astype(np.float32)))
+        utils.write_atomically(path, lambda file: np.save(file, features.numpy()))  # float32 already
     return features
 
 
@@ -824,16 +819,16 @@ def run_benchmark(images, backbones: dict, model_keys: dict, *, feature_dir: str
     queries and database (saved in `feature_dir` under a name made of the model's key in `model_keys` and the
     images, so that a rerun or another test of the same model reads them instead), then on rank 0 the report in
     record.txt and results.json (under the benchmark's name)."""
+    parts = {part: (helpers.build_test_loader(samples, img_size, batch_size, num_workers, rank=rank,
+                                              world_size=world_size), _images_digest(samples))
+             for part, samples in (('queries', images.queries), ('database', images.database))}
     features = {}
     for model, backbone in backbones.items():
-        parts = []
-        for part, samples in (('queries', images.queries), ('database', images.database)):
-            loader = helpers.build_test_loader(samples, img_size, batch_size, num_workers, rank=rank,
-                                               world_size=world_size)
-            extract = functools.partial(_features, backbone, loader, device, amp, rank, logger)
-            path = _feature_path(feature_dir, f'{images.name}-{part}', model_keys[model], samples)
-            parts.append(saved_features(path, len(samples), extract, rank, logger))
-        features[model] = tuple(parts)
+        features[model] = tuple(
+            saved_features(_feature_path(feature_dir, f'{images.name}-{part}', model_keys[model], digest),
+                           len(loader.dataset), functools.partial(_features, backbone, loader, device, amp, rank,
+                                                                  logger), rank, logger)
+            for part, (loader, digest) in parts.items())
     if rank != 0:
         return
     report = benchmark_report(images, features['student'], features.get('teacher'), device)
@@ -842,9 +837,17 @@ def run_benchmark(images, backbones: dict, model_keys: dict, *, feature_dir: str
     logger.result(images.name, report)
 
 
-def _feature_path(feature_dir: str, name: str, model_key: str, samples) -> str:
-    """`feature_dir/<name>-<digest of the model's key and the images' paths and boxes>.npy`."""
-    identity = '\n'.join([model_key] + [f'{sample.path} {sample.box}' for sample in samples])
+def _images_digest(samples) -> str:
+    """sha1 of the images' paths and boxes."""
+    digest = hashlib.sha1()
+    for sample in samples:
+        digest.update(f'{sample.path} {sample.box}\n'.encode())
+    return digest.hexdigest()
+
+
+def _feature_path(feature_dir: str, name: str, model_key: str, images_digest: str) -> str:
+    """`feature_dir/<name>-<digest of the model's key and of the images>.npy`."""
+    identity = f'{model_key}\n{images_digest}'
     return os.path.join(feature_dir, f'{name}-{hashlib.sha1(identity.encode()).hexdigest()[:16]}.npy')
 
 

@@ -473,16 +473,17 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, *, seed: int,
     """
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                           drop_last=True)
-    return _loader(dataset, sampler, batch_size, num_workers, drop_last=True)
+    return make_loader(dataset, sampler, batch_size, num_workers, drop_last=True)
 
 
 def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, world_size: int) -> DataLoader:
     """Loader over this rank's contiguous shard, in list order, no padding (see utils.gather_in_order)."""
-    return _loader(dataset, ContiguousShardSampler(len(dataset), rank, world_size), batch_size, num_workers,
+    return make_loader(dataset, ContiguousShardSampler(len(dataset), rank, world_size), batch_size, num_workers,
                    drop_last=False)
 
 
-def _loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool) -> DataLoader:
+def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool) -> DataLoader:
+    """The suite's loader: persistent workers that leave Ctrl-C to the main process, pinned memory on GPUs."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
@@ -817,14 +818,16 @@ def distributed_student(classifier: models.Classifier, device: torch.device) -> 
 
 
 def parameter_counts(distiller: models.DistillationModel) -> dict:
-    """Parameters of the student (trainable, all, its backbone alone) and of the teacher (trainable, all)."""
+    """Parameters of the student (trainable, all, its backbone alone) and of the teacher in memory (trainable, all:
+    its classifier alone when its features come from a cache)."""
     def counts(module):
         if module is None:
             return 0, 0
         parameters = list(module.parameters())
         return (sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters))
     student_trainable, student_total = counts(distiller.student)
-    teacher_trainable, teacher_total = counts(distiller.teacher)
+    teacher_trainable, teacher_total = counts(distiller.teacher if distiller.teacher is not None
+                                              else distiller.teacher_head)
     return {'student_trainable': student_trainable, 'student_total': student_total,
             'student_backbone': counts(distiller.student.backbone)[1], 'teacher_trainable': teacher_trainable,
             'teacher_total': teacher_total}

@@ -375,7 +375,10 @@ def main(args):
 
 def train_and_test(args, place: trainer.RunPlace, signals: trainer.StopSignals):
     """Train (resuming where the run directory left off), then test the best epoch's student."""
+    signals.at_once = ('during start-up: the teacher cache keeps the rows computed so far; the same command starts '
+                       'again')
     run, test_samples = build_training(args, place, signals)
+    signals.at_once = None  # training: a signal stops after the next iteration, with a checkpoint
     run.fit()
     if test_samples:
         signals.at_once = ("during the final test: the run's checkpoints and max_acc.pth are whole; the same command "
@@ -409,7 +412,7 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
         channels_last=args.channels_last, init_head_from_teacher=args.init_head_from_teacher,
         stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block,
         cached_teacher=bool(args.teacher_cache)).to(device)
-    cache = teacher_cache_of(args, train_samples) if args.teacher_cache else None
+    cache = teacher_cache_of(args, train_samples, rank) if args.teacher_cache else None
     train_loader, val_loader = helpers.build_training_loaders(
         train_samples, val_samples, val_list=args.val_list, num_classes=distiller.student.head.num_classes,
         img_size=args.img_size, batch_size=args.batch_size, num_workers=args.num_workers, augment=args.augment,
@@ -447,9 +450,10 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     return trainer.Trainer(args, parts, place, flags, signals), test_samples
 
 
-def teacher_cache_of(args, samples) -> checkpoints.TeacherCache:
-    """The teacher cache this run needs in --teacher_cache: what it is valid for, and its shape."""
-    identity = {'teacher': args.teacher_backbone_class,
+def teacher_cache_of(args, samples, rank: int) -> checkpoints.TeacherCache:
+    """The teacher cache this run needs in --teacher_cache: its shape, and on rank 0 (which alone checks and writes
+    the manifest) what it is valid for, the teacher file's digest included (one read of it, not one a process)."""
+    identity = {} if rank else {'teacher': args.teacher_backbone_class,
                 'teacher_file': checkpoints.file_digest([args.teacher_init_weights]),
                 'training_lists': checkpoints.file_digest(args.train_list + [args.label_map]),
                 'train_root': list(args.train_root), 'images': len(samples), 'img_size': args.img_size,
@@ -526,10 +530,12 @@ def benchmark(args, place: trainer.RunPlace, images: helpers.BenchmarkImages, we
               teacher_backbone, feature_dir: str):
     """Score the student of `weights` (and the teacher, with the cross figures) on the --benchmark's images, each
     model's features kept in `feature_dir` under what they depend on."""
-    backbones, keys = {'student': student_backbone}, {'student': model_key(args, weights, args.backbone_class)}
+    backbones, names = {'student': student_backbone}, {'student': (weights, args.backbone_class)}
     if teacher_backbone is not None:
         backbones['teacher'] = teacher_backbone
-        keys['teacher'] = model_key(args, args.teacher_init_weights, args.teacher_backbone_class)
+        names['teacher'] = (args.teacher_init_weights, args.teacher_backbone_class)
+    # rank 0 alone decides whether saved features are reused, and writes them: only it reads the weights' bytes
+    keys = {model: model_key(args, *names[model]) if place.rank == 0 else '' for model in backbones}
     evaluation.run_benchmark(images, backbones, keys, feature_dir=feature_dir, img_size=args.img_size,
                              batch_size=args.batch_size, num_workers=args.num_workers, device=place.device,
                              amp=args.amp, rank=place.rank, world_size=place.world_size, logger=place.logger)

@@ -292,6 +292,8 @@ def test_training_from_the_cache_holds_no_teacher_and_reads_its_features(tiny_da
     run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
                           str(tmp_path / 'cache')))
     assert seen == [(True, True)] * 6
+    record, = glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'record.txt'))
+    assert 'teacher para trainable/sum 0/512\n' in open(record, encoding='utf-8').read()  # its head: 4 x 128
 
 
 SEPARATE_CACHE_RUNNER = """
@@ -318,3 +320,31 @@ def test_a_cache_directory_that_processes_do_not_share_is_refused(tiny_data, tea
     assert len(messages) == 1, finished.stderr[-3000:]
     assert 'process 1 on host' in messages[0]
     assert '--teacher_cache must be storage that every host shares' in messages[0]
+
+
+SIGNAL_IN_PRE_PASS_RUNNER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import checkpoints, main
+fill = checkpoints.fill_teacher_cache
+def signal_then_fill(*arguments, **keywords):
+    os.kill(os.getpid(), signal.SIGTERM)  # the pre-pass is under way: an eviction
+    return fill(*arguments, **keywords)
+checkpoints.fill_teacher_cache = signal_then_fill
+main.main(main.get_parser().parse_args(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_pre_pass_stops_at_once_and_the_rerun_completes_the_cache(tiny_data, teachers, tmp_path):
+    runner = tmp_path / 'runner.py'
+    runner.write_text(SIGNAL_IN_PRE_PASS_RUNNER.format(root=ROOT))
+    argv = distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
+                        str(tmp_path / 'cache'))
+    finished = subprocess.run([sys.executable, str(runner)] + argv, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
+    assert finished.returncode == 128 + signal.SIGTERM, finished.stderr[-2000:]
+    assert finished.stdout.splitlines()[-1] == ('stopped by SIGTERM during start-up: the teacher cache keeps the rows '
+                                                'computed so far; the same command starts again')
+    assert 'epoch 1' not in finished.stdout  # it did not go on to train
+    run_main(argv)
+    assert not np.isnan(cached_features(tmp_path / 'cache')).any()
