@@ -11,7 +11,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-import utils
+import run_directory
 
 # Synthetic landmarks
 #
@@ -397,10 +397,10 @@ FAR_COLUMNS = (1, 0)  # TAR at FAR 1e-2, then 1e-1
 def read_runs(runs_dir: str) -> dict:
     """results.json of each demo run, keyed by backbone ('Swin_tiny-untrained' for the untrained floor)."""
     runs = {}
-    for path in sorted(glob.glob(os.path.join(runs_dir, '*', '*', utils.RESULTS_NAME))):
+    for path in sorted(glob.glob(os.path.join(runs_dir, '*', '*', run_directory.RESULTS_NAME))):
         run_dir = os.path.dirname(path)
         backbone = os.path.basename(os.path.dirname(run_dir)).split('-')[1]
-        runs[backbone + ('-untrained' if run_dir.endswith('-untrained') else '')] = utils.read_results(run_dir)
+        runs[backbone + ('-untrained' if run_dir.endswith('-untrained') else '')] = run_directory.read_results(run_dir)
     return runs
 
 

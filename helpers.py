@@ -1,654 +1,30 @@
-"""Data (file lists, images, data sets, loaders, batch transforms) and the construction of the models and optimizer."""
-import contextlib
+"""What a run needs, built from its settings: the models (DDP included), the loaders, the optimizer, the teacher
+cache, and the training run that main.py hands to the trainer."""
 import copy
-import csv
-import itertools
+import functools
 import os
-import signal
-from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image, ImageFile
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.transforms import RandomResizedCrop
 
-import model as models
+import checkpoints
+import datasets
+import evaluation
+import feature_store
+import losses
+import model
+import run_directory
 import swin_transformer
+import trainer
 import utils
 
-
-# The original's normalisation and AlexNet-style PCA lighting, in BGR channel order (images are reversed to BGR
-# before any float work, and the lighting noise is added after that reversal, as the original did).
-PIXEL_MEAN_BGR = (0.406, 0.456, 0.485)
-PIXEL_STD_BGR = (0.225, 0.224, 0.229)
-LIGHTING_STD = 0.1
-LIGHTING_EIGENVALUES = (0.2175, 0.0188, 0.0045)
-LIGHTING_EIGENVECTORS = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-DCT_SCALES = (8, 4, 2)
-# At start-up, a training list none of whose first images exists stops the run (see check_training_roots).
-FIRST_IMAGES_CHECKED = 16
-# A train sample whose image (and this many following ones) cannot be read stops the epoch.
-MAX_REPLACEMENT_ATTEMPTS = 32
-# Exceptions that mean "this file is not a readable image" rather than a bug in our code.
-IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-@dataclass(slots=True)
-class Sample:
-    """One image of a file list: absolute path, (combined/mapped) label, fine-grained label.
-
-    `origin` is 'list_file:line' of the line it came from, `label_note` how a training label was shifted or mapped;
-    both are for error messages.
-    """
-    path: str
-    label: int
-    fine_label: int
-    origin: str = ''
-    label_note: str = ''
-    box: tuple[float, float, float, float] | None = None  # a benchmark query's region (left, top, right, bottom)
-
-
-@contextlib.contextmanager
-def _truncated_images_allowed():
-    """Decode a truncated file as the original did (PIL's LOAD_TRUNCATED_IMAGES): the missing part is filled in."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def _parse_integer(text: str, origin: str, what: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise utils.RunError(f"{origin}: {what} {text!r} is not an integer") from None
-
-
-def read_list_file(list_path: str) -> list[tuple[str, int, int | None, str]]:
-    """Parse a tab-separated list `relative_path<TAB>name<TAB>label[<TAB>fine_label]`.
-
-    Returns (relative_path, label, fine_label or None, 'file:line') per non-blank line; raises
-    ValueError 'file:line: reason' on a malformed line.
-    """
-    with open(list_path, 'rb') as handle:
-        # a byte-order mark (some editors write one) is not part of the first path
-        raw_lines = handle.read().removeprefix(b'\xef\xbb\xbf').split(b'\n')
-    entries = []
-    for line_number, raw_line in enumerate(raw_lines, start=1):
-        origin = f"{list_path}:{line_number}"
-        try:
-            line = raw_line.decode('utf-8').rstrip('\r')
-        except UnicodeDecodeError:
-            raise utils.RunError(f"{origin}: line is not valid UTF-8; save the list as UTF-8") from None
-        if not line.strip():
-            continue
-        fields = line.split('\t')
-        if len(fields) not in (3, 4):
-            raise utils.RunError(f"{origin}: expected 3 or 4 tab-separated fields "
-                                 f"(relative_path, name, label[, fine_label]), found {len(fields)}")
-        if not fields[0].strip():
-            raise utils.RunError(f"{origin}: empty image path")
-        label = _parse_integer(fields[2], origin, 'label')
-        fine_label = _parse_integer(fields[3], origin, 'fine label') if len(fields) == 4 else None
-        entries.append((fields[0], label, fine_label, origin))
-    return entries
-
-
-def load_label_map(path: str) -> dict[int, int]:
-    """Read a saved dict `label -> (final_label, score)` and return `label -> final_label`.
-
-    Accepted files, none of which can run code when read (see utils.load_plain_data): `torch.save`, a plain
-    `pickle.dump`, or `numpy.save` of the dict. A bare `label -> final_label` value is also accepted.
-    """
-    try:
-        loaded = utils.load_plain_data(path)
-    except Exception as error:  # any unreadable file becomes one clear message
-        raise utils.RunError(f"{path}: cannot read the label map ({models.first_line(error)}); save it as a dict "
-                             f"label -> (final_label, score) of plain numbers with torch.save or pickle") from None
-    if not isinstance(loaded, dict):
-        raise utils.RunError(f"{path}: label map must be a dict label -> (final_label, score), "
-                             f"found {type(loaded).__name__}")
-    label_map = {}
-    for key, value in loaded.items():
-        final = value[0] if isinstance(value, (tuple, list)) and len(value) >= 1 else value
-        if isinstance(final, torch.Tensor) and final.numel() == 1:
-            final = final.item()
-        if not isinstance(key, (int, np.integer)) or not isinstance(final, (int, np.integer)):
-            raise utils.RunError(f"{path}: entry {key!r}: {value!r} is not integer label -> (final_label, score)")
-        label_map[int(key)] = int(final)
-    return label_map
-
-
-def read_train_samples(roots: list[str], lists: list[str], label_map: str | None = None
-                       ) -> tuple[list[Sample], int]:
-    """Read the training lists paired with their image roots; return (samples, num_classes).
-
-    The labels of list k are shifted by the number of distinct labels in lists 0..k-1; `label_map`
-    (see load_label_map) then maps combined labels to final ones, absent labels staying as they are.
-    num_classes is the largest final label + 1. A fourth column is ignored (fine_label = label).
-    """
-    if len(roots) != len(lists):
-        raise utils.RunError(f"got {len(roots)} train roots but {len(lists)} train lists; "
-                             f"give one --train_root per --train_list, in the same order")
-    final_label_of = load_label_map(label_map) if label_map else {}
-    samples, notes = [], {}  # one note a distinct label, shared by its images: millions of lines, few labels
-    offset = 0
-    for root, list_path in zip(roots, lists):
-        entries = read_list_file(list_path)
-        for relative_path, label, _, origin in entries:
-            final_label = final_label_of.get(label + offset, label + offset)
-            mapped = label + offset in final_label_of
-            note = notes.get((label, offset, mapped))
-            if note is None:
-                note = notes[label, offset, mapped] = _label_note(label, offset, final_label,
-                                                                  label_map if mapped else None)
-            samples.append(Sample(os.path.join(root, relative_path), final_label, final_label, origin, note))
-        offset += len({label for _, label, _, _ in entries})
-    if not samples:
-        raise utils.RunError(f"no training images in {', '.join(lists)}")
-    num_classes = max(sample.label for sample in samples) + 1
-    return samples, num_classes
-
-
-def read_eval_samples(root: str, list_path: str) -> list[Sample]:
-    """Read a val/test list; column 3 is the (coarse) label, optional column 4 the fine label, on every line or on
-    none (a line without it would silently make its coarse label a fine one)."""
-    entries = read_list_file(list_path)
-    if not entries:
-        raise utils.RunError(f"{list_path}: the list has no images")
-    with_fine = entries[0][2] is not None
-    for _, _, fine_label, origin in entries:
-        if (fine_label is not None) != with_fine:
-            raise utils.RunError(f"{origin}: {4 if fine_label is not None else 3} fields, where {entries[0][3]} has "
-                                 f"{4 if with_fine else 3}: give every line a fine label (4th field) or none")
-    return [Sample(os.path.join(root, relative_path), label, label if fine_label is None else fine_label, origin)
-            for relative_path, label, fine_label, origin in entries]
-
-
-def _label_note(raw_label: int, offset: int, final_label: int, label_map: str | None) -> str:
-    """How a training line's label became `final_label`, for messages; '' when it is the list's own label."""
-    steps = ([f'+ {offset} for the labels of the lists before it'] if offset else []) + (
-        [f'mapped to {final_label} by --label_map {label_map}'] if label_map else [])
-    return f"the list's label {raw_label} " + ', '.join(steps) if steps else ''
-
-
-def check_labels(samples, num_classes: int, source: str):
-    """Raise RunError 'file:line: label 7 outside [0, 5)' for the first label outside [0, num_classes), saying how
-    a training label got there (offset of earlier lists, label map)."""
-    for position, sample in enumerate(samples):
-        if not 0 <= sample.label < num_classes:
-            origin = sample.origin or f"{source}:{position + 1}"
-            how = f' ({sample.label_note})' if sample.label_note else ''
-            raise utils.RunError(f"{origin}: label {sample.label}{how} outside [0, {num_classes}); {source} must "
-                                 f"use labels 0..{num_classes - 1} (check --num_classes, the list and any label map)")
-
-
-def check_training_roots(samples):
-    """Raise RunError when none of the first images of a training list exists: its --train_root is wrong (a few
-    missing images are replaced during training, as unreadable ones are)."""
-    by_list = {}
-    for sample in samples:
-        first = by_list.setdefault(sample.origin.rsplit(':', 1)[0], [])
-        if len(first) < FIRST_IMAGES_CHECKED:
-            first.append(sample.path)
-    for list_path, first in by_list.items():
-        if not any(os.path.isfile(path) for path in first):
-            raise utils.RunError(f"{list_path}: none of its first {len(first)} images exists (the first: {first[0]}); "
-                                 "check its --train_root")
-
-
-def missing_image_problem(samples, root_flag: str) -> str | None:
-    """'list:line: path: no such image' naming the first of `samples` whose image is not a file, or None."""
-    missing = [sample for sample in samples if not os.path.isfile(sample.path)]
-    if not missing:
-        return None
-    more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
-    return f"{missing[0].origin}: {missing[0].path}: no such image{more}; fix the list or {root_flag}"
-
-
-def draft_scale(crop_width: int, crop_height: int, img_size: int) -> int:
-    """Largest JPEG DCT scale (8, 4, 2, else 1) keeping the crop at least img_size on both sides."""
-    for scale in DCT_SCALES:
-        if crop_width >= scale * img_size and crop_height >= scale * img_size:
-            return scale
-    return 1
-
-
-def _bgr_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 (3, H, W) BGR tensor."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)[::-1]))
-
-
-def _rgb(image: Image.Image) -> Image.Image:
-    """The decoded image in RGB, without a copy when it already is. 16-bit images keep their full range (PIL's own
-    conversion would clip them almost white); floating-point ones, whose range no file states, are refused."""
-    image.load()
-    if image.mode == 'F':
-        raise ValueError('a floating-point image (32-bit float pixels): save it as an 8-bit image')
-    if image.mode.startswith('I'):  # 16-bit grayscale ('I;16*') or 32-bit integer pixels ('I')
-        pixels = np.asarray(image).astype(np.int64) >> 8
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode='L')
-    return image if image.mode == 'RGB' else image.convert('RGB')
-
-
-def decode_eval_image(path: str, img_size: int, box=None) -> torch.Tensor:
-    """Full decode, RGB, cropped to `box` (left, top, right, bottom) when one is given, bilinear (antialiased) resize
-    to img_size x img_size, as uint8 BGR."""
-    with Image.open(path) as image:
-        rgb = _rgb(image)
-        resized = (rgb.crop(box) if box else rgb).resize((img_size, img_size), Image.Resampling.BILINEAR)
-    return _bgr_tensor(resized)
-
-
-def decode_train_crop(path: str, img_size: int) -> torch.Tensor:
-    """Random resized crop (torchvision's geometry and random draws) + horizontal flip, as uint8 BGR.
-
-    A JPEG whose crop is at least 2x img_size on both sides is decoded at a reduced DCT scale
-    (PIL draft mode), the crop box mapped into the reduced image.
-    """
-    with Image.open(path) as image:
-        top, left, height, width = RandomResizedCrop.get_params(image, list(CROP_SCALE), list(CROP_RATIO))
-        box = (left, top, left + width, top + height)
-        full_width = image.width
-        scale = draft_scale(width, height, img_size)
-        drafted = image.draft('RGB', (image.width // scale, image.height // scale)) if scale > 1 else None
-        rgb = _rgb(image)
-        if drafted is None:
-            # crop then resize, exactly as torchvision's RandomResizedCrop does on a PIL image
-            crop = rgb.crop(box).resize((img_size, img_size), Image.Resampling.BILINEAR)
-        else:
-            # the reduced image's pixel k covers original pixels [k * reduction, (k + 1) * reduction)
-            reduction = full_width / drafted[1][2]
-            reduced_box = tuple(coordinate / reduction for coordinate in box)
-            crop = rgb.resize((img_size, img_size), Image.Resampling.BILINEAR, box=reduced_box)
-    if torch.rand(1).item() < 0.5:
-        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _bgr_tensor(crop)
-
-
-def decode_image(path: str, img_size: int, augment: bool, box=None) -> tuple[torch.Tensor, bool]:
-    """(uint8 BGR image: a random resized crop and flip with `augment`, else the evaluation resize of the image or of
-    its `box`; whether the file was truncated and decoded with its missing part filled in, as the original's PIL
-    LOAD_TRUNCATED_IMAGES did)."""
-    def decode():
-        return decode_train_crop(path, img_size) if augment else decode_eval_image(path, img_size, box)
-    try:
-        return decode(), False
-    except FileNotFoundError:
-        raise
-    except OSError:
-        with _truncated_images_allowed():
-            return decode(), True
-
-
-def image_problem(path: str, error: BaseException) -> str:
-    """Short reason why `path` could not be read."""
-    if isinstance(error, FileNotFoundError):
-        return 'missing file'
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        return 'empty file'
-    if isinstance(error, Image.UnidentifiedImageError):
-        return 'not a decodable image'
-    return f"cannot decode ({error})"
-
-
-class PackedStrings:
-    """Read-only list of strings held in one bytes buffer.
-
-    DataLoader workers forked from the main process copy every memory page whose Python objects they
-    touch (reference counts); millions of path strings in a list would be copied into every worker.
-    """
-
-    def __init__(self, strings):
-        encoded = [string.encode('utf-8') for string in strings]
-        self.buffer = b''.join(encoded)
-        self.ends = np.cumsum([len(item) for item in encoded], dtype=np.int64)
-
-    def __len__(self):
-        return len(self.ends)
-
-    def __getitem__(self, index: int) -> str:
-        start = int(self.ends[index - 1]) if index > 0 else 0
-        return self.buffer[start:int(self.ends[index])].decode('utf-8')
-
-
-class ImageDataset(Dataset):
-    """Images of a list as uint8 BGR tensors; float work is left to BatchTransform on the batch.
-
-    Item: dict(image=uint8 (3, img_size, img_size) BGR, label, fine_label, index, bad, truncated).
-    A truncated file is decoded as the original decoded it, the missing part filled in; 'truncated' then names
-    its path (else '').
-    train=True: an unreadable image is replaced by the next readable sample in list order (its image,
-    labels and index are returned) and 'bad' lists each skipped 'path: reason', joined by '; '.
-    train=False: an unreadable image gives a black image and 'bad' = 'path: reason (list:line); what to do', for
-    the evaluation loop to stop every process with (raising in a loader worker would bury the message).
-    augment (train only): see decode_image. The samples are stored packed (see PackedStrings).
-    """
-
-    def __init__(self, samples, img_size: int, train: bool, augment: bool, seed: int = 0,
-                 teacher_features: str | None = None, views: int = 0):
-        self.seed = seed
-        # the teacher cache's features file, opened in each loader worker, and its number of views (see __getitem__)
-        self.teacher_features, self._teacher_rows, self.views = teacher_features, None, views
-        self.paths = PackedStrings([sample.path for sample in samples])
-        self.origins = PackedStrings([sample.origin for sample in samples])
-        self.labels = np.array([sample.label for sample in samples], dtype=np.int64)
-        self.fine_labels = np.array([sample.fine_label for sample in samples], dtype=np.int64)
-        self.boxes = {index: sample.box for index, sample in enumerate(samples) if sample.box}
-        self.img_size = img_size
-        self.train = train
-        self.augment = augment and train
-
-    def __len__(self):
-        return len(self.labels)
-
-    def sample(self, index: int) -> Sample:
-        """The Sample at `index` (path, label, fine label, origin)."""
-        return Sample(self.paths[index], int(self.labels[index]), int(self.fine_labels[index]),
-                      self.origins[index])
-
-    def _item(self, index: int, image: torch.Tensor, truncated: bool, bad: str) -> dict:
-        return dict(image=image, label=int(self.labels[index]), fine_label=int(self.fine_labels[index]),
-                    index=index, bad=bad, truncated=self.paths[index] if truncated else '')
-
-    def __getitem__(self, key) -> dict:
-        """Item `key`: a sample index, or (sample index, epoch) as the training sampler gives them; a training
-        sample's augmentation draws come from a generator seeded by (seed, epoch, index). With `views` (a teacher
-        cache of that many views) epoch e draws view e mod views, seeded by (seed, view, index), its lighting
-        included ('lighting'), so that the student sees exactly the image whose teacher feature was stored."""
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        if self.views:
-            epoch %= self.views
-        if not self.train:
-            path = self.paths[index]
-            try:
-                image, truncated = decode_image(path, self.img_size, self.augment, self.boxes.get(index))
-                return self._item(index, image, truncated, '')
-            except IMAGE_READ_ERRORS as error:
-                blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
-                problem = (f"{path}: {image_problem(path, error)} ({self.origins[index]}); fix the file or remove it "
-                           f"from the list")
-                return self._item(index, blank, False, problem)
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator only: torch.manual_seed would also reseed (and never restore) a GPU's
-            torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 63))
-            item = self._train_item(index)
-            if self.views and self.augment:
-                item['lighting'] = torch.randn(3) * LIGHTING_STD
-        if self.teacher_features:
-            item['teacher_feature'] = self.teacher_feature(index, epoch)
-        return item
-
-    def teacher_feature(self, index: int, view: int) -> torch.Tensor:
-        """The cached teacher feature of sample `index` in `view` (the image the pre-pass decoded for it,
-        replacement included), as float32."""
-        if self._teacher_rows is None:
-            self._teacher_rows = np.load(self.teacher_features, mmap_mode='r')
-        return torch.from_numpy(self._teacher_rows[view, index].astype(np.float32))
-
-    def _train_item(self, index: int) -> dict:
-        problems = []
-        for attempt in range(min(MAX_REPLACEMENT_ATTEMPTS, len(self))):
-            candidate = (index + attempt) % len(self)
-            path = self.paths[candidate]
-            try:
-                return self._item(candidate, *decode_image(path, self.img_size, self.augment), '; '.join(problems))
-            except IMAGE_READ_ERRORS as error:
-                problems.append(f"{path}: {image_problem(path, error)}")
-        raise RuntimeError(f"{len(problems)} consecutive training images are unreadable, starting at "
-                           f"{self.origins[index]}: {'; '.join(problems[:3])}; check --train_root")
-
-
-def batch_messages(batch: dict, field: str) -> list[str]:
-    """The non-empty messages of a batch's 'bad' or 'truncated' field (see ImageDataset)."""
-    return [message for message in batch.get(field, ()) if message]
-
-
-def report_truncated(paths, logger):
-    """Say once a run of each truncated image that it was used; the original used them too."""
-    for path in sorted(set(paths)):
-        logger.once(f'truncated {path}',
-                    f'truncated image (decoded with its missing part filled in, as the original did): {path}')
-
-
-class ContiguousShardSampler(Sampler):
-    """Indices [start, end) of this rank's contiguous shard: every index exactly once over all ranks."""
-
-    def __init__(self, total: int, rank: int, world_size: int):
-        if not 0 <= rank < world_size:
-            raise utils.RunError(f"rank {rank} outside [0, {world_size})")
-        self.start = total * rank // world_size
-        self.end = total * (rank + 1) // world_size
-
-    def __iter__(self):
-        return iter(range(self.start, self.end))
-
-    def __len__(self):
-        return self.end - self.start
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that yields (sample index, epoch), the key of the sample's augmentation draws (loader
-    workers that live across epochs learn the epoch from it), and whose epoch can start after its first `skip`
-    samples (an epoch resumed mid-way)."""
-
-    def __init__(self, *arguments, **keywords):
-        super().__init__(*arguments, **keywords)
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0):
-        super().set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return ((index, self.epoch) for index in itertools.islice(super().__iter__(), self.skip, None))
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
-def _ignore_interrupts(worker_id: int):
-    # Ctrl-C reaches the whole process group: the training process stops cleanly, its loader workers must not
-    # die under it first
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def build_train_loader(dataset, batch_size: int, num_workers: int, *, seed: int, rank: int, world_size: int
-                       ) -> DataLoader:
-    """Shuffled, seeded loader over this rank's part; set its sampler's epoch before each epoch.
-
-    The order comes from (seed, epoch) and each sample's augmentation from (seed, epoch, sample index), so any
-    number of workers, and an epoch resumed mid-way, draw exactly the same batches.
-    """
-    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                          drop_last=True)
-    return make_loader(dataset, sampler, batch_size, num_workers, drop_last=True)
-
-
-def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, world_size: int) -> DataLoader:
-    """Loader over this rank's contiguous shard, in list order, no padding (see utils.gather_in_order)."""
-    return make_loader(dataset, ContiguousShardSampler(len(dataset), rank, world_size), batch_size, num_workers,
-                   drop_last=False)
-
-
-def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool) -> DataLoader:
-    """The suite's loader: persistent workers that leave Ctrl-C to the main process, pinned memory on GPUs."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
-
-
-def read_checked_list(root: str | None, list_path: str | None, root_flag: str, *, rank: int = 0,
-                      world_size: int = 1) -> list[Sample]:
-    """The samples of a validation or test list (none without one). Each process checks that the images of its own
-    contiguous part exist (the part it evaluates); a missing one stops every process, named in one line."""
-    if not list_path:
-        return []
-    samples = read_eval_samples(root, list_path)
-    check_images_exist(samples, root_flag, rank, world_size)
-    return samples
-
-
-def check_images_exist(samples, root_flag: str, rank: int, world_size: int):
-    """Stop every process, naming the first missing image, unless each process finds its contiguous part's images."""
-    shard = ContiguousShardSampler(len(samples), rank, world_size)
-    problem = missing_image_problem(samples[shard.start:shard.end], root_flag)
-    utils.stop_if_any_process_failed([problem] if problem else [])
-
-
-# ------------------------------------------------------------------------------- the field's benchmarks' images
-REVISITOP_SETS = ('roxford5k', 'rparis6k')
-
-
-@dataclass
-class BenchmarkImages:
-    """A retrieval benchmark's query and database images, and what scores a ranking of them: revisitop's `gnd` (per
-    query its 'easy', 'hard' and 'junk' database indices), or GLDv2's `solution` (query id -> index ids) with each
-    query's `usage` ('Private' or 'Public') and the ids of the queries and of the database (index) images."""
-    name: str
-    queries: list[Sample]
-    database: list[Sample]
-    gnd: list[dict] | None = None
-    solution: dict | None = None
-    usage: dict | None = None
-    query_ids: list[str] | None = None
-    database_ids: list[str] | None = None
-
-
-def read_revisitop(root: str, name: str, distractors: list[str] | None = None) -> BenchmarkImages:
-    """Revisited Oxford or Paris as revisitop lays it out: `root/gnd_<name>.pkl` (read as plain data only) and
-    `root/jpg/<image>.jpg`; queries are cropped to their bbx; `distractors` (ROOT, LIST) adds database images."""
-    path = os.path.join(root, f'gnd_{name}.pkl')
-    if not os.path.isfile(path):
-        raise utils.RunError(f'{path}: no such file; --benchmark_root must hold gnd_{name}.pkl and jpg/, as revisitop '
-                             'lays them out')
-    try:
-        content = utils.load_plain_data(path)
-    except Exception as error:  # whatever a damaged or foreign pickle raises, the file is named
-        raise utils.RunError(f'{path}: not a revisitop ground-truth file ({error}); download gnd_{name}.pkl '
-                             'again') from None
-    images, query_images, gnd = _revisitop_fields(path, content)
-    database = [Sample(os.path.join(root, 'jpg', f'{image}.jpg'), 0, 0, f"{path}: imlist[{index}] '{image}'")
-                for index, image in enumerate(images)]
-    queries = [Sample(os.path.join(root, 'jpg', f'{image}.jpg'), 0, 0, f"{path}: qimlist[{index}] '{image}'",
-                      box=_query_box(path, index, entry.get('bbx')))
-               for index, (image, entry) in enumerate(zip(query_images, gnd))]
-    if distractors:
-        database += read_image_paths(*distractors)
-    ground_truth = [{key: _database_indices(path, index, key, entry[key], len(images))
-                     for key in ('easy', 'hard', 'junk')} for index, entry in enumerate(gnd)]
-    return BenchmarkImages(name, queries, database, gnd=ground_truth)
-
-
-def _database_indices(path: str, query: int, key: str, values, database_size: int) -> list[int]:
-    """gnd[query][key] as a list of database indices, refused unless each is an integer inside imlist."""
-    array = np.asarray(values).reshape(-1)
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise utils.RunError(f"{path}: gnd[{query}]['{key}'] holds {array.dtype} values, not database indices")
-    outside = [int(value) for value in array if not 0 <= value < database_size]
-    if outside:
-        raise utils.RunError(f"{path}: gnd[{query}] names database image {outside[0]}, outside imlist "
-                             f"({database_size} images); download the file again")
-    return [int(value) for value in array]
-
-
-def _revisitop_fields(path: str, content) -> tuple[list[str], list[str], list[dict]]:
-    """(imlist, qimlist, gnd) of a loaded revisitop file, each checked for its shape."""
-    fields = content if isinstance(content, dict) else {}
-    images, query_images, gnd = fields.get('imlist'), fields.get('qimlist'), fields.get('gnd')
-    if not all(isinstance(value, (list, tuple)) for value in (images, query_images, gnd)):
-        raise utils.RunError(f"{path}: not a revisitop ground-truth file (a dict with lists 'imlist', 'qimlist' and "
-                             "'gnd' expected)")
-    if len(gnd) != len(query_images):
-        raise utils.RunError(f'{path}: {len(query_images)} queries in qimlist but {len(gnd)} gnd entries')
-    for index, entry in enumerate(gnd):
-        if not isinstance(entry, dict) or any(key not in entry for key in ('bbx', 'easy', 'hard', 'junk')):
-            raise utils.RunError(f"{path}: gnd[{index}] is not a dict with 'bbx', 'easy', 'hard' and 'junk'")
-    return [str(image) for image in images], [str(image) for image in query_images], list(gnd)
-
-
-def _query_box(path: str, index: int, bbx) -> tuple[float, float, float, float]:
-    """A query's bbx as (left, top, right, bottom), refused unless it is four numbers enclosing an area."""
-    try:
-        left, top, right, bottom = (float(value) for value in np.asarray(bbx, dtype=np.float64).reshape(-1))
-    except (TypeError, ValueError):
-        raise utils.RunError(f'{path}: gnd[{index}] bbx {bbx!r} is not four numbers (left, top, right, '
-                             'bottom)') from None
-    if not (right > left and bottom > top):
-        raise utils.RunError(f'{path}: gnd[{index}] bbx {bbx!r} encloses no area')
-    return left, top, right, bottom
-
-
-def read_image_paths(root: str, list_path: str) -> list[Sample]:
-    """The images of a list of paths relative to `root`, one a line (its first tab- or space-separated field)."""
-    with open(list_path, encoding='utf-8-sig') as handle:
-        lines = [(number, line.split()[0]) for number, line in enumerate(handle, start=1) if line.strip()]
-    return [Sample(os.path.join(root, relative), 0, 0, f'{list_path}:{number}') for number, relative in lines]
-
-
-def read_gldv2(root: str) -> BenchmarkImages:
-    """Google Landmarks v2 retrieval in its own layout: `index.csv`, `test.csv` and `retrieval_solution_v2.1.csv`
-    (`id,images,Usage`), images at `index/a/b/c/<id>.jpg` and `test/a/b/c/<id>.jpg`. The queries are the
-    solution's Private and Public rows (its Ignored rows have no ground truth)."""
-    index_ids = _csv_column(os.path.join(root, 'index.csv'), 'id')
-    test_ids = set(_csv_column(os.path.join(root, 'test.csv'), 'id'))
-    known_index = set(index_ids)
-    solution_path = os.path.join(root, 'retrieval_solution_v2.1.csv')
-    solution, usage = {}, {}
-    for line, row in _csv_rows(solution_path, ('id', 'images', 'Usage')):
-        if row['Usage'] == 'Ignored':
-            continue
-        images = row['images'].split()
-        problem = _solution_problem(row, images, test_ids, known_index)
-        if problem:
-            raise utils.RunError(f'{solution_path}:{line}: {problem}; download the GLDv2 files again')
-        solution[row['id']], usage[row['id']] = images, row['Usage']
-
-    def sample(part, image_id, origin):
-        return Sample(os.path.join(root, part, *image_id[:3], f'{image_id}.jpg'), 0, 0, origin)
-    queries = [sample('test', query, f'{solution_path}: query {query}') for query in solution]
-    database = [sample('index', image, f'index.csv: {image}') for image in index_ids]
-    return BenchmarkImages('gldv2', queries, database, solution=solution, usage=usage, query_ids=list(solution),
-                           database_ids=index_ids)
-
-
-def _solution_problem(row: dict, images: list[str], test_ids: set, index_ids: set) -> str | None:
-    """What is wrong with a Private or Public row of the retrieval solution, or None."""
-    if row['id'] not in test_ids:
-        return f"its query {row['id']} is not in test.csv"
-    if row['Usage'] not in ('Private', 'Public'):
-        return f"Usage {row['Usage']!r} is not Private, Public or Ignored"
-    if not images or images == ['None']:
-        return 'no ground-truth image'
-    return next((f'index image {image} is not in index.csv' for image in images if image not in index_ids), None)
-
-
-def _csv_rows(path: str, columns: tuple[str, ...]):
-    """(line number, row dict) of a CSV file with a header naming at least `columns`."""
-    if not os.path.isfile(path):
-        raise utils.RunError(f'{path}: no such file; --benchmark_root must hold the GLDv2 csv files')
-    with open(path, encoding='utf-8-sig', newline='') as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in columns if column not in (reader.fieldnames or ())]
-        if missing:
-            raise utils.RunError(f'{path}: no column {missing[0]!r} in its header {reader.fieldnames}')
-        for row in reader:
-            yield reader.line_num, row
-
-
-def _csv_column(path: str, column: str) -> list[str]:
-    return [row[column] for _, row in _csv_rows(path, (column,))]
+DEFAULT_NUM_CLASSES = 252903
+# Settings that change a run's trajectory without naming its directory: a resume with other values is refused.
+TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_size', 'num_classes', 'drop_block',
+                    'demo_width_divisor', 'teacher_backbone_class', 'teacher_init_weights', 'teacher_eval',
+                    'init_head_from_teacher', 'label_map', 'train_root', 'train_list', 'teacher_cache_dtype',
+                    'teacher_cache_views')
 
 
 def build_training_loaders(train_samples, val_samples, *, val_list: str | None, num_classes: int, img_size: int,
@@ -657,26 +33,26 @@ def build_training_loaders(train_samples, val_samples, *, val_list: str | None, 
     """(train loader, validation loader or None) over this process's part, every label checked against the head;
     `batch_size` is the global batch; `teacher_features`, the teacher cache's file (of `views` views) whose rows its
     samples carry."""
-    check_labels(train_samples, num_classes, 'the training lists')
+    datasets.check_labels(train_samples, num_classes, 'the training lists')
     per_process_batch = batch_size // world_size
-    train_set = ImageDataset(train_samples, img_size, train=True, augment=augment, seed=seed,
+    train_set = datasets.ImageDataset(train_samples, img_size, train=True, augment=augment, seed=seed,
                              teacher_features=teacher_features, views=views)
-    train_loader = build_train_loader(train_set, per_process_batch, num_workers, seed=seed, rank=rank,
+    train_loader = datasets.build_train_loader(train_set, per_process_batch, num_workers, seed=seed, rank=rank,
                                       world_size=world_size)
     if len(train_loader) == 0:
         raise utils.RunError(f'the training lists hold {len(train_samples)} images, fewer than one batch of '
                              f'--batch_size {batch_size}; lower --batch_size')
     val_loader = None
     if val_samples:
-        check_labels(val_samples, num_classes, val_list)
-        val_loader = build_eval_loader(ImageDataset(val_samples, img_size, train=False, augment=False),
+        datasets.check_labels(val_samples, num_classes, val_list)
+        val_loader = datasets.build_eval_loader(datasets.ImageDataset(val_samples, img_size, train=False, augment=False),
                                        per_process_batch, num_workers, rank, world_size)
     return train_loader, val_loader
 
 
-def build_test_loader(samples, img_size: int, batch_size: int, num_workers: int, *, rank: int, world_size: int):
+def build_test_loader(samples, img_size: int, batch_size: int, num_workers: int, rank: int, world_size: int):
     """The test list's loader, each process over its contiguous part; `batch_size` is the global batch."""
-    return build_eval_loader(ImageDataset(samples, img_size, train=False, augment=False),
+    return datasets.build_eval_loader(datasets.ImageDataset(samples, img_size, train=False, augment=False),
                              max(1, batch_size // world_size), num_workers, rank, world_size)
 
 
@@ -705,63 +81,25 @@ def loader_workers_that_fit(requested: int, batch_size: int, img_size: int, logg
     return fitting
 
 
-class BatchTransform:
-    """uint8 BGR batch (B, 3, H, W) -> normalised float32 on the batch's device.
-
-    to [0, 1], PCA lighting noise when augment and train, then (x - mean) / std, in
-    `memory_format` (channels_last for a channels-last ResNet12).
-    """
-
-    def __init__(self, augment: bool, memory_format: torch.memory_format = torch.contiguous_format):
-        self.augment = augment
-        self.memory_format = memory_format
-        self._constants = {}
-
-    def _on(self, device: torch.device):
-        if device not in self._constants:
-            self._constants[device] = tuple(
-                torch.tensor(values, dtype=torch.float32, device=device)
-                for values in (PIXEL_MEAN_BGR, PIXEL_STD_BGR, LIGHTING_EIGENVALUES, LIGHTING_EIGENVECTORS))
-        return self._constants[device]
-
-    def lighting_noise(self, batch_size: int, device: torch.device, alpha: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 3) per-image noise V @ (alpha * eigenvalues), alpha ~ N(0, LIGHTING_STD) drawn here unless given (the
-        draws of a teacher cache's views come with their samples)."""
-        _, _, eigenvalues, eigenvectors = self._on(device)
-        if alpha is None:
-            alpha = torch.randn(batch_size, 3, device=device) * LIGHTING_STD
-        return (alpha.to(device) * eigenvalues) @ eigenvectors.T
-
-    def __call__(self, images_uint8: torch.Tensor, train: bool, lighting: torch.Tensor | None = None) -> torch.Tensor:
-        mean, std, _, _ = self._on(images_uint8.device)
-        images = images_uint8.float().div_(255)
-        if self.augment and train:
-            images.add_(self.lighting_noise(images.shape[0], images.device, lighting)[:, :, None, None])
-        images = images.sub_(mean[:, None, None]).div_(std[:, None, None])
-        return images.contiguous(memory_format=self.memory_format)
-
-
-DEFAULT_NUM_CLASSES = 252903
-
 
 def build_model(student_name: str, img_size: int, num_classes: int | None, student_weights: str | None, *,
                 teacher_name: str | None = None, teacher_weights: str | None = None, head_fixed: bool = False,
                 width_divisor: int = 1, grad_checkpointing: bool = False, channels_last: bool = False,
                 init_head_from_teacher: bool = False, stochastic_teacher: bool = True,
-                drop_block_schedule: str = 'published', cached_teacher: bool = False) -> models.DistillationModel:
+                drop_block_schedule: str = 'published', cached_teacher: bool = False) -> model.DistillationModel:
     """The student (from `student_weights` when given) with its head, and the frozen teacher when distilling.
 
     With `head_fixed` the student's head IS the teacher's (one frozen copy in memory). Otherwise the student has
     its own trainable head: a fresh Xavier-initialised one (as the original), or a copy of the teacher's with
-    `init_head_from_teacher`. `stochastic_teacher`: see models.DistillationModel. `cached_teacher`: the teacher's
+    `init_head_from_teacher`. `stochastic_teacher`: see model.DistillationModel. `cached_teacher`: the teacher's
     features come from its cache, so only its classifier is loaded.
     """
     teacher = teacher_head = None
     if teacher_name:
         if cached_teacher:
-            teacher_head = models.load_head(teacher_name, teacher_weights, width_divisor)
+            teacher_head = model.load_head(teacher_name, teacher_weights, width_divisor)
         else:
-            teacher = models.load_classifier(teacher_name, teacher_weights, img_size, width_divisor)
+            teacher = model.load_classifier(teacher_name, teacher_weights, img_size, width_divisor)
             teacher_head = teacher.head
         teacher_classes = teacher_head.weight.shape[0]
         if num_classes not in (None, teacher_classes):
@@ -770,10 +108,10 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
         num_classes = teacher_classes
     num_classes = num_classes or DEFAULT_NUM_CLASSES
     if student_weights:
-        backbone = models.load_backbone(student_name, student_weights, img_size, width_divisor,
+        backbone = model.load_backbone(student_name, student_weights, img_size, width_divisor,
                                         drop_block_schedule).train()
     else:
-        backbone = models.create_backbone(student_name, img_size, width_divisor, drop_block_schedule)
+        backbone = model.create_backbone(student_name, img_size, width_divisor, drop_block_schedule)
     if grad_checkpointing:
         if not hasattr(backbone, 'set_grad_checkpointing'):
             raise utils.RunError(f'--grad_checkpointing needs a Swin student, not {student_name}')
@@ -785,12 +123,12 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
     elif teacher_head is not None and init_head_from_teacher:
         head = copy.deepcopy(teacher_head).requires_grad_(True)
     else:
-        head = models.CosFaceHead(num_classes, backbone.feature_dim)
-    return models.DistillationModel(models.Classifier(backbone, head), teacher, stochastic_teacher,
+        head = model.CosFaceHead(num_classes, backbone.feature_dim)
+    return model.DistillationModel(model.Classifier(backbone, head), teacher, stochastic_teacher,
                                     teacher_head=teacher_head if cached_teacher else None)
 
 
-def prepare_student(distiller: models.DistillationModel, *, fused_attention: bool, compile_backbone: bool,
+def prepare_student(distiller: model.DistillationModel, *, fused_attention: bool, compile_backbone: bool,
                     world_size: int, device: torch.device) -> nn.Module:
     """The student as the training step calls it: with fused attention, compiled, and under DDP as asked."""
     if fused_attention:
@@ -801,11 +139,11 @@ def prepare_student(distiller: models.DistillationModel, *, fused_attention: boo
         distiller.student.backbone.compile()  # in place, so that state_dict keys keep their names
     if device.type == 'cuda':
         # ResNet12's shapes never change: let cuDNN pick its fastest kernels once
-        torch.backends.cudnn.benchmark = isinstance(distiller.student.backbone, models.ResNet12)
+        torch.backends.cudnn.benchmark = isinstance(distiller.student.backbone, model.ResNet12)
     return distributed_student(distiller.student, device) if world_size > 1 else distiller.student
 
 
-def distributed_student(classifier: models.Classifier, device: torch.device) -> nn.Module:
+def distributed_student(classifier: model.Classifier, device: torch.device) -> nn.Module:
     """The student under DDP, without waste: a frozen (shared) head stays outside DDP, so its 1 GB is neither
     broadcast at start nor bucketed; constant buffers are broadcast only where BatchNorm statistics need it;
     gradients live in the communication buckets (no second copy)."""
@@ -814,10 +152,10 @@ def distributed_student(classifier: models.Classifier, device: torch.device) -> 
                    gradient_as_bucket_view=True)
     if classifier.head.weight.requires_grad:
         return DistributedDataParallel(classifier, **options)
-    return models.Classifier(DistributedDataParallel(classifier.backbone, **options), classifier.head)
+    return model.Classifier(DistributedDataParallel(classifier.backbone, **options), classifier.head)
 
 
-def parameter_counts(distiller: models.DistillationModel) -> dict:
+def parameter_counts(distiller: model.DistillationModel) -> dict:
     """Parameters of the student (trainable, all, its backbone alone) and of the teacher in memory (trainable, all:
     its classifier alone when its features come from a cache)."""
     def counts(module):
@@ -843,3 +181,110 @@ def build_optimizer(name: str, parameters, lr: float, weight_decay: float, momen
     if name == 'AdamW':
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     raise utils.RunError(f'unknown --optim {name!r}; choose SGD, Adam or AdamW')
+
+
+def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) -> tuple[trainer.Trainer, list]:
+    """Wire a training run from the flags: lists, model, loaders, optimizer and schedule; (the Trainer, the test
+    list's samples)."""
+    logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
+    trainer.seed_epoch(args.seed, 0, rank)
+    train_samples, _ = datasets.read_train_samples(args.train_root, args.train_list, args.label_map)
+    datasets.check_training_roots(train_samples)
+    # what would only fail after the last epoch (or after the teacher cache's pre-pass) is found now
+    val_samples = datasets.read_checked_list(args.val_root, args.val_list, '--val_root', rank, world_size)
+    test_samples = datasets.read_checked_list(args.test_root, args.test_list, '--test_root', rank, world_size)
+    evaluation.check_test_list(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
+    distiller = build_model(
+        args.backbone_class, args.img_size, args.num_classes, args.init_weights,
+        teacher_name=args.teacher_backbone_class if args.is_distill else None,
+        teacher_weights=args.teacher_init_weights, head_fixed=args.head_fixed,
+        width_divisor=args.demo_width_divisor, grad_checkpointing=args.grad_checkpointing,
+        channels_last=args.channels_last, init_head_from_teacher=args.init_head_from_teacher,
+        stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block,
+        cached_teacher=bool(args.teacher_cache)).to(device)
+    cache = teacher_cache_of(args, train_samples, rank) if args.teacher_cache else None
+    train_loader, val_loader = build_training_loaders(
+        train_samples, val_samples, val_list=args.val_list, num_classes=distiller.student.head.num_classes,
+        img_size=args.img_size, batch_size=args.batch_size, num_workers=args.num_workers, augment=args.augment,
+        seed=args.seed, rank=rank, world_size=world_size, teacher_features=cache.path if cache else None,
+        views=teacher_views(args) if cache else 0)
+    logger.start()  # every start-up check has passed: from here on the run writes in its directory
+    counts = parameter_counts(distiller)
+    logger.info(f'student para trainable/sum {counts["student_trainable"]}/{counts["student_total"]}; '
+                f'teacher para trainable/sum {counts["teacher_trainable"]}/{counts["teacher_total"]}')
+    logger.result('parameters', counts)
+    if cache is not None:
+        generators = checkpoints.random_state()
+        ready_teacher_cache(args, place, cache, train_samples)
+        checkpoints.set_random_state(generators)  # the run goes on as it would without the pre-pass
+    parts = trainer.TrainingParts(
+        distiller=distiller,
+        student=prepare_student(distiller, fused_attention=args.fused_attention, compile_backbone=args.compile,
+                                world_size=world_size, device=device),
+        criterion=losses.DistillationLoss(args.kd_loss if args.is_distill else None, args.kd_weight,
+                                          world_size=world_size),
+        optimizer=build_optimizer(args.optim, distiller.trainable_parameters(), args.lr, args.weight_decay,
+                                  args.momentum),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'),
+        train_loader=train_loader, val_loader=val_loader,
+        schedule=functools.partial(trainer.learning_rate, base_lr=args.lr, min_lr=args.min_lr,
+                                   warmup_epochs=args.warmup_epoch, max_epoch=args.max_epoch,
+                                   scheduler=args.lr_scheduler, step_size=trainer.step_sizes(args.step_size),
+                                   gamma=args.gamma),
+        batch_transform=datasets.BatchTransform(args.augment, memory_format=torch.channels_last if args.channels_last
+                                                else torch.contiguous_format))
+    flags = dict({name: getattr(args, name) for name in TRAJECTORY_FLAGS}, teacher_cache=cache is not None)
+    return trainer.Trainer(args, parts, place, flags, signals), test_samples
+
+
+def teacher_cache_of(args, samples, rank: int) -> feature_store.FeatureStore:
+    """The teacher cache this run needs in --teacher_cache: its shape, and on rank 0 (which alone checks and writes
+    the manifest) what it is valid for, the teacher file's digest included (one read of it, not one a process)."""
+    identity = {} if rank else {'teacher': args.teacher_backbone_class,
+                'teacher_file': utils.file_digest([args.teacher_init_weights]),
+                'training_lists': utils.file_digest(args.train_list + [args.label_map]),
+                'train_root': list(args.train_root), 'images': len(samples), 'img_size': args.img_size,
+                'width_divisor': args.demo_width_divisor, 'augment': args.augment, 'views': teacher_views(args),
+                'seed': args.seed, 'dtype': args.teacher_cache_dtype}
+    shape = (teacher_views(args), len(samples), model.FEATURE_DIM // args.demo_width_divisor)
+    return feature_store.FeatureStore(args.teacher_cache, identity, shape, args.teacher_cache_dtype)
+
+
+def ready_teacher_cache(args, place: trainer.RunPlace, cache: feature_store.FeatureStore, samples):
+    """Make `cache` ready: refused if it belongs to another run, computed where rows are missing or damaged, and
+    checked against the teacher on a few random rows."""
+    if place.world_size > 1:
+        if place.rank == 0:
+            os.makedirs(args.teacher_cache, exist_ok=True)
+        run_directory.check_shared_storage(args.teacher_cache, place.rank, '--teacher_cache')
+    teacher = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(place.device)
+    dataset = datasets.ImageDataset(samples, args.img_size, train=True, augment=args.augment, seed=args.seed,
+                                   views=teacher_views(args))
+    transform = datasets.BatchTransform(augment=args.augment)
+    if feature_store.prepare_teacher_cache(cache, rebuild=args.teacher_cache_rebuild, rank=place.rank,
+                                         logger=place.logger):
+        feature_store.fill_teacher_cache(cache, teacher, dataset, transform, device=place.device, amp=args.amp,
+                                       batch_size=max(1, 2 * args.batch_size // place.world_size),
+                                       num_workers=args.num_workers, rank=place.rank, world_size=place.world_size,
+                                       logger=place.logger)
+    feature_store.check_teacher_cache(cache, teacher, dataset, transform, device=place.device, amp=args.amp,
+                                    seed=args.seed)
+    place.logger.info(f'teacher cache {cache.path}: the teacher is in eval mode (no stochastic depth), its features '
+                      'read from the cache')
+
+
+def teacher_views(args) -> int:
+    """Views of each image in the teacher cache: --teacher_cache_views with --augment, else the one image."""
+    return args.teacher_cache_views if args.augment else 1
+
+
+def model_key(args, weights: str, backbone_name: str) -> str:
+    """What a model's features depend on: its weights' bytes, its backbone, the image size, widths and precision."""
+    return (f'{utils.file_digest([weights])} {backbone_name} {args.img_size}px '
+            f'width/{args.demo_width_divisor} amp={args.amp}')
+
+
+def backbone_of(args, weights: str, name: str | None = None):
+    """The backbone `name` (default: the student's) of a weights file, at this run's image size and widths."""
+    return model.load_backbone(name or args.backbone_class, weights, args.img_size, args.demo_width_divisor,
+                                args.drop_block)

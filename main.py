@@ -4,8 +4,6 @@ Single process:  python main.py --backbone_class Swin_tiny --is_distill --teache
 Several GPUs:    torchrun --nproc_per_node 8 main.py ...   (DDP; --batch_size is the global batch)
 """
 import argparse
-import dataclasses
-import hashlib
 import math
 import os
 
@@ -13,10 +11,15 @@ import torch
 import torch.distributed as dist
 
 import checkpoints
+import datasets
 import evaluation
 import helpers
-import model as models
+import losses
+import model
 import resnet12
+import retrieval
+import run_directory
+import serving
 import swin_transformer
 import trainer
 import utils
@@ -35,7 +38,7 @@ def get_parser() -> argparse.ArgumentParser:
 def add_recipe_flags(group):
     """The model, its schedule and optimizer."""
     add = group.add_argument
-    add('--backbone_class', default='Swin_tiny', choices=models.BACKBONE_NAMES)
+    add('--backbone_class', default='Swin_tiny', choices=model.BACKBONE_NAMES)
     add('--init_weights', default=None, help='student weights to start from (or to test with --test_only)')
     add('--img_size', type=int, default=384)
     add('--num_classes', type=int, default=None, help="default: the teacher's classifier, else 252903")
@@ -62,9 +65,9 @@ def add_distillation_flags(group):
     """The teacher and the distillation loss."""
     add = group.add_argument
     add('--is_distill', action='store_true')
-    add('--teacher_backbone_class', default='Swin_base', choices=models.BACKBONE_NAMES)
+    add('--teacher_backbone_class', default='Swin_base', choices=model.BACKBONE_NAMES)
     add('--teacher_init_weights', default=None, help='teacher file with its cosine classifier')
-    add('--kd_loss', default='KD', choices=trainer.KD_LOSSES)
+    add('--kd_loss', default='KD', choices=losses.KD_LOSSES)
     add('--kd_weight', type=float, default=1.0)
     add('--head_fixed', action='store_true', help="the student uses the teacher's classifier, frozen")
     add('--init_head_from_teacher', action='store_true',
@@ -97,7 +100,7 @@ def add_data_flags(group):
     add('--test_list', default=None, help='open-set list: path, name, coarse label[, fine label]')
     add('--test_mask_coarse', default=None, help="the original's upper-triangle pair mask (.npy)")
     add('--test_mask_fine', default=None)
-    add('--benchmark', default=None, choices=helpers.REVISITOP_SETS + ('gldv2',),
+    add('--benchmark', default=None, choices=retrieval.REVISITOP_SETS + ('gldv2',),
         help='with --test_only: score on a retrieval benchmark instead of --test_list')
     add('--benchmark_root', default=None, metavar='DIR',
         help="the benchmark's files as it lays them out: gnd_<name>.pkl and jpg/ (roxford5k, rparis6k), or "
@@ -166,8 +169,7 @@ def combination_problems(args, world_size: int) -> list[str]:
         problems.append('--export_onnx and --test_only are two runs: export first, then test the .onnx file')
     if args.quantize != 'none' and not args.export_onnx:
         problems.append('--quantize applies to --export_onnx: give the .onnx path to write')
-    if (args.quantize == 'int8' and models.INT8_METHODS.get(args.backbone_class) == 'static'
-            and not args.calibration_list):
+    if args.quantize == 'int8' and not args.calibration_list:
         problems.append(f'--quantize int8 of a {args.backbone_class} calibrates its activations on real images: give '
                         "--calibration_root and --calibration_list (a list in the suite's format)")
     if bool(args.calibration_root) != bool(args.calibration_list):
@@ -198,7 +200,7 @@ def benchmark_combination_problems(args) -> list[str]:
         problems.append(f'--benchmark {args.benchmark} and --test_list are two tests: run them one at a time')
     if not args.benchmark_root:
         problems.append(f'--benchmark {args.benchmark} needs --benchmark_root, the directory of its files')
-    if args.benchmark_distractors and args.benchmark not in helpers.REVISITOP_SETS:
+    if args.benchmark_distractors and args.benchmark not in retrieval.REVISITOP_SETS:
         problems.append('--benchmark_distractors adds database images to roxford5k or rparis6k only')
     return problems
 
@@ -257,7 +259,7 @@ def number_problems(args) -> list[str]:
     if args.num_classes is not None and args.num_classes < 1:
         problems.append(f'--num_classes must be at least 1, not {args.num_classes}')
     try:
-        sizes = step_sizes(args.step_size)
+        sizes = trainer.step_sizes(args.step_size)
     except ValueError:
         sizes = []
     if args.lr_scheduler != 'cosine' and (not sizes or min(sizes) < 1):
@@ -279,11 +281,6 @@ def parse_bool(text) -> bool:
     raise argparse.ArgumentTypeError(f'{text!r} is not a boolean; give True or False')
 
 
-def step_sizes(text: str) -> list[int]:
-    """'30' -> [30]; '30,60' -> [30, 60]."""
-    return [int(part) for part in str(text).split(',') if part.strip()]
-
-
 def init_distributed():
     """(rank, world_size, device) under torchrun (nccl on GPUs, gloo on the CPU), or a single process."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
@@ -297,46 +294,20 @@ def init_distributed():
     return dist.get_rank(), world_size, device
 
 
-def run_directory(args) -> str:
-    """save_dir/<first>/<second>, named from the flags as the original named it (see utils.RunName)."""
-    naming = {field.name: getattr(args, field.name) for field in dataclasses.fields(utils.RunName)}
-    return utils.RunName(**naming).directory(args.save_dir)
-
-
-def test_directory(run_dir: str, weights: str, img_size: int, test_name: str = 'test') -> str:
-    """Where a --test_only run writes: `<test name>-<weights name>-<digest of its path>-<img_size>px` in the run
-    directory, so that its figures are never taken for (or written over) the training run's or another test's."""
-    digest = hashlib.sha1(os.path.abspath(weights).encode('utf-8')).hexdigest()[:8]
-    name = os.path.splitext(os.path.basename(weights))[0]
-    return os.path.join(run_dir, f'{test_name}-{name}-{digest}-{img_size}px')
-
-
-def test_name(args) -> str:
-    """'test', or the benchmark's name (+ the distractor list's name)."""
-    if not args.benchmark:
-        return 'test'
-    distractors = args.benchmark_distractors
-    return args.benchmark + (f'+{os.path.splitext(os.path.basename(distractors[1]))[0]}' if distractors else '')
-
-
-# Settings that change a run's trajectory without naming its directory: a resume with other values is refused.
-TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_size', 'num_classes', 'drop_block',
-                    'demo_width_divisor', 'teacher_backbone_class', 'teacher_init_weights', 'teacher_eval',
-                    'init_head_from_teacher', 'label_map', 'train_root', 'train_list', 'teacher_cache_dtype',
-                    'teacher_cache_views')
-
-
 def main(args):
     rank, world_size, device = init_distributed()
     lock = logger = None
     signals = trainer.StopSignals()
     try:
         check_args(args, world_size)
-        run_dir = run_directory(args)
+        run_dir = run_directory.training_directory(args)
         weights = weights_to_use(args, run_dir) if args.test_only or args.export_onnx else None
-        output_dir = test_directory(run_dir, weights, args.img_size, test_name(args)) if args.test_only else run_dir
-        lock = checkpoints.hold_run_directory(output_dir, rank, world_size)
-        logger = utils.Logger(output_dir, rank=rank)
+        output_dir = run_dir
+        if args.test_only:
+            output_dir = run_directory.test_directory(run_dir, weights, args.img_size, args.benchmark,
+                                                      args.benchmark_distractors)
+        lock = run_directory.hold_run_directory(output_dir, rank, world_size)
+        logger = run_directory.Logger(output_dir, rank=rank)
         signals.install()
         logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())))
         if args.amp == 'fp16' and device.type == 'cpu':
@@ -377,205 +348,72 @@ def train_and_test(args, place: trainer.RunPlace, signals: trainer.StopSignals):
     """Train (resuming where the run directory left off), then test the best epoch's student."""
     signals.at_once = ('during start-up: the teacher cache keeps the rows computed so far; the same command starts '
                        'again')
-    run, test_samples = build_training(args, place, signals)
+    run, test_samples = helpers.build_training(args, place, signals)
     signals.at_once = None  # training: a signal stops after the next iteration, with a checkpoint
     run.fit()
     if test_samples:
         signals.at_once = ("during the final test: the run's checkpoints and max_acc.pth are whole; the same command "
                            'tests again')
         best, distiller = run.best_weights(), run.parts.distiller
-        student_backbone = backbone_of(args, best).to(place.device) if best else distiller.student.backbone
-        teacher_backbone = distiller.teacher.backbone if distiller.teacher else None
+        student = helpers.backbone_of(args, best).to(place.device) if best else distiller.student.backbone
+        teacher = distiller.teacher.backbone if distiller.teacher else None
         if args.teacher_cache:  # the teacher is built for its own and the cross figures only
-            teacher_backbone = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class)
-            teacher_backbone = teacher_backbone.to(place.device)
-        test(args, place, test_samples, student_backbone, teacher_backbone)
-
-
-def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) -> tuple[trainer.Trainer, list]:
-    """Wire a training run: lists, model, loaders, optimizer and schedule; (the Trainer, the test list's samples)."""
-    logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
-    trainer.seed_epoch(args.seed, 0, rank)
-    train_samples, _ = helpers.read_train_samples(args.train_root, args.train_list, args.label_map)
-    helpers.check_training_roots(train_samples)
-    # what would only fail after the last epoch (or after the teacher cache's pre-pass) is found now
-    val_samples = helpers.read_checked_list(args.val_root, args.val_list, '--val_root', rank=rank,
-                                            world_size=world_size)
-    test_samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root', rank=rank,
-                                             world_size=world_size)
-    evaluation.check_test_list(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
-    distiller = helpers.build_model(
-        args.backbone_class, args.img_size, args.num_classes, args.init_weights,
-        teacher_name=args.teacher_backbone_class if args.is_distill else None,
-        teacher_weights=args.teacher_init_weights, head_fixed=args.head_fixed,
-        width_divisor=args.demo_width_divisor, grad_checkpointing=args.grad_checkpointing,
-        channels_last=args.channels_last, init_head_from_teacher=args.init_head_from_teacher,
-        stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block,
-        cached_teacher=bool(args.teacher_cache)).to(device)
-    cache = teacher_cache_of(args, train_samples, rank) if args.teacher_cache else None
-    train_loader, val_loader = helpers.build_training_loaders(
-        train_samples, val_samples, val_list=args.val_list, num_classes=distiller.student.head.num_classes,
-        img_size=args.img_size, batch_size=args.batch_size, num_workers=args.num_workers, augment=args.augment,
-        seed=args.seed, rank=rank, world_size=world_size, teacher_features=cache.path if cache else None,
-        views=teacher_views(args) if cache else 0)
-    logger.start()  # every start-up check has passed: from here on the run writes in its directory
-    counts = helpers.parameter_counts(distiller)
-    logger.info(f'student para trainable/sum {counts["student_trainable"]}/{counts["student_total"]}; '
-                f'teacher para trainable/sum {counts["teacher_trainable"]}/{counts["teacher_total"]}')
-    logger.result('parameters', counts)
-    if cache is not None:
-        generators = checkpoints.random_state()
-        ready_teacher_cache(args, place, cache, train_samples)
-        checkpoints.set_random_state(generators)  # the run goes on as it would without the pre-pass
-    milestones = step_sizes(args.step_size)
-
-    def schedule(epoch_position, epoch):
-        return trainer.learning_rate(epoch_position, epoch, base_lr=args.lr, min_lr=args.min_lr,
-                                     warmup_epochs=args.warmup_epoch, max_epoch=args.max_epoch,
-                                     scheduler=args.lr_scheduler, step_size=milestones, gamma=args.gamma)
-
-    parts = trainer.TrainingParts(
-        distiller=distiller,
-        student=helpers.prepare_student(distiller, fused_attention=args.fused_attention, compile_backbone=args.compile,
-                                        world_size=world_size, device=device),
-        criterion=trainer.DistillationLoss(args.kd_loss if args.is_distill else None, args.kd_weight,
-                                           world_size=world_size),
-        optimizer=helpers.build_optimizer(args.optim, distiller.trainable_parameters(), args.lr, args.weight_decay,
-                                          args.momentum),
-        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'),
-        train_loader=train_loader, val_loader=val_loader, schedule=schedule,
-        batch_transform=helpers.BatchTransform(args.augment, memory_format=torch.channels_last if args.channels_last
-                                               else torch.contiguous_format))
-    flags = dict({name: getattr(args, name) for name in TRAJECTORY_FLAGS}, teacher_cache=cache is not None)
-    return trainer.Trainer(args, parts, place, flags, signals), test_samples
-
-
-def teacher_cache_of(args, samples, rank: int) -> checkpoints.TeacherCache:
-    """The teacher cache this run needs in --teacher_cache: its shape, and on rank 0 (which alone checks and writes
-    the manifest) what it is valid for, the teacher file's digest included (one read of it, not one a process)."""
-    identity = {} if rank else {'teacher': args.teacher_backbone_class,
-                'teacher_file': checkpoints.file_digest([args.teacher_init_weights]),
-                'training_lists': checkpoints.file_digest(args.train_list + [args.label_map]),
-                'train_root': list(args.train_root), 'images': len(samples), 'img_size': args.img_size,
-                'width_divisor': args.demo_width_divisor, 'augment': args.augment, 'views': teacher_views(args),
-                'seed': args.seed, 'dtype': args.teacher_cache_dtype}
-    shape = (teacher_views(args), len(samples), models.FEATURE_DIM // args.demo_width_divisor)
-    return checkpoints.TeacherCache(args.teacher_cache, identity, shape, args.teacher_cache_dtype)
-
-
-def ready_teacher_cache(args, place: trainer.RunPlace, cache: checkpoints.TeacherCache, samples):
-    """Make `cache` ready: refused if it belongs to another run, computed where rows are missing or damaged, and
-    checked against the teacher on a few random rows."""
-    if place.world_size > 1:
-        if place.rank == 0:
-            os.makedirs(args.teacher_cache, exist_ok=True)
-        checkpoints.check_shared_storage(args.teacher_cache, place.rank, '--teacher_cache')
-    teacher = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(place.device)
-    dataset = helpers.ImageDataset(samples, args.img_size, train=True, augment=args.augment, seed=args.seed,
-                                   views=teacher_views(args))
-    transform = helpers.BatchTransform(augment=args.augment)
-    if checkpoints.prepare_teacher_cache(cache, rebuild=args.teacher_cache_rebuild, rank=place.rank,
-                                         logger=place.logger):
-        checkpoints.fill_teacher_cache(cache, teacher, dataset, transform, device=place.device, amp=args.amp,
-                                       batch_size=max(1, 2 * args.batch_size // place.world_size),
-                                       num_workers=args.num_workers, rank=place.rank, world_size=place.world_size,
-                                       logger=place.logger)
-    checkpoints.check_teacher_cache(cache, teacher, dataset, transform, device=place.device, amp=args.amp,
-                                    seed=args.seed)
-    place.logger.info(f'teacher cache {cache.path}: the teacher is in eval mode (no stochastic depth), its features '
-                      'read from the cache')
-
-
-def teacher_views(args) -> int:
-    """Views of each image in the teacher cache: --teacher_cache_views with --augment, else the one image."""
-    return args.teacher_cache_views if args.augment else 1
+            teacher = helpers.backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class)
+        test(args, place, test_samples, student, teacher.to(place.device) if teacher else None)
 
 
 def test(args, place: trainer.RunPlace, samples, student_backbone, teacher_backbone):
     """The final test of `student_backbone` (and of the teacher's backbone, with the cross figures) on the test list."""
-    loader = helpers.build_test_loader(samples, args.img_size, args.batch_size, args.num_workers, rank=place.rank,
-                                       world_size=place.world_size)
-    evaluation.run_test(loader, helpers.BatchTransform(augment=False), student_backbone, teacher_backbone,
-                        device=place.device, amp=args.amp,
+    loader = helpers.build_test_loader(samples, args.img_size, args.batch_size, args.num_workers, place.rank,
+                                       place.world_size)
+    evaluation.run_test(loader, student_backbone, teacher_backbone, device=place.device, amp=args.amp,
                         rank=place.rank, logger=place.logger, output_dir=place.run_dir,
                         coarse_mask=args.test_mask_coarse, fine_mask=args.test_mask_fine)
 
 
 def test_only(args, place: trainer.RunPlace, weights: str, feature_dir: str):
-    """Evaluate `weights` (original or own format, or an exported .onnx) on the test list or a --benchmark (whose
-    features are kept in `feature_dir`); no teacher needed."""
-    logger, device = place.logger, place.device
+    """Evaluate `weights` (original or own format, or an exported .onnx), and the teacher when one is given, on the
+    test list or a --benchmark (whose features are kept in `feature_dir`)."""
+    rank, world_size, logger = place.rank, place.world_size, place.logger
     if args.benchmark:
-        images = benchmark_images(args, place)
+        images = retrieval.read_benchmark(args.benchmark, args.benchmark_root, args.benchmark_distractors)
+        datasets.check_images_exist(images.queries + images.database, '--benchmark_root', rank, world_size)
+        logger.info(f'{args.benchmark}: {len(images.queries)} queries, {len(images.database)} database images')
     else:
-        samples = helpers.read_checked_list(args.test_root, args.test_list, '--test_root', rank=place.rank,
-                                            world_size=place.world_size)
+        samples = datasets.read_checked_list(args.test_root, args.test_list, '--test_root', rank, world_size)
         evaluation.check_test_list(samples, args.test_mask_coarse, args.test_mask_fine, logger)
-    if weights.endswith('.onnx'):
-        student_backbone = models.OnnxBackbone(weights, args.img_size, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR)
-    else:
-        student_backbone = backbone_of(args, weights).to(device)
-    logger.info(f'test only: {weights}')
-    teacher_backbone = None
+    models = {'student': (weights, args.backbone_class)}
     if args.teacher_init_weights:
-        teacher_backbone = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(device)
+        models['teacher'] = (args.teacher_init_weights, args.teacher_backbone_class)
+    backbones = {name: serving.OnnxBackbone(path, args.img_size) if path.endswith('.onnx')
+                 else helpers.backbone_of(args, path, backbone).to(place.device)
+                 for name, (path, backbone) in models.items()}
+    logger.info(f'test only: {weights}')
     logger.start()
-    if args.benchmark:
-        benchmark(args, place, images, weights, student_backbone, teacher_backbone, feature_dir)
-    else:
-        test(args, place, samples, student_backbone, teacher_backbone)
+    if not args.benchmark:
+        return test(args, place, samples, backbones['student'], backbones.get('teacher'))
+    # what each model's features depend on: its weights' bytes (read by rank 0 alone, which decides on reuse)
+    identities = {name: {'weights': utils.file_digest([path]) if rank == 0 else '', 'backbone': backbone,
+                         'img_size': args.img_size, 'width_divisor': args.demo_width_divisor, 'amp': args.amp}
+                  for name, (path, backbone) in models.items()}
+    loaders = {part: helpers.build_test_loader(part_images, args.img_size, args.batch_size, args.num_workers, rank,
+                                               world_size)
+               for part, part_images in (('queries', images.queries), ('database', images.database))}
+    retrieval.run_benchmark(images, backbones, identities, loaders, feature_dir, device=place.device, amp=args.amp,
+                            rank=rank, logger=logger)
 
 
-def benchmark(args, place: trainer.RunPlace, images: helpers.BenchmarkImages, weights: str, student_backbone,
-              teacher_backbone, feature_dir: str):
-    """Score the student of `weights` (and the teacher, with the cross figures) on the --benchmark's images, each
-    model's features kept in `feature_dir` under what they depend on."""
-    backbones, names = {'student': student_backbone}, {'student': (weights, args.backbone_class)}
-    if teacher_backbone is not None:
-        backbones['teacher'] = teacher_backbone
-        names['teacher'] = (args.teacher_init_weights, args.teacher_backbone_class)
-    # rank 0 alone decides whether saved features are reused, and writes them: only it reads the weights' bytes
-    keys = {model: model_key(args, *names[model]) if place.rank == 0 else '' for model in backbones}
-    evaluation.run_benchmark(images, backbones, keys, feature_dir=feature_dir, img_size=args.img_size,
-                             batch_size=args.batch_size, num_workers=args.num_workers, device=place.device,
-                             amp=args.amp, rank=place.rank, world_size=place.world_size, logger=place.logger)
-
-
-def benchmark_images(args, place: trainer.RunPlace) -> helpers.BenchmarkImages:
-    """The --benchmark's queries and database, every image checked to exist (each process its part)."""
-    if args.benchmark == 'gldv2':
-        images = helpers.read_gldv2(args.benchmark_root)
-    else:
-        images = helpers.read_revisitop(args.benchmark_root, args.benchmark, args.benchmark_distractors)
-    helpers.check_images_exist(images.queries + images.database, '--benchmark_root', place.rank, place.world_size)
-    place.logger.info(f'{args.benchmark}: {len(images.queries)} queries, {len(images.database)} database images')
-    return images
-
-
-def model_key(args, weights: str, backbone_name: str) -> str:
-    """What a model's features depend on: its weights' bytes, its backbone, the image size, widths and precision."""
-    return (f'{checkpoints.file_digest([weights])} {backbone_name} {args.img_size}px '
-            f'width/{args.demo_width_divisor} amp={args.amp}')
-
-
-def calibration_batches(args, most: int = 256) -> list:
-    """Up to `most` images of --calibration_list in the serving graph's input contract (BGR in [0, 1], float32),
-    one a batch: calibration holds every intermediate tensor of a batch at once."""
-    samples = helpers.read_checked_list(args.calibration_root, args.calibration_list, '--calibration_root')[:most]
-    dataset = helpers.ImageDataset(samples, args.img_size, train=False, augment=False)
-    images = []
-    for index in range(len(dataset)):
-        item = dataset[index]
-        if item['bad']:
-            raise utils.RunError(item['bad'])
-        images.append(item['image'].float().div(255).numpy())
-    return [image[None] for image in images]
-
-
-def backbone_of(args, weights: str, name: str | None = None):
-    """The backbone `name` (default: the student's) of a weights file, at this run's image size and widths."""
-    return models.load_backbone(name or args.backbone_class, weights, args.img_size, args.demo_width_divisor,
-                                args.drop_block)
+def export(args, place: trainer.RunPlace, weights: str):
+    """Write `weights` as an ONNX serving graph (int8 with --quantize, calibrated on --calibration_list)."""
+    backbone = helpers.backbone_of(args, weights)
+    description, calibration = {'backbone': args.backbone_class, 'weights': weights}, None
+    if args.quantize == 'int8':
+        calibration = serving.calibration_images(args.calibration_root, args.calibration_list, args.img_size)
+        description['calibration'] = f'{len(calibration)} images of {args.calibration_list}'
+    place.logger.start()
+    contract = serving.export(backbone, args.export_onnx, args.img_size, description, calibration)
+    place.logger.info(f'exported {weights} to {args.export_onnx}: ' +
+                      '; '.join(f'{key}: {value}' for key, value in contract.items()))
 
 
 def weights_to_use(args, run_dir: str) -> str:
@@ -585,27 +423,6 @@ def weights_to_use(args, run_dir: str) -> str:
         flag = '--test_only' if args.test_only else '--export_onnx'
         raise utils.RunError(f'{flag} found no {weights}; give --init_weights or train this run first')
     return weights
-
-
-def export(args, place: trainer.RunPlace, weights: str):
-    """Write `weights` as an ONNX serving graph (int8 with --quantize) and say its input contract."""
-    backbone = backbone_of(args, weights)
-    place.logger.start()
-    description = {'backbone': args.backbone_class, 'weights': weights}
-    float_path = args.export_onnx if args.quantize == 'none' else f'{args.export_onnx}.float32.tmp'
-    contract = models.export_onnx(backbone, float_path, args.img_size, helpers.PIXEL_MEAN_BGR,
-                                  helpers.PIXEL_STD_BGR, description=description)
-    if args.quantize == 'int8':
-        method = models.INT8_METHODS[args.backbone_class]
-        batches = calibration_batches(args) if method == 'static' else None
-        if batches:
-            description['calibration'] = f'{sum(len(batch) for batch in batches)} images of {args.calibration_list}'
-        try:
-            contract = models.quantize_onnx(float_path, args.export_onnx, method, batches, description)
-        finally:
-            os.remove(float_path)
-    place.logger.info(f'exported {weights} to {args.export_onnx}: ' +
-                      '; '.join(f'{key}: {value}' for key, value in contract.items()))
 
 
 if __name__ == '__main__':

@@ -123,10 +123,6 @@ class DistillationModel(nn.Module):
                 frozen.requires_grad_(False)
                 frozen.eval()
 
-    @property
-    def head_is_shared(self) -> bool:
-        return self.student.head is self.teacher_classifier()
-
     def teacher_classifier(self) -> nn.Module | None:
         """The teacher's classifier: the live teacher's head, or the one kept beside its cached features."""
         return self.teacher.head if self.teacher is not None else self.teacher_head
@@ -174,22 +170,16 @@ def _load_file(path: str):
             raise WeightsFileError(
                 f'{path}: refused to load: the file holds pickled objects other than tensors and plain containers '
                 f'(nothing in it was run); re-save its state dict with torch.save') from None
-        raise WeightsFileError(f'{path}: not a weights file, or a damaged one ({first_line(error)}); give a file '
+        raise WeightsFileError(f'{path}: not a weights file, or a damaged one ({utils.first_line(error)}); give a file '
                                'written by torch.save') from None
     except OSError as error:
-        raise WeightsFileError(f'{path}: cannot read the weights file ({first_line(error)})') from None
+        raise WeightsFileError(f'{path}: cannot read the weights file ({utils.first_line(error)})') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
-        raise WeightsFileError(f'{path}: corrupt or truncated weights file ({first_line(error)}); copy it again '
+        raise WeightsFileError(f'{path}: corrupt or truncated weights file ({utils.first_line(error)}); copy it again '
                                'or use another') from None
     except Exception as error:  # a text file or any other bytes torch.load cannot parse
-        raise WeightsFileError(f'{path}: not a weights file ({first_line(error)}); give a file written by '
+        raise WeightsFileError(f'{path}: not a weights file ({utils.first_line(error)}); give a file written by '
                                'torch.save') from None
-
-
-def first_line(error: Exception) -> str:
-    """'Type: first sentence' of an exception, without the paragraphs of advice torch appends."""
-    lines = str(error).strip().splitlines()
-    return f'{type(error).__name__}: {lines[0].split(". ")[0]}' if lines else type(error).__name__
 
 
 def _extract_state_dict(loaded, path: str) -> dict:
@@ -339,108 +329,3 @@ def student_weights(classifier: Classifier, include_head: bool) -> dict:
     return {'params': params}
 
 
-class ServingNetwork(nn.Module):
-    """What an exported student computes: BGR images with values in [0, 1], (B, 3, S, S) float32 -> L2-normalised
-    float32 features. The pixel normalisation is inside, so that serving code only decodes, resizes and divides
-    by 255."""
-
-    def __init__(self, backbone: nn.Module, pixel_mean, pixel_std):
-        super().__init__()
-        self.backbone = backbone
-        self.register_buffer('pixel_mean', torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer('pixel_std', torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.backbone((images - self.pixel_mean) / self.pixel_std).float(), dim=1)
-
-
-def export_onnx(backbone: nn.Module, path: str, img_size: int, pixel_mean, pixel_std, description: dict) -> dict:
-    """Write `backbone` as an ONNX serving graph (ServingNetwork, any batch size) to `path`; the input contract and
-    `description` go into the model's metadata, and are returned."""
-    network = ServingNetwork(backbone, pixel_mean, pixel_std).eval()
-    example = torch.rand(2, 3, img_size, img_size)
-    batch = torch.export.Dim('batch', min=1, max=4096)
-    with torch.no_grad():
-        program = torch.onnx.export(network, (example,), dynamo=True, input_names=['images'],
-                                    output_names=['features'], dynamic_shapes=({0: batch},), verbose=False)
-    contract = {'input': f'images: float32 (batch, 3, {img_size}, {img_size}), BGR channel order, values in [0, 1] '
-                         '(decoded pixels / 255, resized to the size)',
-                'output': f'features: float32 (batch, {backbone.feature_dim}), L2-normalised',
-                **{key: str(value) for key, value in description.items()}}
-    program.model.metadata_props.update(contract)
-    # one self-contained file, written once (the weights inline, no `.data` file beside it)
-    program.save(path, external_data=False)
-    return contract
-
-
-class OnnxBackbone(nn.Module):
-    """An exported student run by ONNX Runtime where the test pipeline expects a backbone: it takes the normalised
-    batch the pipeline makes and undoes the normalisation, which the graph applies itself."""
-
-    def __init__(self, path: str, img_size: int, pixel_mean, pixel_std):
-        super().__init__()
-        import onnxruntime
-        try:
-            self.session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
-        except Exception as error:  # not an ONNX file, or a damaged one
-            raise WeightsFileError(f'{path}: not a readable ONNX model ({first_line(error)})') from None
-        graph_input = self.session.get_inputs()[0]
-        if list(graph_input.shape[1:]) != [3, img_size, img_size]:
-            raise WeightsFileError(f'{path} takes images of shape {graph_input.shape[1:]}, not (3, {img_size}, '
-                                   f'{img_size}): run with --img_size {graph_input.shape[-1]}, or export again at '
-                                   f'--img_size {img_size}')
-        self.input_name = graph_input.name
-        self.feature_dim = self.session.get_outputs()[0].shape[1]
-        self.register_buffer('pixel_mean', torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer('pixel_std', torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, normalised_images: torch.Tensor) -> torch.Tensor:
-        images = normalised_images.float().cpu() * self.pixel_std.cpu() + self.pixel_mean.cpu()
-        features = self.session.run(None, {self.input_name: images.numpy()})[0]
-        return torch.from_numpy(features).to(normalised_images.device)
-
-
-# How each backbone is quantized to int8, chosen by measurement (bench/export.py, 384 px, this CPU): static QDQ with
-# calibrated activations was the fastest for all three (ONNX Runtime's dynamic convolutions run slower than float)
-# and kept a mean feature cosine above 0.997 to float32.
-INT8_METHODS = {'Swin_tiny': 'static', 'Swin_base': 'static', 'Resnet12': 'static'}
-
-
-def quantize_onnx(float_path: str, int8_path: str, method: str, calibration_batches=None,
-                  description: dict | None = None) -> dict:
-    """Write an int8 copy of an exported serving graph (same input and output contract, metadata kept, with
-    `description` and how it was quantized): `dynamic` (int8 weights of MatMul/Gemm, activations quantized on the
-    fly) or `static` (QDQ, int8 weights per channel, activation ranges calibrated on `calibration_batches`, float32
-    arrays in the graph's input contract). Returns the metadata."""
-    import logging
-
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(calibration_batches or [])
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {'images': batch}
-
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)  # the quantizer's advice on pre-processing, once per weight
-    try:
-        if method == 'dynamic':
-            quantize_dynamic(float_path, int8_path, weight_type=QuantType.QInt8)
-        else:
-            quantize_static(float_path, int8_path, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-    finally:
-        root.setLevel(level)
-    metadata = {entry.key: entry.value for entry in onnx.load(float_path).metadata_props}
-    metadata.update(description or {}, precision='int8', quantization=method)
-    quantized = onnx.load(int8_path)
-    del quantized.metadata_props[:]
-    for key, value in metadata.items():
-        quantized.metadata_props.add(key=key, value=str(value))
-    onnx.save(quantized, int8_path)
-    return metadata

@@ -16,54 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-import checkpoints as checkpoint_files
-import helpers
+import checkpoints
+import datasets
+import losses
 import utils
 from checkpoints import EpochState, RunProgress
-
-KD_LOSSES = ('KD', 'global_KD', 'tempered_KD')
-
-
-class DistillationLoss(nn.Module):
-    """Cross-entropy on the student's logits plus a distillation term.
-
-    `KD` (the original): sum over batch and classes of p_t * (log p_t - log_softmax(s / T)), with
-    p_t = softmax(teacher_logits) untempered and no T^2 factor. `global_KD`: summed squared error between
-    student and teacher features. `tempered_KD`: the usual Hinton loss, both sides tempered, T^2 scaling,
-    mean over the batch. `kind=None`: cross-entropy alone (how a teacher is trained).
-    Summed terms are multiplied by `world_size`, so that DDP's gradient averaging over processes yields the
-    gradient of the sum over the GLOBAL batch, as one process with the same global batch would.
-    """
-
-    def __init__(self, kind: str | None, weight: float = 1.0, temperature: float = 4.0, world_size: int = 1):
-        super().__init__()
-        if kind is not None and kind not in KD_LOSSES:
-            raise ValueError(f'unknown --kd_loss {kind!r}; choose one of {", ".join(KD_LOSSES)}')
-        self.kind, self.weight, self.temperature, self.world_size = kind, weight, temperature, world_size
-
-    def forward(self, student_features, student_logits, teacher_features, teacher_logits, labels):
-        """Return (loss to back-propagate, cross-entropy, distillation term per global batch)."""
-        cross_entropy = F.cross_entropy(student_logits.float(), labels)
-        if self.kind is None:
-            return cross_entropy, cross_entropy.detach(), torch.zeros((), device=labels.device)
-        distillation = self.distillation_term(student_features.float(), student_logits.float(),
-                                              teacher_features.float(), teacher_logits.float())
-        return cross_entropy + self.weight * distillation, cross_entropy.detach(), distillation.detach()
-
-    def distillation_term(self, student_features, student_logits, teacher_features, teacher_logits):
-        if self.kind == 'global_KD':
-            return self.world_size * (student_features - teacher_features).pow(2).sum()
-        if self.kind == 'KD':
-            # the original's KL: the teacher untempered, the student at temperature T, summed, no T^2
-            teacher_log_probs = F.log_softmax(teacher_logits, dim=1)
-            student_log_probs = F.log_softmax(student_logits / self.temperature, dim=1)
-            return self.world_size * F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction='sum')
-        teacher_log_probs = F.log_softmax(teacher_logits / self.temperature, dim=1)
-        student_log_probs = F.log_softmax(student_logits / self.temperature, dim=1)
-        # a mean over the local batch is already the global mean once DDP averages gradients
-        return F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction='batchmean') * \
-            self.temperature ** 2
-
 
 
 def learning_rate(epoch_position: float, epoch: int, *, base_lr: float, min_lr: float, warmup_epochs: int,
@@ -85,12 +42,6 @@ def learning_rate(epoch_position: float, epoch: int, *, base_lr: float, min_lr: 
     if scheduler == 'multistep':
         return base_lr * gamma ** sum(epochs_done >= milestone for milestone in step_size)
     raise ValueError(f'unknown --lr_scheduler {scheduler!r}; choose cosine, step or multistep')
-
-
-def autocast_context(device: torch.device, amp: str):
-    """torch.autocast for `--amp bf16|fp16`, disabled for `none`."""
-    return torch.autocast(device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=amp != 'none')
-
 
 
 class StopSignals:
@@ -122,7 +73,6 @@ class StopSignals:
             raise RunInterrupted(128 + number, f'stopped by {signal.Signals(number).name} {self.at_once}')
         if self._seen >= 3:
             raise KeyboardInterrupt(f'{signal.Signals(number).name} received three times')
-
 
 
 class RunControl:
@@ -186,7 +136,6 @@ class RunControl:
         self._last_checkpoint = time.monotonic()
 
 
-
 class NonFiniteWatch:
     """Watches the loss for NaN or infinity without making the GPU wait each step; `check` stops every process.
 
@@ -223,7 +172,6 @@ class NonFiniteWatch:
                 '--suffix) with a lower --lr, or --amp bf16 instead of fp16')
 
 
-
 def broadcast_batch_norm_statistics(module: nn.Module):
     """Give every process rank 0's BatchNorm statistics, so that validation, the best-epoch choice and the saved
     weights are about one model (between DDP's broadcasts each process updates its own)."""
@@ -233,7 +181,6 @@ def broadcast_batch_norm_statistics(module: nn.Module):
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             for buffer in layer.buffers():
                 dist.broadcast(buffer, src=0)
-
 
 
 @torch.no_grad()
@@ -247,8 +194,8 @@ def validate(classifier, loader, batch_transform, device: torch.device, amp: str
     samples = 0
     problems, truncated = [], []
     for batch in loader:
-        problems.extend(helpers.batch_messages(batch, 'bad'))
-        truncated.extend(helpers.batch_messages(batch, 'truncated'))
+        problems.extend(datasets.batch_messages(batch, 'bad'))
+        truncated.extend(datasets.batch_messages(batch, 'truncated'))
         if problems:
             break
         images = batch_transform(batch['image'].to(device, non_blocking=True), train=False)
@@ -295,7 +242,7 @@ class TrainingParts:
     form), `schedule(epoch_position, epoch)` the learning rate."""
     distiller: nn.Module
     student: nn.Module
-    criterion: DistillationLoss
+    criterion: losses.DistillationLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     train_loader: object
@@ -341,7 +288,7 @@ def training_step(parts: TrainingParts, batch: dict, device: torch.device, amp: 
 
 
 def train_one_epoch(parts: TrainingParts, epoch: int, *, place: RunPlace, amp: str, log_interval: int,
-                    state: EpochState, progress: RunProgress, files: checkpoint_files.Checkpoints,
+                    state: EpochState, progress: RunProgress, files: checkpoints.Checkpoints,
                     control: 'RunControl') -> dict:
     """One pass over parts.train_loader, from `state.iteration` when resuming; returns the epoch's averages over
     all processes, its bad and truncated images, and 'stopped': the signal that stopped it early, or None.
@@ -359,7 +306,7 @@ def train_one_epoch(parts: TrainingParts, epoch: int, *, place: RunPlace, amp: s
     batches = iter(parts.train_loader)  # draws the loader's seed: before the generators are restored, as it was
     if state.random_state is not None:
         # a resumed epoch draws on from where the interrupted one wrote its checkpoint
-        checkpoint_files.set_random_state(state.random_state)
+        checkpoints.set_random_state(state.random_state)
     bar = tqdm(batches, desc=f'epoch {epoch}', disable=not show_progress, dynamic_ncols=True,
                initial=first_iteration, total=iterations)
     start, lr, stopped = time.perf_counter(), parts.schedule(epoch + first_iteration / iterations, epoch), None
@@ -367,9 +314,9 @@ def train_one_epoch(parts: TrainingParts, epoch: int, *, place: RunPlace, amp: s
         lr = parts.schedule(epoch + iteration / iterations, epoch)
         for group in parts.optimizer.param_groups:
             group['lr'] = lr
-        state.bad_images.extend(path for message in helpers.batch_messages(batch, 'bad')
+        state.bad_images.extend(path for message in datasets.batch_messages(batch, 'bad')
                                 for path in message.split('; '))
-        state.truncated_images.extend(helpers.batch_messages(batch, 'truncated'))
+        state.truncated_images.extend(datasets.batch_messages(batch, 'truncated'))
         loss, cross_entropy, distillation, step_sums = training_step(parts, batch, place.device, amp)
         finite = torch.isfinite(loss)
         non_finite.update(finite, iteration)
@@ -390,7 +337,7 @@ def train_one_epoch(parts: TrainingParts, epoch: int, *, place: RunPlace, amp: s
         checkpoint_due, stopped = control.after_iteration()
         if checkpoint_due or stopped:
             non_finite.check(epoch)  # never a checkpoint of weights that a non-finite loss has already spoilt
-            state.sums, state.random_state = sums.tolist(), checkpoint_files.random_state()
+            state.sums, state.random_state = sums.tolist(), checkpoints.random_state()
             files.save_within_epoch(dataclasses.replace(progress, iteration=state.iteration), state)
             control.checkpoint_written()
         if stopped:
@@ -430,7 +377,7 @@ class Trainer:
     def __init__(self, args, parts: TrainingParts, place: RunPlace, flags: dict, signals: StopSignals):
         self.args, self.parts, self.place = args, parts, place
         self.progress = RunProgress()
-        self.files = checkpoint_files.Checkpoints(
+        self.files = checkpoints.Checkpoints(
             place.run_dir, rank=place.rank, world_size=place.world_size, logger=place.logger,
             student=parts.distiller.student, optimizer=parts.optimizer, scaler=parts.scaler,
             head_fixed=args.head_fixed, flags=flags)
@@ -456,27 +403,27 @@ class Trainer:
         args, parts, place = self.args, self.parts, self.place
         if averages['stopped']:
             stop_run(place.logger, averages['stopped'], f'in epoch {epoch} after iteration {averages["iteration"]}',
-                     self.files.path(checkpoint_files.CHECKPOINT_NAME))
+                     self.files.path(checkpoints.CHECKPOINT_NAME))
         check_bad_images(averages, args.max_bad_images, epoch, place.logger)
         broadcast_batch_norm_statistics(parts.distiller.student)
         validation = None
         if parts.val_loader is not None and (epoch % args.eval_interval == 0 or epoch == args.max_epoch):
             validation = validate(parts.distiller.student, parts.val_loader, parts.batch_transform, place.device,
                                   args.amp)
-            helpers.report_truncated(validation['truncated_images'], place.logger)
+            datasets.report_truncated(validation['truncated_images'], place.logger)
         log_epoch(place.logger, epoch, averages, validation)
         improved = advance_progress(self.progress, epoch, validation, validating=parts.val_loader is not None)
         self.files.save_epoch_end(self.progress, improved)
         self.control.checkpoint_written()
         stopped = self.control.stop_requested()
         if stopped:
-            stop_run(place.logger, stopped, f'after epoch {epoch}', self.files.path(checkpoint_files.CHECKPOINT_NAME))
+            stop_run(place.logger, stopped, f'after epoch {epoch}', self.files.path(checkpoints.CHECKPOINT_NAME))
 
     def best_weights(self) -> str | None:
         """max_acc.pth, the weights of the best epoch; None when no epoch was trained (the test then takes the
         student as it is: an untrained floor). Its absence after training stops the run: the test would give
         other weights' figures under the best epoch's name."""
-        best = self.files.path(checkpoint_files.BEST_NAME)
+        best = self.files.path(checkpoints.BEST_NAME)
         if self.progress.best_epoch and not os.path.isfile(best):
             raise utils.RunError(f'{best}, the weights of the best epoch {self.progress.best_epoch}, is missing: put '
                                  'it back to test this run, or start a new one (another --suffix)')
@@ -499,7 +446,7 @@ def log_best_epoch(logger, progress: RunProgress):
 def check_bad_images(averages: dict, max_fraction: float, epoch: int, logger):
     """Log each replaced or truncated image once a run; stop when more than `max_fraction` of the epoch was
     unreadable (truncated images are used, and do not count)."""
-    helpers.report_truncated(averages['truncated_images'], logger)
+    datasets.report_truncated(averages['truncated_images'], logger)
     bad = sorted(set(averages['bad_images']))
     for message in bad:
         logger.once(f'bad {message}', f'bad image (replaced): {message}')
@@ -528,3 +475,8 @@ def log_epoch(logger, epoch: int, averages: dict, validation: dict | None):
                          'val_accuracy': validation['accuracy'] if validation else None})
     for tag, value in scalars:
         logger.scalar(tag, value, epoch)
+
+
+def step_sizes(text: str) -> list[int]:
+    """'30' -> [30]; '30,60' -> [30, 60]."""
+    return [int(part) for part in str(text).split(',') if part.strip()]

@@ -1,171 +1,23 @@
 """Run names, the logger and results.json, atomic file writes, the collectives every room shares, and the one
 error a run stops with."""
+import hashlib
 import json
 import math
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as functional
 
 
 class RunError(ValueError):
     """A problem the user must fix: its message is the one line main.py prints (once, on rank 0) before it exits."""
-
-
-@dataclass(frozen=True)
-class RunName:
-    """The flags that name a run directory, and the name the original gave it (directory)."""
-    dataset: str
-    backbone_class: str
-    is_distill: bool
-    kd_loss: str
-    kd_weight: float
-    init_weights: str | None
-    augment: bool
-    lr: float
-    optim: str
-    lr_scheduler: str
-    step_size: str
-    gamma: float
-    max_epoch: int
-    warmup_epoch: int
-    batch_size: int
-    head_fixed: bool
-    suffix: str
-
-    def directory(self, save_dir: str) -> str:
-        """`save_dir/<first>/<second>`.
-
-        `<first>` = `{dataset}-{backbone_class}` + `-{kd_loss}-{kd_weight}` (distillation) or `-no_distill`,
-        + `-Pre` when `init_weights` is set, + `-NoAug` unless `augment`.
-        `<second>` = `lr{lr:.2g}_{optim}_{lr_scheduler}_epoch{max_epoch}_warmup{warmup_epoch}_bs{batch_size}`
-        + `-head_fixed` when `head_fixed`, + `suffix`; for `step`/`multistep` schedules the optimizer part is
-        `{optim}-step{step_size}-gamma{gamma}`.
-        """
-        first = f'{self.dataset}-{self.backbone_class}'
-        first += f'-{self.kd_loss}-{self.kd_weight}' if self.is_distill else '-no_distill'
-        if self.init_weights:
-            first += '-Pre'
-        if not self.augment:
-            first += '-NoAug'
-        optimizer_part = self.optim
-        if self.lr_scheduler in ('step', 'multistep'):
-            optimizer_part = f'{self.optim}-step{self.step_size}-gamma{self.gamma}'
-        second = (f'lr{self.lr:.2g}_{optimizer_part}_{self.lr_scheduler}_epoch{self.max_epoch}'
-                  f'_warmup{self.warmup_epoch}_bs{self.batch_size}')
-        if self.head_fixed:
-            second += '-head_fixed'
-        second += self.suffix or ''
-        return os.path.join(save_dir, first, second)
-
-
-class Logger:
-    """Append-only `record.txt` + console + tensorboardX scalars + results.json; every method does nothing when
-    rank != 0. Nothing is written in the run directory before `start`: a run stopped by a start-up check leaves
-    none of its files there (its lines reach the console only)."""
-
-    def __init__(self, run_dir: str, rank: int = 0, tensorboard: bool = True):
-        self.run_dir, self.active, self.tensorboard = run_dir, rank == 0, tensorboard
-        self.record_path = os.path.join(run_dir, 'record.txt')
-        self.writer, self.results, self.started = None, {}, False
-        self._pending, self._said = [], set()  # record.txt's lines not written yet; the keys `once` was given
-
-    def start(self):
-        """The run has passed its start-up checks: write the lines said so far, open tensorboard, read results.json."""
-        if self.started or not self.active:
-            self.started = True
-            return
-        self.started = True
-        os.makedirs(self.run_dir, exist_ok=True)
-        self._write_pending()
-        try:
-            self.results = read_results(self.run_dir)  # a resumed run adds to its figures
-        except ValueError as damage:  # never let a damaged file block a rerun
-            path = os.path.join(self.run_dir, RESULTS_NAME)
-            self.info(f'{damage}: set aside as {set_aside(path)}; this run writes a new one')
-        if self.tensorboard:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(logdir=self.run_dir)
-
-    def info(self, message: str):
-        """Append `message` as a line of record.txt (once the run has started) and echo it on the console."""
-        if not self.active:
-            return
-        self._pending.append(message)
-        if self.started:
-            self._write_pending()
-        sys.stdout.write(f'{message}\n')
-        sys.stdout.flush()
-
-    def _write_pending(self):
-        with open(self.record_path, 'a', encoding='utf-8') as record:
-            record.writelines(f'{line}\n' for line in self._pending)
-        self._pending = []
-
-    def once(self, key: str, message: str):
-        """info(message) the first time `key` is given in this run, nothing after (a bad image seen every epoch)."""
-        if key not in self._said:
-            self._said.add(key)
-            self.info(message)
-
-    def scalar(self, tag, value, step):
-        """Write one tensorboard scalar (nothing when tensorboard is off)."""
-        self.start()
-        if not self.active or self.writer is None:
-            return
-        self.writer.add_scalar(tag, float(value), step)
-
-    def result(self, key: str, value):
-        """Set one top-level entry of the run's results.json (see RESULTS_NAME) and rewrite the file."""
-        self.start()
-        if not self.active:
-            return
-        self.results[key] = value
-        write_json(self.results, os.path.join(self.run_dir, RESULTS_NAME))
-
-    def epoch_result(self, figures: dict):
-        """Add an epoch's figures to results.json, replacing those of the same or later epochs (a resumed run)."""
-        if not self.active:
-            return
-        epochs = [entry for entry in self.results.get('epochs', []) if entry['epoch'] < figures['epoch']]
-        self.result('epochs', epochs + [figures])
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-# A run's figures as data, for scripts and the demo table: 'parameters' (student trainable and total, teacher total,
-# student backbone), 'epochs' (epoch, lr, train_accuracy, loss, ce, kd, val_loss and val_accuracy or null),
-# 'best_epoch', 'best_accuracy', and 'test': {'student' | 'teacher' | 'cross': {'coarse', 'fine' (TARs at FAR
-# 1e-1 ... 1e-8, null where undefined), 'coarse_undefined', 'fine_undefined' (why, or null), 'coarse_nn_accuracy',
-# 'fine_nn_accuracy', 'coarse_gap', 'fine_gap' (of the nearest-neighbour predictions), 'coarse_curve', 'fine_curve'
-# ({'far': [...], 'tar': [...]})}}; a --benchmark run's figures under its name (see evaluation.benchmark_report).
-RESULTS_NAME = 'results.json'
-
-
-def read_results(run_dir: str) -> dict:
-    """A run directory's results.json, or {} when it has none yet; RunError when it is not a JSON object."""
-    path = os.path.join(run_dir, RESULTS_NAME)
-    try:
-        with open(path, encoding='utf-8') as handle:
-            results = json.load(handle)
-    except FileNotFoundError:
-        return {}
-    except ValueError as error:  # not UTF-8, or not JSON: truncated, empty
-        raise RunError(f'{path} is not JSON ({str(error).splitlines()[0]})') from None
-    if not isinstance(results, dict):
-        raise RunError(f'{path} holds a JSON {type(results).__name__}, not an object')
-    return results
 
 
 def set_aside(path: str) -> str:
@@ -345,6 +197,66 @@ def stop_if_any_process_failed(messages: list[str]):
         raise StopOnEveryRank(problems[0])
 
 
+def on_rank_zero(rank: int, action):
+    """Run `action()` on rank 0 alone while the other processes wait, and return its result on every process; a
+    RunError it raises stops every process with its message (none is left waiting for rank 0)."""
+    outcome = (None, None)
+    if rank == 0:
+        try:
+            outcome = (None, action())
+        except RunError as error:
+            outcome = (str(error), None)
+    problem, result = gather_objects(outcome)[0]
+    if problem is not None:
+        raise StopOnEveryRank(problem)
+    return result
+
+
 def autocast_context(device: torch.device, amp: str):
     """torch.autocast for `--amp bf16|fp16`, disabled for `none`."""
     return torch.autocast(device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=amp != 'none')
+
+
+def default_device():
+    """The GPU when there is one, else the CPU: where the pair scores are computed."""
+    return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
+
+
+def normalized_features(features, device, name):
+    """(N, d) array or tensor -> float32 L2-normalised tensor on `device`."""
+    # a read-only array (a memory-mapped .npy) is copied: torch does not take non-writable memory
+    tensor = features if torch.is_tensor(features) else torch.from_numpy(np.require(features, requirements='W'))
+    if tensor.ndim != 2:
+        raise RunError(f'{name} must be a 2-d (N, d) array, got shape {tuple(tensor.shape)}')
+    tensor = tensor.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
+        raise RunError(f'{name} contain NaN or infinite values; check the model outputs')
+    return functional.normalize(tensor, dim=1)
+
+
+# ------------------------------------------------------------------------------------------ the teacher's cache
+def text_digest(text: str) -> str:
+    """sha256 of a text (the suite's one digest: of texts here, of files' bytes in file_digest)."""
+    return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+
+def file_digest(paths) -> str:
+    """sha256 of the bytes of the given files, in order (None entries skipped)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if path:
+            for block in file_blocks(path):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def file_blocks(path: str, size: int = 1 << 24):
+    """The bytes of a file, `size` at a time."""
+    with open(path, 'rb') as handle:
+        yield from iter(lambda: handle.read(size), b'')
+
+
+def first_line(error: Exception) -> str:
+    """'Type: first sentence' of an exception, without the paragraphs of advice torch appends."""
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0].split(". ")[0]}' if lines else type(error).__name__

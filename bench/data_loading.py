@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import helpers  # noqa: E402  (the repository root is put on the path just above)
+import datasets  # noqa: E402
 
 
 def write_smooth_jpeg(path: str, width: int, height: int, generator: np.random.Generator):
@@ -39,11 +39,11 @@ class OriginalLighting:
     """The original's per-image AlexNet PCA lighting on a float (3, H, W) tensor."""
 
     def __init__(self):
-        self.eigenvalues = torch.tensor(helpers.LIGHTING_EIGENVALUES)
-        self.eigenvectors = torch.tensor(helpers.LIGHTING_EIGENVECTORS)
+        self.eigenvalues = torch.tensor(datasets.LIGHTING_EIGENVALUES)
+        self.eigenvectors = torch.tensor(datasets.LIGHTING_EIGENVECTORS)
 
     def __call__(self, image):
-        alpha = torch.randn(3) * helpers.LIGHTING_STD
+        alpha = torch.randn(3) * datasets.LIGHTING_STD
         noise = self.eigenvectors @ (alpha * self.eigenvalues)
         return image + noise.view(3, 1, 1)
 
@@ -51,7 +51,7 @@ class OriginalLighting:
 def baseline_images_per_second(paths, count, img_size, batch_size):
     pipeline = transforms.Compose([
         transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        OriginalLighting(), transforms.Normalize(helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR)])
+        OriginalLighting(), transforms.Normalize(datasets.PIXEL_MEAN_BGR, datasets.PIXEL_STD_BGR)])
     start = time.perf_counter()
     batch = []
     for number in range(count):
@@ -65,9 +65,9 @@ def baseline_images_per_second(paths, count, img_size, batch_size):
 
 
 def ours_images_per_second(paths, count, img_size, batch_size):
-    samples = [helpers.Sample(path, 0, 0) for path in paths]
-    dataset = helpers.ImageDataset(samples, img_size, train=True, augment=True)
-    batch_transform = helpers.BatchTransform(augment=True)
+    samples = [datasets.Sample(path, 0, 0) for path in paths]
+    dataset = datasets.ImageDataset(samples, img_size, train=True, augment=True)
+    batch_transform = datasets.BatchTransform(augment=True)
     start = time.perf_counter()
     batch = []
     for number in range(count):

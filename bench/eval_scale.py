@@ -1,5 +1,5 @@
-"""Time and peak memory of evaluation.tar_at_far on N random 1024-d features, 10 images per label; or, with --gldv2,
-of the GLDv2 retrieval scoring (the running top-100 of evaluation.gldv2_figures, mAP@100 included) of 1,129 random
+"""Time and peak memory of verification.tar_at_far on N random 1024-d features, 10 images per label; or, with --gldv2,
+of the GLDv2 retrieval scoring (the running top-100 of retrieval.gldv2_figures, mAP@100 included) of 1,129 random
 queries against 761,757 random index features.
 
 Usage: python bench/eval_scale.py --n 37649
@@ -16,8 +16,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluation  # noqa: E402
-import helpers  # noqa: E402
+import retrieval  # noqa: E402
+import utils  # noqa: E402
+import verification  # noqa: E402
 
 GLDV2_QUERIES, GLDV2_INDEX = 1129, 761757
 
@@ -43,18 +44,18 @@ def gldv2(arguments):
                                                                          generator=generator)]
                 for number, query in enumerate(query_ids)}
     usage = {query: 'Private' if number % 3 else 'Public' for number, query in enumerate(query_ids)}
-    images = helpers.BenchmarkImages('gldv2', [], [], solution=solution, usage=usage, query_ids=query_ids,
+    images = retrieval.BenchmarkImages('gldv2', [], [], solution=solution, usage=usage, query_ids=query_ids,
                                      database_ids=index_ids)
     with open('/proc/self/statm') as statm:
         resident_gb = int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
     print(f'resident before scoring: {resident_gb:.2f} GB, of which the index features '
           f'{index.numel() * index.element_size() / 2 ** 30:.2f} GB')
     start, start_cpu = time.perf_counter(), time.process_time()
-    figures = evaluation.gldv2_figures(queries, index, images, device='cpu')
+    figures = retrieval.gldv2_figures(queries, index, images, device='cpu')
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print(f'queries={GLDV2_QUERIES} index={GLDV2_INDEX} dim={arguments.dim} threads={torch.get_num_threads()} '
-          f'tile_rows={evaluation.BENCHMARK_TILE_ROWS}')
+          f'tile_rows={retrieval.BENCHMARK_TILE_ROWS}')
     print(f'cpu_s={cpu_seconds:.1f} load_average={os.getloadavg()[0]:.2f} mAP@100 of random features: {figures}')
     print(f'gldv2_s={seconds:.1f} gldv2_peak_gb={peak_gb:.2f}')
 
@@ -75,15 +76,15 @@ def main():
     labels = torch.arange(arguments.n) // arguments.per_label
 
     start, start_cpu = time.perf_counter(), time.process_time()
-    tars = evaluation.tar_at_far(features, labels=labels)
+    tars = verification.tar_at_far(features, labels=labels)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     # ru_maxrss is in KiB on Linux.
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     pairs = arguments.n * (arguments.n - 1) // 2
-    print(f'N={arguments.n} pairs={pairs} device={evaluation.default_device()} threads={torch.get_num_threads()}')
+    print(f'N={arguments.n} pairs={pairs} device={utils.default_device()} threads={torch.get_num_threads()}')
     # CPU seconds over the thread count tell the wall time on an otherwise idle machine.
     print(f'cpu_s={cpu_seconds:.1f} load_average={os.getloadavg()[0]:.2f}')
-    print(f'TARs at {list(evaluation.DEFAULT_FARS)}: {tars}')
+    print(f'TARs at {list(verification.DEFAULT_FARS)}: {tars}')
     print(f'eval_s={seconds:.1f} peak_gb={peak_gb:.2f}')
 
 

@@ -7,7 +7,7 @@ graph's accuracy cost: the mean cosine between its features and fp32's on real i
 Each backbone (random weights, full width) is exported once, then the ways run side by side on the same images at
 batch 1 and 8 (median of 5 timed runs after 2 warm-ups each). The real images are synthetic landmark views
 rendered by demo.py (4 to calibrate, 16 to compare). Last line: `ort_speedup_b1=<x> ort_speedup_b8=<y>
-int8_speedup_b8=<z>`: ONNX Runtime fp32 against eager fp32, and the suite's int8 choice (model.INT8_METHODS)
+int8_speedup_b8=<z>`: ONNX Runtime fp32 against eager fp32, and the suite's int8 form (static QDQ)
 against eager fp32 at batch 8, for Swin_tiny.
 """
 import argparse
@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import datasets  # noqa: E402
 import demo  # noqa: E402
-import helpers  # noqa: E402
 import model as models  # noqa: E402
+import serving  # noqa: E402
 
 
 def images_per_second(run, images, repeats: int = 5) -> float:
@@ -43,28 +44,29 @@ def real_images(directory: str, img_size: int) -> tuple[np.ndarray, np.ndarray]:
                                           train_views=2, num_test_landmarks=4, test_views=4, image_size=img_size)
 
     def batch(list_path):
-        samples = helpers.read_eval_samples(lists['root'], list_path)[:16]
-        return np.stack([helpers.decode_eval_image(sample.path, img_size).float().div(255).numpy()
+        samples = datasets.read_eval_samples(lists['root'], list_path)[:16]
+        return np.stack([datasets.decode_eval_image(sample.path, img_size).float().div(255).numpy()
                          for sample in samples])
     return batch(lists['train_list']), batch(lists['test_list'])
 
 
 def measure(backbone_name: str, img_size: int, directory: str, calibration, comparison) -> dict:
     import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     torch.manual_seed(0)
     backbone = models.create_backbone(backbone_name, img_size).eval()
-    serving = models.ServingNetwork(backbone, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR).eval()
+    network = serving.ServingNetwork(backbone).eval()
     path = os.path.join(directory, f'{backbone_name}.onnx')
-    models.export_onnx(backbone, path, img_size, helpers.PIXEL_MEAN_BGR, helpers.PIXEL_STD_BGR, description={})
+    serving.export_onnx(backbone, path, img_size, description={})
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
 
     def eager(images):
         with torch.no_grad():
-            return serving(images)
+            return network(images)
 
     def bf16(images):
         with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-            return serving(images)
+            return network(images)
 
     def runtime(images):
         return session.run(None, {'images': images.numpy()})[0]
@@ -75,7 +77,11 @@ def measure(backbone_name: str, img_size: int, directory: str, calibration, comp
         int8_path = os.path.join(directory, f'{backbone_name}-{method}.onnx')
         # batches of one image: calibration keeps every intermediate tensor of a batch (16 Swin images at 384 px
         # took more than 24 GB)
-        models.quantize_onnx(path, int8_path, method, [image[None] for image in calibration[:4]])
+        images = [image[None] for image in calibration[:4]]
+        if method == 'static':  # the suite's int8 form
+            serving.quantize_onnx(path, int8_path, images, {})
+        else:  # the alternative it was chosen against: int8 weights, activations quantized on the fly
+            quantize_dynamic(path, int8_path, weight_type=QuantType.QInt8)
         int8 = onnxruntime.InferenceSession(int8_path, providers=['CPUExecutionProvider'])
         ways[f'ort_int8_{method}'] = lambda images, int8=int8: int8.run(None, {'images': images.numpy()})[0]
         cosine = float((ways[f'ort_int8_{method}'](torch.from_numpy(comparison)) * reference).sum(axis=1).mean())
@@ -103,7 +109,7 @@ def main():
             results[name] = measure(name, args.img_size, directory, calibration, comparison)
     if 'Swin_tiny' in results:
         tiny = results['Swin_tiny']
-        int8 = f'ort_int8_{models.INT8_METHODS["Swin_tiny"]}'
+        int8 = 'ort_int8_static'
         print(' '.join(f'ort_speedup_b{batch}={tiny[("ort_fp32", batch)] / tiny[("eager_fp32", batch)]:.2f}'
                        for batch in (1, 8)) + f' int8_speedup_b8={tiny[(int8, 8)] / tiny[("eager_fp32", 8)]:.2f}')
 

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as models  # noqa: E402
-import swin_transformer  # noqa: E402
+import datasets  # noqa: E402
+import helpers  # noqa: E402
+import losses  # noqa: E402
+import model  # noqa: E402
 import trainer  # noqa: E402
 import utils  # noqa: E402
 
@@ -48,13 +50,15 @@ class OriginalCosFace(nn.Module):
 
 def original_step_function(args):
     device = torch.device(args.device)
-    teacher = models.create_backbone('Swin_base', args.img_size).to(device).eval().requires_grad_(False)
-    student = models.create_backbone(args.backbone_class, args.img_size).to(device).train()
+    teacher = model.create_backbone('Swin_base', args.img_size).to(device).eval().requires_grad_(False)
+    student = model.create_backbone(args.backbone_class, args.img_size).to(device).train()
     teacher_head = OriginalCosFace(args.num_classes, 1024).to(device).requires_grad_(False)
     student_head = copy.deepcopy(teacher_head)
+    transform = datasets.BatchTransform(augment=False)  # the original normalised in its loader workers
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=5e-4)
 
     def step(images, labels):
+        images = transform(images, train=False)
         with torch.no_grad():
             teacher_logits = teacher_head(teacher(images), labels)
         student_logits = student_head(student(images), labels)
@@ -68,58 +72,35 @@ def original_step_function(args):
 
 
 def project_step_function(args):
+    """The suite's own step (trainer.training_step) on the model helpers builds: the teacher live, or its features
+    coming with the batch as from --teacher_cache."""
     device = torch.device(args.device)
-    head = models.CosFaceHead(args.num_classes, models.FEATURE_DIM)
-    student = models.Classifier(models.create_backbone(args.backbone_class, args.img_size), head)
-    if args.cached_teacher:  # the teacher's features come with the batch, as from --teacher_cache
-        distiller = models.DistillationModel(student, teacher_head=head).to(device).train()
-        cached = torch.randn(args.batch, models.FEATURE_DIM, device=device)
-        return cached_step_function(args, distiller, cached)
-    distiller = models.DistillationModel(
-        student, models.Classifier(models.create_backbone('Swin_base', args.img_size), head),
-        stochastic_teacher=True).to(device).train()
-    if device.type == 'cuda' and args.backbone_class == 'Resnet12':
-        torch.backends.cudnn.benchmark = True
-    if args.fused_attention:
-        for network in (distiller.student.backbone, distiller.teacher.backbone):
-            if isinstance(network, swin_transformer.SwinBackbone):
-                swin_transformer.use_fused_attention(network)
-    optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=1e-4, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    criterion = trainer.DistillationLoss('KD')
+    head = model.CosFaceHead(args.num_classes, model.FEATURE_DIM)
+    student = model.Classifier(model.create_backbone(args.backbone_class, args.img_size), head)
+    teacher = None if args.cached_teacher else model.Classifier(model.create_backbone('Swin_base', args.img_size), head)
+    distiller = model.DistillationModel(student, teacher, stochastic_teacher=True,
+                                        teacher_head=head if args.cached_teacher else None).to(device).train()
+    parts = trainer.TrainingParts(
+        distiller=distiller, student=helpers.prepare_student(distiller, fused_attention=args.fused_attention,
+                                                             compile_backbone=False, world_size=1, device=device),
+        criterion=losses.DistillationLoss('KD'),
+        optimizer=torch.optim.AdamW(distiller.trainable_parameters(), lr=1e-4, weight_decay=5e-4),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'), train_loader=None, val_loader=None,
+        batch_transform=datasets.BatchTransform(augment=True), schedule=None)
+    cached = torch.randn(args.batch, model.FEATURE_DIM, device=device) if args.cached_teacher else None
 
     def step(images, labels):
-        with utils.autocast_context(device, args.amp):
-            teacher_features, teacher_logits = distiller.teacher_outputs(images, labels)
-            student_features, student_logits = distiller.student(images, labels)
-        loss, _, _ = criterion(student_features, student_logits, teacher_features, teacher_logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return step
-
-
-def cached_step_function(args, distiller, teacher_features):
-    device = torch.device(args.device)
-    optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=1e-4, weight_decay=5e-4)
-    criterion = trainer.DistillationLoss('KD')
-
-    def step(images, labels):
-        with utils.autocast_context(device, args.amp):
-            teacher_logits = distiller.teacher_logits(teacher_features, labels)
-            student_features, student_logits = distiller.student(images, labels)
-        loss, _, _ = criterion(student_features, student_logits, teacher_features, teacher_logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        batch = {'image': images, 'label': labels}
+        if cached is not None:
+            batch['teacher_feature'] = cached
+        trainer.training_step(parts, batch, device, args.amp)
     return step
 
 
 def prepass_step_function(args):
     """The cache pre-pass: the eval-mode Swin_base teacher's features, no gradients."""
     device = torch.device(args.device)
-    teacher = models.create_backbone('Swin_base', args.img_size).to(device).eval()
+    teacher = model.create_backbone('Swin_base', args.img_size).to(device).eval()
 
     @torch.no_grad()
     def step(images, labels):
@@ -168,7 +149,7 @@ def measure(args):
     device = torch.device(args.device)
     step = (original_step_function(args) if args.original else prepass_step_function(args) if args.prepass
             else project_step_function(args))
-    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    images = torch.randint(0, 256, (args.batch, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, args.num_classes, (args.batch,), device=device)
     step(images, labels)
     seconds = []

@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, classifier_file, data_args, run_main
 from PIL import Image
 
-import helpers
+import datasets  # noqa: E402
 import model
-from conftest import ROOT, classifier_file, data_args, run_main
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
          '--log_interval', '1', '--warmup_epoch', '1', '--backbone_class', 'Resnet12']
@@ -104,11 +104,11 @@ def test_sixteen_bit_images_keep_their_range_and_float_images_are_named(tmp_path
     path = str(tmp_path / 'deep.png')
     Image.fromarray(levels).save(path)
     assert Image.open(path).mode.startswith('I')
-    decoded = helpers.decode_eval_image(path, 8)
+    decoded = datasets.decode_eval_image(path, 8)
     assert decoded.dtype == torch.uint8 and torch.all(decoded == 40000 // 256)  # 156, not clipped to 255
     float_path = str(tmp_path / 'float.tif')
     Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(float_path)
-    dataset = helpers.ImageDataset([helpers.Sample(float_path, 0, 0, 'list.txt:1')], 8, train=False, augment=False)
+    dataset = datasets.ImageDataset([datasets.Sample(float_path, 0, 0, 'list.txt:1')], 8, train=False, augment=False)
     assert 'a floating-point image (32-bit float pixels)' in dataset[0]['bad']
 
 
@@ -163,12 +163,12 @@ def test_sigterm_during_the_final_test_ends_with_one_line_and_a_clean_directory(
 SIGNAL_IN_EXPORT_RUNNER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import main, model
-export = model.export_onnx
+import main, serving
+export = serving.export_onnx
 def signal_then_export(*arguments, **keywords):
     os.kill(os.getpid(), signal.SIGTERM)  # the export is under way
     return export(*arguments, **keywords)
-model.export_onnx = signal_then_export
+serving.export_onnx = signal_then_export
 main.main(main.get_parser().parse_args(sys.argv[1:]))
 """
 
@@ -246,7 +246,7 @@ def test_a_float_flag_that_is_not_finite_is_refused(tiny_data, tmp_path, flag):
 def test_a_byte_order_mark_is_not_part_of_the_first_path(tiny_data, tmp_path):
     with_mark = tmp_path / 'test.txt'
     with_mark.write_bytes(b'\xef\xbb\xbf' + read(tiny_data['test'], 'rb'))
-    samples = helpers.read_eval_samples(tiny_data['root'], str(with_mark))
+    samples = datasets.read_eval_samples(tiny_data['root'], str(with_mark))
     assert samples[0].path == os.path.join(tiny_data['root'], 'test_0000.jpg')
 
 

@@ -13,9 +13,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT, classifier_file, run_main
+from PIL import Image
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
@@ -196,9 +195,9 @@ def test_gldv2_scores_each_usage_and_a_rerun_reads_the_saved_features(weights, t
     for model in ('student', 'teacher'):
         assert report[model] == {'all': 1.0, 'private': 1.0, 'public': 1.0}
     assert 'gldv2: 4 queries, 12 database images' in record_of(tmp_path / 'runs', 'gldv2')
-    saved = sorted(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*.npy')))
+    saved = sorted(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*' / 'features.npy')))
     assert len(saved) == 4  # student and teacher, queries and index
-    assert {np.load(path).shape for path in saved} == {(4, 128), (12, 128)}
+    assert {np.load(path).shape for path in saved} == {(1, 4, 128), (1, 12, 128)}
     run_main(argv)
     assert results_of(tmp_path / 'runs', 'gldv2') == report
     assert record_of(tmp_path / 'runs', 'gldv2').count('(saved by an earlier run)') == 4
@@ -207,7 +206,7 @@ def test_gldv2_scores_each_usage_and_a_rerun_reads_the_saved_features(weights, t
     run_main(benchmark_argv((other, weights[1]), tmp_path / 'runs', 'gldv2', tmp_path / 'gldv2'))
     record, = glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'gldv2-other-*' / 'record.txt'))
     assert open(record, encoding='utf-8').read().count('(saved by an earlier run)') == 2
-    assert len(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*.npy'))) == 6
+    assert len(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*' / 'features.npy'))) == 6
 
 
 def test_two_processes_score_gldv2_as_one_and_a_rerun_of_two_reads_the_saved_features(weights, tmp_path):

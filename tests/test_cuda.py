@@ -11,10 +11,17 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    DDP_RUNNER,
+    ORIGINAL_CUDA_VISIBLE_DEVICES,
+    ROOT,
+    UPDATE_TOLERANCE,
+    data_args,
+    update_difference,
+)
 
 import helpers
 import trainer
-from conftest import DDP_RUNNER, ORIGINAL_CUDA_VISIBLE_DEVICES, ROOT, UPDATE_TOLERANCE, data_args, update_difference
 
 pytestmark = pytest.mark.skipif(shutil.which('nvidia-smi') is None or ORIGINAL_CUDA_VISIBLE_DEVICES == '',
                                 reason='no GPU on this machine')
@@ -40,7 +47,7 @@ def run_on_gpu(code: str):
 
 def test_head_transform_and_tar_at_far_agree_with_the_cpu():
     run_on_gpu('''
-import os, numpy as np, torch, helpers, model, evaluation
+import os, numpy as np, torch, datasets, model, verification
 assert torch.cuda.is_available()
 torch.manual_seed(0)
 head = model.CosFaceHead(1000, 64)
@@ -51,12 +58,12 @@ assert torch.allclose(cpu, gpu, atol=1e-4), (cpu - gpu).abs().max()   # float32 
 with torch.autocast('cuda', dtype=torch.bfloat16):
     assert head(features.cuda(), labels.cuda()).dtype == torch.float32
 images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-transform = helpers.BatchTransform(augment=False)
+transform = datasets.BatchTransform(augment=False)
 assert torch.allclose(transform(images, train=False), transform(images.cuda(), train=False).cpu(), atol=1e-6)
-cases = np.load(os.path.join(os.path.dirname(helpers.__file__), 'tests', 'data', 'original_tar_cases.npz'))
+cases = np.load(os.path.join(os.path.dirname(datasets.__file__), 'tests', 'data', 'original_tar_cases.npz'))
 for name in ('lattice', 'clustered'):
     for grain in ('coarse', 'fine'):
-        tars = evaluation.tar_at_far(cases[name + '_features'], labels=cases[name + '_' + grain], device='cuda')
+        tars = verification.tar_at_far(cases[name + '_features'], labels=cases[name + '_' + grain], device='cuda')
         expected = cases[name + '_expected_' + grain]
         counts = np.unique(cases[name + '_' + grain], return_counts=True)[1]
         one_pair = 1.0 / (counts * (counts - 1) // 2).sum()     # a score on a bin edge may fall either way

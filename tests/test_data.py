@@ -14,12 +14,12 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import helpers  # noqa: E402  (the repository root is put on the path just above)
+import datasets  # noqa: E402
 import utils  # noqa: E402
 
 IMG_SIZE = 96
-MEAN = torch.tensor(helpers.PIXEL_MEAN_BGR)
-STD = torch.tensor(helpers.PIXEL_STD_BGR)
+MEAN = torch.tensor(datasets.PIXEL_MEAN_BGR)
+STD = torch.tensor(datasets.PIXEL_STD_BGR)
 
 
 def write_list(path, lines):
@@ -55,7 +55,7 @@ def reference_eval(path, img_size):
 def test_train_lists_offsets_by_distinct_labels(tmp_path):
     first = write_list(tmp_path / 'first.txt', ['a/1.jpg\tx\t0', 'a/2.jpg\tx\t5', 'a/3.jpg\tx\t5', 'a/4.jpg\tx\t2'])
     second = write_list(tmp_path / 'second.txt', ['b/1.jpg\tname with spaces\t0', 'b/2.jpg\tx\t1\t9'])
-    samples, num_classes = helpers.read_train_samples(['/root1', '/root2'], [first, second])
+    samples, num_classes = datasets.read_train_samples(['/root1', '/root2'], [first, second])
     # first list has 3 distinct labels (0, 2, 5), so the second is shifted by 3
     assert [sample.label for sample in samples] == [0, 5, 5, 2, 3, 4]
     assert [sample.fine_label for sample in samples] == [0, 5, 5, 2, 3, 4]
@@ -63,7 +63,7 @@ def test_train_lists_offsets_by_distinct_labels(tmp_path):
     assert samples[5].origin == f'{second}:2'
     assert num_classes == 6
     with pytest.raises(ValueError, match='one --train_root per --train_list'):
-        helpers.read_train_samples(['/root1'], [first, second])
+        datasets.read_train_samples(['/root1'], [first, second])
 
 
 def saved_label_map_files(tmp_path, mapping):
@@ -83,8 +83,8 @@ def test_label_map_maps_combined_labels_in_every_saved_format(tmp_path):
     second = write_list(tmp_path / 'second.txt', ['3.jpg\tx\t0', '4.jpg\tx\t1'])
     mapping = {2: (0, 0.93), 3: (7, 0.5)}   # combined label 2 -> 0, 3 -> 7; 0 and 1 stay
     for path in saved_label_map_files(tmp_path, mapping):
-        assert helpers.load_label_map(path) == {2: 0, 3: 7}
-        samples, num_classes = helpers.read_train_samples(['r', 'r'], [first, second], label_map=path)
+        assert datasets.load_label_map(path) == {2: 0, 3: 7}
+        samples, num_classes = datasets.read_train_samples(['r', 'r'], [first, second], label_map=path)
         assert [sample.label for sample in samples] == [0, 1, 0, 7]
         assert num_classes == 8
 
@@ -99,28 +99,28 @@ def test_label_map_refuses_code_and_wrong_shapes(tmp_path):
     with open(malicious, 'wb') as handle:
         pickle.dump({0: Exploit()}, handle)
     with pytest.raises(ValueError, match='refusing to load'):
-        helpers.load_label_map(str(malicious))
+        datasets.load_label_map(str(malicious))
     not_a_dict = tmp_path / 'list.pth'
     torch.save([1, 2], not_a_dict)
     with pytest.raises(ValueError, match='must be a dict'):
-        helpers.load_label_map(str(not_a_dict))
+        datasets.load_label_map(str(not_a_dict))
     bad_value = tmp_path / 'bad.pth'
     torch.save({1: ('x', 0.5)}, bad_value)
     with pytest.raises(ValueError, match='bad.pth: entry 1'):
-        helpers.load_label_map(str(bad_value))
+        datasets.load_label_map(str(bad_value))
 
 
 def test_eval_list_coarse_and_fine_labels(tmp_path):
     path = write_list(tmp_path / 'test.txt', ['q/1.jpg\tn\t4\t40', 'q/2.jpg\tn\t4\t4', '', 'q/3.jpg\tn\t6\t41'])
-    samples = helpers.read_eval_samples('/data', path)
+    samples = datasets.read_eval_samples('/data', path)
     assert [(s.path, s.label, s.fine_label) for s in samples] == [
         ('/data/q/1.jpg', 4, 40), ('/data/q/2.jpg', 4, 4), ('/data/q/3.jpg', 6, 41)]
     assert samples[2].origin == f'{path}:4'
     coarse_only = write_list(tmp_path / 'coarse.txt', ['q/1.jpg\tn\t4', 'q/2.jpg\tn\t6'])
-    assert [(s.label, s.fine_label) for s in helpers.read_eval_samples('/data', coarse_only)] == [(4, 4), (6, 6)]
+    assert [(s.label, s.fine_label) for s in datasets.read_eval_samples('/data', coarse_only)] == [(4, 4), (6, 6)]
     mixed = write_list(tmp_path / 'mixed.txt', ['q/1.jpg\tn\t4\t40', 'q/2.jpg\tn\t4'])
     with pytest.raises(ValueError, match=re.escape(f'{mixed}:2: 3 fields, where {mixed}:1 has 4')):
-        helpers.read_eval_samples('/data', mixed)
+        datasets.read_eval_samples('/data', mixed)
 
 
 @pytest.mark.parametrize('bad_line, reason', [
@@ -136,38 +136,40 @@ def test_eval_list_coarse_and_fine_labels(tmp_path):
 def test_malformed_line_names_file_and_line(tmp_path, bad_line, reason):
     path = write_list(tmp_path / 'list.txt', ['ok.jpg\tn\t0', 'ok2.jpg\tn\t1', bad_line])
     with pytest.raises(ValueError, match=f'list.txt:3: {reason}'):
-        helpers.read_eval_samples('r', path)
+        datasets.read_eval_samples('r', path)
     with pytest.raises(ValueError, match=f'list.txt:3: {reason}'):
-        helpers.read_train_samples(['r'], [path])
+        datasets.read_train_samples(['r'], [path])
 
 
 def test_non_utf8_line_names_file_and_line(tmp_path):
     path = tmp_path / 'list.txt'
     path.write_bytes('ok.jpg\tn\t0\n'.encode() + b'caf\xe9.jpg\tn\t1\n')
     with pytest.raises(ValueError, match='list.txt:2: line is not valid UTF-8'):
-        helpers.read_eval_samples('r', str(path))
+        datasets.read_eval_samples('r', str(path))
 
 
 def test_out_of_range_labels_name_file_and_line(tmp_path):
     path = write_list(tmp_path / 'train.txt', ['a.jpg\tn\t0', 'b.jpg\tn\t2', 'c.jpg\tn\t1'])
-    samples, num_classes = helpers.read_train_samples(['r'], [path])
-    helpers.check_labels(samples, num_classes, 'train')
+    samples, num_classes = datasets.read_train_samples(['r'], [path])
+    datasets.check_labels(samples, num_classes, 'train')
     with pytest.raises(ValueError, match=r'train.txt:2: label 2 outside \[0, 2\)'):
-        helpers.check_labels(samples, 2, 'train')
+        datasets.check_labels(samples, 2, 'train')
     negative = write_list(tmp_path / 'val.txt', ['a.jpg\tn\t0', 'b.jpg\tn\t-1'])
     with pytest.raises(ValueError, match=r'val.txt:2: label -1 outside \[0, 5\)'):
-        helpers.check_labels(helpers.read_eval_samples('r', negative), 5, 'val')
-    bare = [helpers.Sample('p', 0, 0), helpers.Sample('q', 9, 9)]
+        datasets.check_labels(datasets.read_eval_samples('r', negative), 5, 'val')
+    bare = [datasets.Sample('p', 0, 0), datasets.Sample('q', 9, 9)]
     with pytest.raises(ValueError, match=r'mine:2: label 9 outside \[0, 5\)'):
-        helpers.check_labels(bare, 5, 'mine')
+        datasets.check_labels(bare, 5, 'mine')
 
 
 def test_dataset_packs_samples_and_gives_them_back():
-    samples = [helpers.Sample('/r/café/1.jpg', 3, 30, 'l.txt:1'), helpers.Sample('', 0, 0, ''),
-               helpers.Sample('/r/日本/2.jpg', 1, 1, 'l.txt:3')]
-    dataset = helpers.ImageDataset(samples, IMG_SIZE, train=True, augment=True)
+    samples = [datasets.Sample('/r/café/1.jpg', 3, 30, 'l.txt:1'), datasets.Sample('', 0, 0, ''),
+               datasets.Sample('/r/日本/2.jpg', 1, 1, 'l.txt:3')]
+    dataset = datasets.ImageDataset(samples, IMG_SIZE, train=True, augment=True)
     assert len(dataset) == 3
-    assert [dataset.sample(index) for index in range(3)] == samples
+    assert [dataset.paths[index] for index in range(3)] == [sample.path for sample in samples]
+    assert [dataset.origins[index] for index in range(3)] == [sample.origin for sample in samples]
+    assert dataset.labels.tolist() == [3, 0, 1] and dataset.fine_labels.tolist() == [30, 0, 1]
 
 
 # ------------------------------------------------------------------------------------------ bad images
@@ -199,10 +201,10 @@ def make_bad_image_set(tmp_path):
 @pytest.mark.parametrize('augment', [True, False])
 def test_bad_images_replaced_and_reported_in_a_training_epoch(tmp_path, augment):
     root, list_path, expected, truncated = make_bad_image_set(tmp_path)
-    samples, _ = helpers.read_train_samples([root], [list_path])
-    dataset = helpers.ImageDataset(samples, IMG_SIZE, train=True, augment=augment)
-    loader = helpers.build_train_loader(dataset, batch_size=3, num_workers=2, seed=0, rank=0, world_size=1)
-    batch_transform = helpers.BatchTransform(augment=augment)
+    samples, _ = datasets.read_train_samples([root], [list_path])
+    dataset = datasets.ImageDataset(samples, IMG_SIZE, train=True, augment=augment)
+    loader = datasets.build_train_loader(dataset, batch_size=3, num_workers=2, seed=0, rank=0, world_size=1)
+    batch_transform = datasets.BatchTransform(augment=augment)
     reports, truncated_reports = {}, set()
     for epoch in range(2):
         loader.sampler.set_epoch(epoch)
@@ -232,13 +234,13 @@ def test_bad_images_replaced_and_reported_in_a_training_epoch(tmp_path, augment)
 
 def test_bad_images_are_named_in_evaluation_and_truncated_ones_decoded_as_pil_does(tmp_path):
     root, list_path, expected, truncated = make_bad_image_set(tmp_path)
-    samples = helpers.read_eval_samples(root, list_path)
+    samples = datasets.read_eval_samples(root, list_path)
     for augment in (True, False):
-        dataset = helpers.ImageDataset(samples, IMG_SIZE, train=False, augment=augment)
+        dataset = datasets.ImageDataset(samples, IMG_SIZE, train=False, augment=augment)
         for index, reason in expected.items():
             assert dataset[index]['bad'].startswith(f'{samples[index].path}: {reason} (')
             assert 'list.txt:' in dataset[index]['bad']
-    loader = helpers.build_eval_loader(dataset, batch_size=2, num_workers=1, rank=0, world_size=1)
+    loader = datasets.build_eval_loader(dataset, batch_size=2, num_workers=1, rank=0, world_size=1)
     reported = [bad for batch in loader for bad in batch['bad'] if bad]
     assert [message.split(':')[0] for message in reported] == [samples[index].path for index in sorted(expected)]
     # PIL's own decoding of a truncated file, with the missing part filled in
@@ -251,7 +253,7 @@ def test_bad_images_are_named_in_evaluation_and_truncated_ones_decoded_as_pil_do
     for index in truncated:
         item = dataset[index]
         assert item['truncated'] == samples[index].path and item['bad'] == ''
-        assert torch.equal(helpers.BatchTransform(augment=False)(item['image'][None], train=False)[0],
+        assert torch.equal(datasets.BatchTransform(augment=False)(item['image'][None], train=False)[0],
                            references[index])
     with pytest.raises(OSError, match='truncated'):
         Image.open(samples[5].path).load()  # the flag is not left on
@@ -259,9 +261,9 @@ def test_bad_images_are_named_in_evaluation_and_truncated_ones_decoded_as_pil_do
 
 def test_all_images_unreadable_stops_with_a_clear_error(tmp_path):
     list_path = write_list(tmp_path / 'list.txt', ['gone1.jpg\tn\t0', 'gone2.jpg\tn\t1'])
-    samples, _ = helpers.read_train_samples([str(tmp_path)], [list_path])
+    samples, _ = datasets.read_train_samples([str(tmp_path)], [list_path])
     with pytest.raises(RuntimeError, match='2 consecutive training images are unreadable.*list.txt:2'):
-        helpers.ImageDataset(samples, IMG_SIZE, train=True, augment=True)[1]
+        datasets.ImageDataset(samples, IMG_SIZE, train=True, augment=True)[1]
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -275,19 +277,19 @@ def test_eval_transform_is_pixel_identical_to_reference(tmp_path):
     noisy_image(50, 60, 9).convert('L').save(paths[-1])
     paths.append(str(tmp_path / 'alpha.png'))
     noisy_image(70, 50, 10).convert('RGBA').save(paths[-1])
-    samples = [helpers.Sample(path, 0, 0) for path in paths]
+    samples = [datasets.Sample(path, 0, 0) for path in paths]
     reference = torch.stack([reference_eval(path, IMG_SIZE) for path in paths])
     for train, augment in ((False, False), (False, True), (True, False)):
-        dataset = helpers.ImageDataset(samples, IMG_SIZE, train=train, augment=augment)
+        dataset = datasets.ImageDataset(samples, IMG_SIZE, train=train, augment=augment)
         uint8_batch = torch.stack([dataset[index]['image'] for index in range(len(paths))])
         assert uint8_batch.dtype == torch.uint8
         # lighting only applies when augmenting a training batch; evaluation batches are exact
-        output = helpers.BatchTransform(augment=augment)(uint8_batch, train=False)
+        output = datasets.BatchTransform(augment=augment)(uint8_batch, train=False)
         assert torch.equal(output, reference)
     # float64 numpy check of the same definition, independent of torch's arithmetic
     bgr = np.asarray(Image.open(paths[0]).convert('RGB'))[:, :, ::-1]
     resized = np.asarray(Image.fromarray(np.ascontiguousarray(bgr)).resize((IMG_SIZE, IMG_SIZE), Image.BILINEAR))
-    expected = (resized / 255.0 - np.array(helpers.PIXEL_MEAN_BGR)) / np.array(helpers.PIXEL_STD_BGR)
+    expected = (resized / 255.0 - np.array(datasets.PIXEL_MEAN_BGR)) / np.array(datasets.PIXEL_STD_BGR)
     np.testing.assert_allclose(reference[0].permute(1, 2, 0).numpy(), expected, atol=2e-6)
 
 
@@ -297,7 +299,7 @@ def test_train_crop_matches_torchvision_exactly_without_draft(tmp_path):
     torchvision_crop = transforms.Compose([transforms.RandomResizedCrop(IMG_SIZE), transforms.RandomHorizontalFlip()])
     for seed in range(12):
         torch.manual_seed(seed)
-        ours = helpers.decode_train_crop(path, IMG_SIZE)
+        ours = datasets.decode_train_crop(path, IMG_SIZE)
         torch.manual_seed(seed)
         rgb = np.asarray(torchvision_crop(Image.open(path).convert('RGB')))
         assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)[::-1])))
@@ -310,7 +312,7 @@ def test_train_crop_with_draft_decoding_stays_close_to_full_decoding(tmp_path):
     differences = []
     for seed in range(10):
         torch.manual_seed(seed)
-        ours = helpers.decode_train_crop(path, IMG_SIZE).float()
+        ours = datasets.decode_train_crop(path, IMG_SIZE).float()
         torch.manual_seed(seed)
         rgb = np.asarray(torchvision_crop(Image.open(path).convert('RGB')))
         full = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)[::-1])).float()
@@ -333,7 +335,7 @@ def capture_crop_boxes(monkeypatch, path, img_size, draws):
 
     monkeypatch.setattr(Image.Image, 'resize', recording_resize)
     for _ in range(draws):
-        helpers.decode_train_crop(path, img_size)
+        datasets.decode_train_crop(path, img_size)
     return np.array(boxes)
 
 
@@ -376,8 +378,8 @@ def test_crop_geometry_distribution_matches_random_resized_crop(tmp_path, monkey
 def test_large_crops_use_reduced_dct_scale(tmp_path, monkeypatch):
     path = str(tmp_path / 'large.jpg')
     smooth_image(1600, 1200, 4).save(path, quality=80)
-    assert helpers.draft_scale(800, 900, 96) == 8 and helpers.draft_scale(767, 900, 96) == 4
-    assert helpers.draft_scale(200, 900, 96) == 2 and helpers.draft_scale(191, 900, 96) == 1
+    assert datasets.draft_scale(800, 900, 96) == 8 and datasets.draft_scale(767, 900, 96) == 4
+    assert datasets.draft_scale(200, 900, 96) == 2 and datasets.draft_scale(191, 900, 96) == 1
     decoded_widths = []
     real_resize = Image.Image.resize
 
@@ -388,20 +390,20 @@ def test_large_crops_use_reduced_dct_scale(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, 'resize', recording_resize)
     torch.manual_seed(0)
     for _ in range(20):
-        helpers.decode_train_crop(path, IMG_SIZE)
+        datasets.decode_train_crop(path, IMG_SIZE)
     # every crop of a 1600x1200 image is at least ~340 px a side, >= 2 * 96: never a full decode
     assert max(decoded_widths) <= 800 and min(decoded_widths) >= 200
 
 
 def test_lighting_noise_statistics():
     count = 200_000
-    batch_transform = helpers.BatchTransform(augment=True)
+    batch_transform = datasets.BatchTransform(augment=True)
     torch.manual_seed(0)
     zeros = torch.zeros(count, 3, 1, 1, dtype=torch.uint8)
     output = batch_transform(zeros, train=True)
     noise = (output[:, :, 0, 0] * STD + MEAN).double().numpy()
-    eigenvectors = np.array(helpers.LIGHTING_EIGENVECTORS)
-    eigenvalues = np.array(helpers.LIGHTING_EIGENVALUES)
+    eigenvectors = np.array(datasets.LIGHTING_EIGENVECTORS)
+    eigenvalues = np.array(datasets.LIGHTING_EIGENVALUES)
     expected_covariance = eigenvectors @ np.diag((0.1 * eigenvalues) ** 2) @ eigenvectors.T
     standard_errors = np.sqrt(np.diag(expected_covariance) / count)
     assert np.all(np.abs(noise.mean(axis=0)) < 4 * standard_errors)
@@ -414,15 +416,15 @@ def test_lighting_noise_statistics():
     # no noise when evaluating or without augment
     plain = (images / 255 - MEAN[:, None, None]) / STD[:, None, None]
     assert torch.allclose(batch_transform(images, train=False), plain, atol=1e-6)
-    assert torch.allclose(helpers.BatchTransform(augment=False)(images, train=True), plain, atol=1e-6)
+    assert torch.allclose(datasets.BatchTransform(augment=False)(images, train=True), plain, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ loaders
 
 def test_train_loader_uses_seeded_distributed_sampler_and_full_batches(tmp_path):
-    samples = [helpers.Sample(str(tmp_path / f'{index}.jpg'), index, index) for index in range(11)]
-    dataset = helpers.ImageDataset(samples, IMG_SIZE, train=True, augment=False)
-    loaders = [helpers.build_train_loader(dataset, 2, 0, seed=3, rank=rank, world_size=2) for rank in range(2)]
+    samples = [datasets.Sample(str(tmp_path / f'{index}.jpg'), index, index) for index in range(11)]
+    dataset = datasets.ImageDataset(samples, IMG_SIZE, train=True, augment=False)
+    loaders = [datasets.build_train_loader(dataset, 2, 0, seed=3, rank=rank, world_size=2) for rank in range(2)]
     for loader in loaders:
         assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
         assert loader.drop_last and len(loader) == 2   # 11 -> 5 per rank (drop_last) -> 2 full batches
@@ -434,7 +436,7 @@ def test_train_loader_uses_seeded_distributed_sampler_and_full_batches(tmp_path)
         assert len(first) == len(second) == 5 and not set(first) & set(second)
         orders.append(first)
     assert orders[0] != orders[1]
-    again = helpers.build_train_loader(dataset, 2, 0, seed=3, rank=0, world_size=2)
+    again = datasets.build_train_loader(dataset, 2, 0, seed=3, rank=0, world_size=2)
     again.sampler.set_epoch(1)
     assert list(again.sampler) == orders[1]
 
@@ -458,9 +460,9 @@ def image_features(batch):
 def sharded_evaluation(rank, world_size, rendezvous, root, list_path, output_path):
     dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world_size)
     try:
-        samples = helpers.read_eval_samples(root, list_path)
-        dataset = helpers.ImageDataset(samples, IMG_SIZE, train=False, augment=False)
-        loader = helpers.build_eval_loader(dataset, batch_size=2, num_workers=0, rank=rank, world_size=world_size)
+        samples = datasets.read_eval_samples(root, list_path)
+        dataset = datasets.ImageDataset(samples, IMG_SIZE, train=False, augment=False)
+        loader = datasets.build_eval_loader(dataset, batch_size=2, num_workers=0, rank=rank, world_size=world_size)
         features, indices = [], []
         for batch in loader:
             features.append(image_features(batch))
@@ -485,7 +487,7 @@ def test_two_process_evaluation_sees_every_image_once(tmp_path):
     results = [torch.load(f'{output_path}.{rank}') for rank in range(2)]
     first, second = (result['local_indices'].tolist() for result in results)
     assert first == [0, 1, 2] and second == [3, 4, 5, 6]
-    dataset = helpers.ImageDataset(helpers.read_eval_samples(str(root), list_path), IMG_SIZE, False, False)
+    dataset = datasets.ImageDataset(datasets.read_eval_samples(str(root), list_path), IMG_SIZE, False, False)
     expected = torch.stack([image_features({'image': dataset[index]['image'][None]})[0] for index in range(count)])
     for result in results:
         assert torch.equal(result['gathered'], expected)
@@ -498,11 +500,11 @@ def test_augmented_batches_are_the_same_whatever_the_number_of_loader_workers(tm
     for index in range(10):
         smooth_image(160, 120, seed=index).save(root / f'{index}.jpg', quality=90)
         lines.append(f'{index}.jpg\tname\t{index % 3}')
-    samples, _ = helpers.read_train_samples([str(root)], [write_list(tmp_path / 'train.txt', lines)])
+    samples, _ = datasets.read_train_samples([str(root)], [write_list(tmp_path / 'train.txt', lines)])
     epochs = {}
     for workers in (0, 1, 2):
-        dataset = helpers.ImageDataset(samples, 48, train=True, augment=True, seed=5)
-        loader = helpers.build_train_loader(dataset, batch_size=4, num_workers=workers, seed=5, rank=0, world_size=1)
+        dataset = datasets.ImageDataset(samples, 48, train=True, augment=True, seed=5)
+        loader = datasets.build_train_loader(dataset, batch_size=4, num_workers=workers, seed=5, rank=0, world_size=1)
         batches = []
         for epoch in (1, 2):
             loader.sampler.set_epoch(epoch)

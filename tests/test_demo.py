@@ -139,6 +139,7 @@ def test_test_only_launch_needs_the_weights_and_the_test_list_only(tmp_path):
 
 def test_test_only_through_start_sh_scores_a_student(tiny_data, tmp_path):
     import torch
+
     import model
     weights = str(tmp_path / 'student.pth')
     torch.save({'params': model.create_backbone('Resnet12', 96, 8).state_dict()}, weights)

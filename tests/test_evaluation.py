@@ -13,7 +13,8 @@ import torch
 
 import checkpoints
 import evaluation
-import utils
+import run_directory  # noqa: E402
+import verification  # noqa: E402
 
 FARS = (0.5, 0.3, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5, 1e-8)
 
@@ -72,7 +73,7 @@ def test_reference_reproduces_the_original_code():
         for grain in ('coarse', 'fine'):
             far, tar = reference_curve(cases[f'{name}_features'], pairs_from_labels(cases[f'{name}_{grain}']))
             # NaN where the original gave NaN (no positive pair), equal everywhere else
-            np.testing.assert_array_equal(reference_tars(far, tar, evaluation.DEFAULT_FARS),
+            np.testing.assert_array_equal(reference_tars(far, tar, verification.DEFAULT_FARS),
                                           cases[f'{name}_expected_{grain}'])
 
 
@@ -117,13 +118,13 @@ def test_tar_at_far_equals_full_matrix_reference(pattern, tmp_path):
     expected = reference_tars(far, tar, FARS)
     assert expected[0] > 0  # the clusters make the curve informative
 
-    assert evaluation.tar_at_far(features, labels=labels, fars=FARS, device='cpu') == expected
+    assert verification.tar_at_far(features, labels=labels, fars=FARS, device='cpu') == expected
     mask_path = os.path.join(tmp_path, 'mask.npy')
     np.save(mask_path, positive)
     # Tiny tiles: many row blocks, one or two rows each, read block by block from the memory-mapped file.
-    assert evaluation.tar_at_far(features, mask=positive, fars=FARS, tile_elements=150) == expected
-    assert evaluation.tar_at_far(torch.from_numpy(features), mask=mask_path, fars=FARS, tile_elements=700) == expected
-    curve_far, curve_tar = evaluation.far_tar_curve(features, labels=labels, tile_elements=400)
+    assert verification.tar_at_far(features, mask=positive, fars=FARS, tile_elements=150) == expected
+    assert verification.tar_at_far(torch.from_numpy(features), mask=mask_path, fars=FARS, tile_elements=700) == expected
+    curve_far, curve_tar = verification.far_tar_curve(features, labels=labels, tile_elements=400)
     np.testing.assert_array_equal(curve_far, far)
     np.testing.assert_array_equal(curve_tar, tar)
 
@@ -141,7 +142,7 @@ def test_targets_on_curve_values_and_at_eight_times():
     jump = next(value for value, following in zip(values, following_values) if following < value / 8)
     at_eight = (float(jump) / 8, float(jump) / 8 * (1 + 1e-9))
     targets = on_curve + at_eight
-    got = evaluation.tar_at_far(features, labels=labels, fars=targets)
+    got = verification.tar_at_far(features, labels=labels, fars=targets)
     assert got == reference_tars(far, tar, targets)
     assert got[-2] == 0.0 and got[-1] > 0
 
@@ -151,9 +152,9 @@ def test_label_comparison_and_small_chunks_give_the_same_answer(monkeypatch):
     features = sign_features(labels, seed=21)
     far, tar = reference_curve(features, pairs_from_labels(labels))
     # Too many positive pairs to list: each tile compares labels; chunks of a few scores each.
-    monkeypatch.setattr(evaluation, 'SPARSE_POSITIVE_LIMIT', 10)
-    monkeypatch.setattr(evaluation, 'CHUNK_ELEMENTS', 64)
-    tars = evaluation.tar_at_far(features, labels=labels, fars=FARS, tile_elements=900)
+    monkeypatch.setattr(verification, 'SPARSE_POSITIVE_LIMIT', 10)
+    monkeypatch.setattr(verification, 'CHUNK_ELEMENTS', 64)
+    tars = verification.tar_at_far(features, labels=labels, fars=FARS, tile_elements=900)
     assert tars == reference_tars(far, tar, FARS)
 
 
@@ -161,9 +162,9 @@ def test_string_labels_and_default_fars():
     labels = LABEL_PATTERNS['ten_per_label']
     features = sign_features(labels, flip=0.25, seed=5)
     far, tar = reference_curve(features, pairs_from_labels(labels))
-    expected = reference_tars(far, tar, evaluation.DEFAULT_FARS)
+    expected = reference_tars(far, tar, verification.DEFAULT_FARS)
     names = np.array([f'landmark_{label}' for label in labels])
-    assert evaluation.tar_at_far(features, labels=names) == expected
+    assert verification.tar_at_far(features, labels=names) == expected
     assert len(expected) == 8
 
 
@@ -173,7 +174,7 @@ def test_gaussian_clusters_match_reference_within_float32():
     centres = generator.normal(size=(30, 24))
     features = (centres[labels] + 0.9 * generator.normal(size=(150, 24))).astype(np.float32)
     far, tar = reference_curve(features, pairs_from_labels(labels))
-    got = evaluation.tar_at_far(features, labels=labels, fars=FARS, tile_elements=1000)
+    got = verification.tar_at_far(features, labels=labels, fars=FARS, tile_elements=1000)
     # float32 against float64 scores may move a pair across an edge; one pair is 1/300 of the positives.
     np.testing.assert_allclose(got, reference_tars(far, tar, FARS), atol=4e-3)
     assert got[2] > 0.5
@@ -184,10 +185,10 @@ def test_fast_binning_equals_binary_search_on_float32_scores(monkeypatch):
     labels = np.repeat(np.arange(300), 5)
     features = generator.normal(size=(1500, 48)).astype(np.float32)
     features[::7] = features[1::7][:len(features[::7])]  # exact duplicate scores as well
-    monkeypatch.setattr(evaluation, 'CHUNK_ELEMENTS', 5000)
-    fast = evaluation.far_tar_curve(features, labels=labels, tile_elements=1 << 18)
-    monkeypatch.setattr(evaluation, 'MIN_ARITHMETIC_STEP', np.inf)  # every score through torch.searchsorted
-    exact = evaluation.far_tar_curve(features, labels=labels, tile_elements=1 << 18)
+    monkeypatch.setattr(verification, 'CHUNK_ELEMENTS', 5000)
+    fast = verification.far_tar_curve(features, labels=labels, tile_elements=1 << 18)
+    monkeypatch.setattr(verification, 'MIN_ARITHMETIC_STEP', np.inf)  # every score through torch.searchsorted
+    exact = verification.far_tar_curve(features, labels=labels, tile_elements=1 << 18)
     np.testing.assert_array_equal(fast[0], exact[0])
     np.testing.assert_array_equal(fast[1], exact[1])
     assert 0 < fast[0][1000] < 1
@@ -199,7 +200,7 @@ def test_score_range_is_the_exact_float32_range():
     scores = features @ features.T
     upper = torch.triu(torch.ones(700, 700, dtype=torch.bool), diagonal=1)
     expected = (scores[upper].min().item(), scores[upper].max().item())
-    np.testing.assert_allclose(evaluation._score_range(features, features, tile_elements=20000), expected, atol=1e-6)
+    np.testing.assert_allclose(verification._score_range(features, features, tile_elements=20000), expected, atol=1e-6)
 
 
 def test_cross_scores_use_gallery_for_the_second_image():
@@ -209,11 +210,11 @@ def test_cross_scores_use_gallery_for_the_second_image():
     positive = pairs_from_labels(labels)
     far, tar = reference_curve(features, positive, gallery=gallery)
     expected = reference_tars(far, tar, FARS)
-    assert evaluation.tar_at_far(features, labels=labels, fars=FARS, gallery_features=gallery,
+    assert verification.tar_at_far(features, labels=labels, fars=FARS, gallery_features=gallery,
                             tile_elements=300) == expected
     # Swapping the roles scores the other triangle: in general a different answer.
     far_swapped, tar_swapped = reference_curve(gallery, positive, gallery=features)
-    assert evaluation.tar_at_far(gallery, labels=labels, fars=FARS, gallery_features=features) == \
+    assert verification.tar_at_far(gallery, labels=labels, fars=FARS, gallery_features=features) == \
         reference_tars(far_swapped, tar_swapped, FARS)
     assert not np.array_equal(far, far_swapped)
 
@@ -250,9 +251,9 @@ def test_evaluate_features_shares_one_pass_for_coarse_and_fine(tmp_path):
 
 def test_no_positive_pair_gives_nan_where_the_original_did():
     labels = np.arange(20)
-    tars = evaluation.tar_at_far(sign_features(labels), labels=labels)
+    tars = verification.tar_at_far(sign_features(labels), labels=labels)
     far, tar = reference_curve(sign_features(labels), pairs_from_labels(labels))
-    expected = reference_tars(far, tar, evaluation.DEFAULT_FARS)
+    expected = reference_tars(far, tar, verification.DEFAULT_FARS)
     assert np.isnan(expected[0]) and expected[-1] == 0.0
     np.testing.assert_array_equal(tars, expected)
     result = evaluation.evaluate_features(sign_features(labels), labels, labels)
@@ -261,7 +262,7 @@ def test_no_positive_pair_gives_nan_where_the_original_did():
 
 def test_all_pairs_positive_gives_nan():
     labels = np.zeros(20, dtype=int)
-    assert np.isnan(evaluation.tar_at_far(sign_features(labels), labels=labels)).all()
+    assert np.isnan(verification.tar_at_far(sign_features(labels), labels=labels)).all()
     result = evaluation.evaluate_features(sign_features(labels), labels, None)
     assert result['coarse_undefined'] == 'no negative pair (every test image has the same label)'
 
@@ -269,16 +270,16 @@ def test_all_pairs_positive_gives_nan():
 def test_duplicate_features_accept_nothing():
     labels = np.repeat(np.arange(5), 4)
     features = np.tile(sign_features([0])[0], (20, 1))
-    far, tar = evaluation.far_tar_curve(features, labels=labels)
+    far, tar = verification.far_tar_curve(features, labels=labels)
     # min == max: every edge lies 2e-6 above the single score
     assert not far.any() and not tar.any()
-    assert evaluation.tar_at_far(features, labels=labels) == [0.0] * 8
+    assert verification.tar_at_far(features, labels=labels) == [0.0] * 8
 
 
 @pytest.mark.parametrize('count', [0, 1])
 def test_fewer_than_two_features_give_undefined_figures(count):
     features, labels = np.ones((count, 8), dtype=np.float32), np.zeros(count)
-    assert np.isnan(evaluation.tar_at_far(features, labels=labels)).all()
+    assert np.isnan(verification.tar_at_far(features, labels=labels)).all()
     result = evaluation.evaluate_features(features, labels, labels)
     assert np.isnan(result['coarse']).all() and np.isnan(result['fine']).all()
     assert result['coarse_undefined'] == 'fewer than two test images: there is no pair to score'
@@ -289,22 +290,22 @@ def test_labels_and_mask_both_or_neither_is_an_error():
     labels = np.repeat(np.arange(3), 3)
     features = sign_features(labels)
     with pytest.raises(ValueError, match='not both'):
-        evaluation.tar_at_far(features, labels=labels, mask=pairs_from_labels(labels))
+        verification.tar_at_far(features, labels=labels, mask=pairs_from_labels(labels))
     with pytest.raises(ValueError, match='give labels'):
-        evaluation.tar_at_far(features)
+        verification.tar_at_far(features)
 
 
 def test_mask_of_wrong_length_is_an_error(tmp_path):
     labels = np.repeat(np.arange(3), 3)
     features = sign_features(labels)
     with pytest.raises(ValueError, match='36 pairs'):
-        evaluation.tar_at_far(features, mask=np.ones(35, dtype=bool))
+        verification.tar_at_far(features, mask=np.ones(35, dtype=bool))
     path = os.path.join(tmp_path, 'short.npy')
     np.save(path, np.ones(45, dtype=bool))
     with pytest.raises(ValueError, match='short.npy'):
-        evaluation.tar_at_far(features, mask=path)
+        verification.tar_at_far(features, mask=path)
     with pytest.raises(ValueError, match='labels has 8 entries'):
-        evaluation.tar_at_far(features, labels=labels[:8])
+        verification.tar_at_far(features, labels=labels[:8])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -327,12 +328,11 @@ def test_nearest_neighbour_accuracy_matches_brute_force():
     features = sign_features(labels, flip=0.3, seed=4)  # many exactly tied scores
     expected = brute_force_nearest_neighbour(features, labels)
     assert 0.2 < expected < 1
-    assert evaluation.nearest_neighbor_accuracy(features, labels, tile_elements=300) == pytest.approx(expected)
     result = evaluation.evaluate_features(features, labels, None, tile_elements=300)
     assert result['coarse_nn_accuracy'] == pytest.approx(expected)
     gallery = sign_features(labels, flip=0.1, seed=4)
-    assert evaluation.nearest_neighbor_accuracy(features, labels, gallery_features=gallery) == \
-        pytest.approx(brute_force_nearest_neighbour(features, labels, gallery))
+    result = evaluation.evaluate_features(features, labels, None, gallery_features=gallery, tile_elements=300)
+    assert result['coarse_nn_accuracy'] == pytest.approx(brute_force_nearest_neighbour(features, labels, gallery))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -357,13 +357,13 @@ RECIPE = dict(dataset='TLD', backbone_class='Swin_tiny', is_distill=True, kd_los
      'TLD-Swin_tiny-KD-1.0/lr0.00012_AdamW-step30,60-gamma0.2_multistep_epoch200_warmup10_bs256-head_fixed'),
 ])
 def test_run_directory_names(changes, expected):
-    assert utils.RunName(**{**RECIPE, **changes}).directory('runs') == os.path.join('runs', expected)
+    assert run_directory.RunName(**{**RECIPE, **changes}).directory('runs') == os.path.join('runs', expected)
 
 
 def test_logger_appends_and_is_silent_off_rank_zero(tmp_path, capsys):
     run_dir = os.path.join(tmp_path, 'run')
     for line in ('first', 'second'):
-        logger = utils.Logger(run_dir)
+        logger = run_directory.Logger(run_dir)
         logger.info(line)
         logger.scalar('test/coarse_tar', 0.5, 3)
         logger.close()
@@ -373,7 +373,7 @@ def test_logger_appends_and_is_silent_off_rank_zero(tmp_path, capsys):
     assert any(name.startswith('events.out.tfevents') for name in os.listdir(run_dir))
 
     silent_dir = os.path.join(tmp_path, 'silent')
-    logger = utils.Logger(silent_dir, rank=1)
+    logger = run_directory.Logger(silent_dir, rank=1)
     logger.info('hidden')
     logger.scalar('x', 1.0, 0)
     logger.close()
@@ -402,7 +402,7 @@ def test_format_tar_line_and_roc_plot(tmp_path):
     line = evaluation.format_tar_line('test acc', [0.917654, 0.5], [0.1, 0.0])
     assert line == 'test acc: coarsegrained:[0.91765, 0.5]--finegrained:[0.1, 0.0]'
     labels = np.repeat(np.arange(6), 5)
-    curve = evaluation.far_tar_curve(sign_features(labels), labels=labels)
+    curve = verification.far_tar_curve(sign_features(labels), labels=labels)
     path = os.path.join(tmp_path, 'roc.png')
     evaluation.plot_roc({'student coarse': curve, 'student fine': curve}, path)
     with open(path, 'rb') as image:

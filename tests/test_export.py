@@ -4,18 +4,20 @@ import os
 import re
 
 import numpy as np
+
 # requirements.txt installs onnx, onnxruntime and onnxscript (the exporter): a missing one fails, never skips
 import onnx
 import onnxruntime
 import onnxscript  # noqa: F401
 import pytest
 import torch
+from conftest import run_main, write_image_list
 
-import evaluation
-import helpers
+import datasets  # noqa: E402
 import main
 import model
-from conftest import run_main, write_image_list
+import serving  # noqa: E402
+import verification  # noqa: E402
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4']
 
@@ -49,7 +51,7 @@ def test_onnx_runtime_features_equal_pytorch_features(tmp_path, backbone):
     assert metadata['output'] == 'features: float32 (batch, 128), L2-normalised' and metadata['backbone'] == backbone
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     pytorch = model.load_backbone(backbone, weights, 96, width_divisor=8)
-    mean, std = torch.tensor(helpers.PIXEL_MEAN_BGR), torch.tensor(helpers.PIXEL_STD_BGR)
+    mean, std = torch.tensor(datasets.PIXEL_MEAN_BGR), torch.tensor(datasets.PIXEL_STD_BGR)
     for batch in (1, 3):
         images = torch.rand(batch, 3, 96, 96, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
@@ -75,8 +77,8 @@ def test_test_only_scores_an_exported_file_as_its_weights(tiny_data, tmp_path):
     assert lines['onnx'] == lines['pytorch']
     np.testing.assert_allclose(lines['onnx_features'], lines['pytorch_features'], atol=1e-4)
     labels = np.array([10 + label for label in range(3) for _ in range(4)])
-    onnx_tars = evaluation.tar_at_far(lines['onnx_features'], labels)
-    assert onnx_tars == evaluation.tar_at_far(lines['pytorch_features'], labels)
+    onnx_tars = verification.tar_at_far(lines['onnx_features'], labels)
+    assert onnx_tars == verification.tar_at_far(lines['pytorch_features'], labels)
 
 
 def test_an_onnx_file_of_another_image_size_is_refused(tiny_data, tmp_path):
@@ -107,14 +109,8 @@ def real_images(tiny_data) -> np.ndarray:
     return np.stack(images)
 
 
-def test_every_backbone_is_quantized_with_the_method_the_measurements_chose():
-    # bench/export.py measured static QDQ fastest for all three (README, Export for serving); Swin_base shares
-    # Swin_tiny's graph, which the test below exports
-    assert model.INT8_METHODS == {'Swin_tiny': 'static', 'Swin_base': 'static', 'Resnet12': 'static'}
-
-
-@pytest.mark.parametrize('backbone, method', [('Swin_tiny', 'static'), ('Resnet12', 'static')])
-def test_an_int8_export_keeps_the_features_and_is_scored_like_any_other(tiny_data, tmp_path, backbone, method):
+@pytest.mark.parametrize('backbone', ['Swin_tiny', 'Resnet12'])
+def test_an_int8_export_keeps_the_features_and_is_scored_like_any_other(tiny_data, tmp_path, backbone):
     weights = student_file(tmp_path, backbone, seed=3)
     float_path = export(tmp_path, backbone, weights)
     int8_path = str(tmp_path / f'{backbone}-int8.onnx')
@@ -122,10 +118,9 @@ def test_an_int8_export_keeps_the_features_and_is_scored_like_any_other(tiny_dat
                       '--quantize', 'int8', '--calibration_root', tiny_data['root'], '--calibration_list',
                       tiny_data['train'], '--save_dir', str(tmp_path / 'runs')])
     metadata = {entry.key: entry.value for entry in onnx.load(int8_path).metadata_props}
-    assert metadata['precision'] == 'int8' and metadata['quantization'] == method
+    assert metadata['precision'] == 'int8' and metadata['quantization'] == 'static'
     assert metadata['input'].startswith('images: float32 (batch, 3, 96, 96)') and metadata['backbone'] == backbone
-    if method == 'static':
-        assert metadata['calibration'] == f"24 images of {tiny_data['train']}"
+    assert metadata['calibration'] == f"24 images of {tiny_data['train']}"
     images = real_images(tiny_data)
     features = {path: onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider']).run(
         None, {'images': images})[0] for path in (float_path, int8_path)}
@@ -153,8 +148,6 @@ def test_an_int8_export_of_the_wrong_file_or_without_calibration_is_one_line(tin
 
 def test_calibration_takes_at_most_256_images_one_a_batch(tmp_path):
     list_path = write_image_list(str(tmp_path), 'calibration.txt', [0] * 260, size=8)
-    args = main.get_parser().parse_args(['--img_size', '32', '--calibration_root', str(tmp_path),
-                                         '--calibration_list', list_path])
-    batches = main.calibration_batches(args)
+    batches = serving.calibration_images(str(tmp_path), list_path, 32)
     assert len(batches) == 256 and {batch.shape for batch in batches} == {(1, 3, 32, 32)}
     assert all(0.0 <= batch.min() and batch.max() <= 1.0 for batch in batches)

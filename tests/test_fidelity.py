@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import model
 import evaluation
+import model
+import verification  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 BACKBONE_SEEDS = {'Swin_tiny': 101, 'Resnet12': 102, 'Swin_base': 103}
@@ -136,9 +137,9 @@ def test_tar_at_far_is_the_originals_by_labels_and_by_mask(name):
     exact = name == 'lattice'
     for grain in ('coarse', 'fine'):
         labels, expected = case[grain], case[f'expected_{grain}']
-        by_labels = evaluation.tar_at_far(case['features'], labels=labels, fars=FARS)
+        by_labels = verification.tar_at_far(case['features'], labels=labels, fars=FARS)
         assert_original_tars(by_labels, expected, labels, exact)
-        by_mask = evaluation.tar_at_far(case['features'], mask=upper_triangle_mask(labels), fars=FARS)
+        by_mask = verification.tar_at_far(case['features'], mask=upper_triangle_mask(labels), fars=FARS)
         assert_original_tars(by_mask, expected, labels, exact)
 
 

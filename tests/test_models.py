@@ -9,7 +9,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn, get_relative_position_index
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    checkpoint_filter_fn,
+    get_relative_position_index,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -367,7 +371,7 @@ def test_full_size_shared_head_is_held_once(swin_base_small, resnet12_full):
     assert head.weight.numel() == NUM_LANDMARKS * 1024
     distillation = model.DistillationModel(model.Classifier(resnet12_full, head),
                                            model.Classifier(swin_base_small, head))
-    assert distillation.head_is_shared
+    assert distillation.student.head is distillation.teacher.head
     backbone_bytes = sum(unique_storage_bytes(list(backbone.parameters()) + list(backbone.buffers()))
                          for backbone in (resnet12_full, swin_base_small))
     model_bytes = unique_storage_bytes(list(distillation.parameters()) + list(distillation.buffers()))

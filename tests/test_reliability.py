@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
-
-import checkpoints
 from conftest import ROOT, data_args, run_main
+
+import run_directory  # noqa: E402
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--batch_size', '4', '--log_interval', '1']
 EVERY_ITERATION = ['--checkpoint_minutes', '1e-9']
@@ -197,7 +197,7 @@ def test_a_stale_lock_does_not_block_a_rerun(tiny_data, tmp_path):
     run_dir = os.path.join(str(tmp_path), 'TLD-Resnet12-no_distill', 'lr0.003_AdamW_cosine_epoch1_warmup1_bs4')
     write_lock(run_dir, socket.gethostname(), 2 ** 22 + 17, 0)   # no such process
     run_main(argv)
-    write_lock(run_dir, 'other-host', 12345, checkpoints.RunLock.STALE_SECONDS + 60)  # no heartbeat for too long
+    write_lock(run_dir, 'other-host', 12345, run_directory.RunLock.STALE_SECONDS + 60)  # no heartbeat for too long
     run_main(argv)
     assert not os.path.exists(os.path.join(run_dir, 'run.lock'))  # released at the end
 
@@ -242,8 +242,8 @@ def test_small_shared_memory_lowers_the_loader_workers_and_says_so(tiny_data, tm
 def _race_for_the_lock(run_dir, start, decided, results):
     start.wait()
     try:
-        lock = checkpoints.RunLock(run_dir).acquire()
-    except checkpoints.RunDirectoryBusy:
+        lock = run_directory.RunLock(run_dir).acquire()
+    except run_directory.RunDirectoryBusy:
         lock = None
     results.put(lock is not None)
     decided.wait()  # the winner holds the lock, alive, until the other has decided
@@ -269,13 +269,13 @@ def test_two_runs_racing_for_one_stale_lock_exactly_one_takes_it(tmp_path):
 def test_a_lock_that_cannot_be_read_yet_is_a_run_starting(tmp_path):
     run_dir = str(tmp_path)
     open(os.path.join(run_dir, 'run.lock'), 'w').close()  # created, its holder not yet written
-    with pytest.raises(checkpoints.RunDirectoryBusy, match='being taken by another run that is starting'):
-        checkpoints.RunLock(run_dir).acquire()
+    with pytest.raises(run_directory.RunDirectoryBusy, match='being taken by another run that is starting'):
+        run_directory.RunLock(run_dir).acquire()
     assert os.path.getsize(os.path.join(run_dir, 'run.lock')) == 0
 
 
 def test_the_run_lock_names_the_host_process_and_start_of_its_run(tmp_path):
-    lock = checkpoints.hold_run_directory(str(tmp_path / 'run'), 0, 1)
+    lock = run_directory.hold_run_directory(str(tmp_path / 'run'), 0, 1)
     with open(tmp_path / 'run' / 'run.lock', encoding='utf-8') as handle:
         content = json.load(handle)
     lock.release()

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-import evaluation
-import helpers
-from evaluation import gldv2_map_at_k, global_average_precision, revisitop_map
+import retrieval  # noqa: E402
+from evaluation import global_average_precision
+from retrieval import gldv2_map_at_k, revisitop_map
 
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'retrieval_metrics_case.npz')
 PROTOCOLS = ('easy', 'medium', 'hard')
@@ -89,11 +89,11 @@ def test_gap_matches_reference(case):
 # ------------------------------------------------- the benchmarks' scoring (ranking, running top-100) on the case
 
 def test_the_benchmark_ranking_is_the_references(case):
-    ranks = evaluation.ranked_database(case['queries'], case['db'], device='cpu', queries_at_once=5)
+    ranks = retrieval.ranked_database(case['queries'], case['db'], device='cpu', queries_at_once=5)
     # the reference ranked in float32 too; only the few near-tied pairs may be swapped
     assert ranks.shape == case['ranks'].shape
     assert (ranks == case['ranks']).mean() > 0.99
-    figures = evaluation.revisitop_figures(case['queries'], case['db'], case['expected']['gnd'], device='cpu')
+    figures = retrieval.revisitop_figures(case['queries'], case['db'], case['expected']['gnd'], device='cpu')
     for protocol in PROTOCOLS:
         reference = case['expected']['revisitop'][protocol]
         assert abs(figures[protocol]['map'] - reference['map']) <= 2e-3
@@ -103,16 +103,16 @@ def test_the_benchmark_ranking_is_the_references(case):
 @pytest.mark.parametrize('tile_rows', [37, 800])
 def test_the_running_top_100_gives_the_references_map(case, tile_rows):
     g = case['expected']['gldv2']
-    best, scores = evaluation.top_k_neighbours(case['gldv2_queries'], case['index'], k=100, device='cpu',
+    best, scores = retrieval.top_k_neighbours(case['gldv2_queries'], case['index'], k=100, device='cpu',
                                                tile_rows=tile_rows)
     full = case['gldv2_queries'] @ case['index'].T
     np.testing.assert_allclose(scores, -np.sort(-full, axis=1)[:, :100], rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.take_along_axis(full, best, axis=1), scores, rtol=0, atol=1e-6)
     solution = g['retrieval_solution']
     usage = {query: 'Private' if n % 2 else 'Public' for n, query in enumerate(solution)}
-    images = helpers.BenchmarkImages('gldv2', [], [], solution=solution, query_ids=g['query_ids'],
+    images = retrieval.BenchmarkImages('gldv2', [], [], solution=solution, query_ids=g['query_ids'],
                                      database_ids=g['index_ids'], usage=usage)
-    figures = evaluation.gldv2_figures(case['gldv2_queries'], case['index'], images, device='cpu')
+    figures = retrieval.gldv2_figures(case['gldv2_queries'], case['index'], images, device='cpu')
     assert abs(figures['all'] - g['map_at_100']) <= 2e-3
     private = {query: truth for n, (query, truth) in enumerate(solution.items()) if n % 2}
     assert abs(figures['private'] * len(private) + figures['public'] * (len(solution) - len(private))

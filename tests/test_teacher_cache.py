@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, classifier_file, data_args, run_main
 from PIL import Image
 
 import checkpoints
+import feature_store  # noqa: E402
 import model as models
 import trainer
-from conftest import ROOT, classifier_file, data_args, run_main
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
          '--log_interval', '1', '--warmup_epoch', '1', '--backbone_class', 'Resnet12', '--seed', '3']
@@ -131,7 +132,7 @@ def test_a_killed_pre_pass_continues_where_it_stopped(tiny_data, teachers, tmp_p
     with open(manifest_path, 'w', encoding='utf-8') as handle:
         json.dump(manifest, handle)
     computed = []
-    fill = checkpoints.fill_teacher_cache
+    fill = feature_store.fill_teacher_cache
 
     def counting_fill(cache_, teacher_backbone, *arguments, **keywords):
         original_forward = teacher_backbone.forward
@@ -144,7 +145,7 @@ def test_a_killed_pre_pass_continues_where_it_stopped(tiny_data, teachers, tmp_p
             return fill(cache_, teacher_backbone, *arguments, **keywords)
         finally:
             teacher_backbone.forward = original_forward
-    monkeypatch.setattr(checkpoints, 'fill_teacher_cache', counting_fill)
+    monkeypatch.setattr(feature_store, 'fill_teacher_cache', counting_fill)
     run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'again')] + argv[argv.index('--save_dir') + 2:])
     assert sum(computed) == 14
     np.testing.assert_allclose(cached_features(cache), whole, atol=1e-6, rtol=0)
@@ -166,7 +167,11 @@ def test_a_cache_built_by_two_processes_equals_one_built_by_one(tiny_data, teach
 
 
 def test_a_run_from_the_cache_killed_mid_epoch_ends_as_an_uninterrupted_one(tiny_data, teachers, tmp_path):
-    from test_reliability import assert_same_final_weights, environment, interrupt_mid_epoch
+    from test_reliability import (
+        assert_same_final_weights,
+        environment,
+        interrupt_mid_epoch,
+    )
     argv = distill_argv(tiny_data, teachers[0], 'SAVE_DIR', '--max_epoch', '3', '--teacher_cache',
                         str(tmp_path / 'cache'), '--checkpoint_minutes', '1e-9', '--drop_block', 'annealed')
     main_py = [sys.executable, os.path.join(ROOT, 'main.py')]
@@ -211,7 +216,7 @@ def test_with_augment_the_student_sees_the_very_image_of_the_stored_view(tiny_da
 def test_a_disk_too_small_for_the_cache_stops_before_any_work(tiny_data, teachers, tmp_path, monkeypatch):
     cache = tmp_path / 'cache'
     # 24 training images x 1 view x 128 float16 values (width divisor 8) = 6 KiB: 1 KiB free cannot hold it
-    monkeypatch.setattr(checkpoints.shutil, 'disk_usage', lambda path: checkpoints.shutil._ntuple_diskusage(
+    monkeypatch.setattr(feature_store.shutil, 'disk_usage', lambda path: feature_store.shutil._ntuple_diskusage(
         10 ** 9, 10 ** 9 - 1024, 1024))
     with pytest.raises(SystemExit) as stopped:
         run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
@@ -249,7 +254,7 @@ def rewrite_rows(cache, rows, value, keep_checksum: bool):
     if keep_checksum:
         manifest_path = os.path.join(str(cache), 'manifest.json')
         manifest = json.load(open(manifest_path, encoding='utf-8'))
-        manifest['crc32'] = checkpoints._crc(path)
+        manifest['crc32'] = feature_store.checksum(path)
         with open(manifest_path, 'w', encoding='utf-8') as handle:
             json.dump(manifest, handle)
 
@@ -325,12 +330,12 @@ def test_a_cache_directory_that_processes_do_not_share_is_refused(tiny_data, tea
 SIGNAL_IN_PRE_PASS_RUNNER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import checkpoints, main
-fill = checkpoints.fill_teacher_cache
+import feature_store, main
+fill = feature_store.fill_teacher_cache
 def signal_then_fill(*arguments, **keywords):
     os.kill(os.getpid(), signal.SIGTERM)  # the pre-pass is under way: an eviction
     return fill(*arguments, **keywords)
-checkpoints.fill_teacher_cache = signal_then_fill
+feature_store.fill_teacher_cache = signal_then_fill
 main.main(main.get_parser().parse_args(sys.argv[1:]))
 """
 

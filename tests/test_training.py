@@ -13,17 +13,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    DDP_RUNNER,
+    ROOT,
+    UPDATE_TOLERANCE,
+    classifier_file,
+    data_args,
+    run_main,
+    update_difference,
+)
+from regularisers import regularisers_off
 
 import checkpoints
+import datasets  # noqa: E402
 import evaluation
 import helpers
+import losses  # noqa: E402
 import main
 import model as models
 import trainer
 import utils
-from conftest import (DDP_RUNNER, ROOT, UPDATE_TOLERANCE, classifier_file, data_args, run_main,
-                      update_difference)
-from regularisers import regularisers_off
+import verification  # noqa: E402
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4',
          '--log_interval', '1', '--warmup_epoch', '1']
@@ -63,7 +73,7 @@ def test_kd_loss_untempered_teacher_summed_over_the_batch():
     student_logits, teacher_logits = torch.randn(3, 5) * 4, torch.randn(3, 5) * 4
     labels = torch.tensor([0, 3, 4])
     features = torch.zeros(3, 2)
-    loss, cross_entropy, distillation = trainer.DistillationLoss('KD', weight=0.5)(
+    loss, cross_entropy, distillation = losses.DistillationLoss('KD', weight=0.5)(
         features, student_logits, features, teacher_logits, labels)
     expected_ce = -sum(math.log(math.exp(row[label]) / sum(math.exp(v) for v in row))
                        for row, label in zip(student_logits.tolist(), labels.tolist())) / 3
@@ -77,8 +87,8 @@ def test_kd_is_scaled_by_world_size_so_ddp_averaging_gives_the_global_sum():
     torch.manual_seed(1)
     student_logits, teacher_logits = torch.randn(2, 4), torch.randn(2, 4)
     features, labels = torch.zeros(2, 2), torch.tensor([1, 2])
-    one = trainer.DistillationLoss('KD', world_size=1)(features, student_logits, features, teacher_logits, labels)
-    two = trainer.DistillationLoss('KD', world_size=2)(features, student_logits, features, teacher_logits, labels)
+    one = losses.DistillationLoss('KD', world_size=1)(features, student_logits, features, teacher_logits, labels)
+    two = losses.DistillationLoss('KD', world_size=2)(features, student_logits, features, teacher_logits, labels)
     assert two[2].item() == pytest.approx(2 * one[2].item(), rel=1e-6)
     assert two[1].item() == pytest.approx(one[1].item(), rel=1e-6)
 
@@ -89,14 +99,14 @@ def test_global_kd_tempered_kd_and_ce_only():
     student_logits, teacher_logits = torch.randn(3, 6), torch.randn(3, 6)
     labels = torch.tensor([5, 0, 2])
     arguments = (student_features, student_logits, teacher_features, teacher_logits, labels)
-    _, _, squared = trainer.DistillationLoss('global_KD')(*arguments)
+    _, _, squared = losses.DistillationLoss('global_KD')(*arguments)
     assert squared.item() == pytest.approx(((student_features - teacher_features) ** 2).sum().item(), rel=1e-6)
-    _, _, tempered = trainer.DistillationLoss('tempered_KD')(*arguments)
+    _, _, tempered = losses.DistillationLoss('tempered_KD')(*arguments)
     expected = 16 * sum(
         sum(p * (math.log(p) - math.log(q)) for p, q in zip(F.softmax(t / 4, 0).tolist(), F.softmax(s / 4, 0).tolist()))
         for s, t in zip(student_logits, teacher_logits)) / 3
     assert tempered.item() == pytest.approx(expected, rel=1e-5)
-    loss, cross_entropy, distillation = trainer.DistillationLoss(None)(None, student_logits, None, None, labels)
+    loss, cross_entropy, distillation = losses.DistillationLoss(None)(None, student_logits, None, None, labels)
     assert loss.item() == pytest.approx(F.cross_entropy(student_logits, labels).item()) and distillation.item() == 0
 
 
@@ -278,7 +288,7 @@ def test_test_only_on_a_student_in_the_original_file_layout(tiny_data, tmp_path)
         reference = F.normalize(models.load_backbone('Resnet12', path, 96, 8)(evaluation_batch(tiny_data)), dim=1)
     np.testing.assert_allclose(features, reference.numpy(), atol=1e-4)
     coarse_labels = np.array([10 + label for label in range(3) for _ in range(4)])
-    assert coarse == pytest.approx(evaluation.tar_at_far(torch.from_numpy(features), coarse_labels), abs=1e-5)
+    assert coarse == pytest.approx(verification.tar_at_far(torch.from_numpy(features), coarse_labels), abs=1e-5)
 
 
 def evaluation_batch(tiny_data, list_name: str = 'test') -> torch.Tensor:
@@ -298,14 +308,14 @@ def evaluation_batch(tiny_data, list_name: str = 'test') -> torch.Tensor:
 def spoil_losses(monkeypatch, spoilt, factor):
     """Multiply the loss of the training steps for which spoilt(step number from 1) holds by `factor` (nan or
     inf)."""
-    original_forward = trainer.DistillationLoss.forward
+    original_forward = losses.DistillationLoss.forward
     calls = []
 
     def forward_with_spoilt_steps(self, *arguments):
         loss, cross_entropy, distillation = original_forward(self, *arguments)
         calls.append(1)
         return (loss * factor if spoilt(len(calls)) else loss), cross_entropy, distillation
-    monkeypatch.setattr(trainer.DistillationLoss, 'forward', forward_with_spoilt_steps)
+    monkeypatch.setattr(losses.DistillationLoss, 'forward', forward_with_spoilt_steps)
 
 
 def test_non_finite_loss_stops_with_epoch_and_iteration_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
@@ -434,9 +444,9 @@ def test_under_ddp_a_frozen_head_stays_outside_and_only_batch_norm_buffers_are_b
 
 
 def test_loader_workers_persist_across_epochs(tiny_data):
-    samples, _ = helpers.read_train_samples([tiny_data['root']], [tiny_data['train']])
-    dataset = helpers.ImageDataset(samples, 96, train=True, augment=False)
-    loader = helpers.build_train_loader(dataset, 4, 2, seed=0, rank=0, world_size=1)
+    samples, _ = datasets.read_train_samples([tiny_data['root']], [tiny_data['train']])
+    dataset = datasets.ImageDataset(samples, 96, train=True, augment=False)
+    loader = datasets.build_train_loader(dataset, 4, 2, seed=0, rank=0, world_size=1)
     assert loader.persistent_workers and loader.num_workers == 2
 
 
@@ -574,8 +584,8 @@ def test_precision_and_memory_switches_take_the_float32_runs_steps(tiny_data, tm
 
 def test_channels_last_batches_hold_the_same_values():
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    plain = helpers.BatchTransform(augment=False)(images, train=False)
-    channels_last = helpers.BatchTransform(augment=False, memory_format=torch.channels_last)(images, train=False)
+    plain = datasets.BatchTransform(augment=False)(images, train=False)
+    channels_last = datasets.BatchTransform(augment=False, memory_format=torch.channels_last)(images, train=False)
     assert channels_last.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(
         memory_format=torch.channels_last)
     assert torch.equal(plain, channels_last)
@@ -702,9 +712,9 @@ def test_two_processes_validate_and_save_one_and_the_same_model(tiny_data, tmp_p
     run_dir = only_run_dir(tmp_path)
     logged = re.search(r'eval_loss=([0-9.]+), eval_acc=([0-9.]+)\+', record_of(run_dir))
     saved = models.load_classifier('Resnet12', os.path.join(run_dir, 'max_acc.pth'), 96, 8)
-    samples = helpers.read_eval_samples(tiny_data['root'], tiny_data['val'])
-    loader = helpers.build_eval_loader(helpers.ImageDataset(samples, 96, train=False, augment=False), 4, 0, 0, 1)
-    validation = trainer.validate(saved, loader, helpers.BatchTransform(augment=False), torch.device('cpu'), 'none')
+    samples = datasets.read_eval_samples(tiny_data['root'], tiny_data['val'])
+    loader = datasets.build_eval_loader(datasets.ImageDataset(samples, 96, train=False, augment=False), 4, 0, 0, 1)
+    validation = trainer.validate(saved, loader, datasets.BatchTransform(augment=False), torch.device('cpu'), 'none')
     assert float(logged.group(1)) == pytest.approx(validation['loss'], abs=1e-4)
     assert float(logged.group(2)) == pytest.approx(validation['accuracy'], abs=1e-4)
 
@@ -725,13 +735,13 @@ def test_fp16_skips_non_finite_steps_and_stops_only_when_they_persist(tiny_data,
 
 def test_fp16_epoch_averages_leave_out_the_steps_the_scaler_skipped(tiny_data, tmp_path, monkeypatch):
     steps = []
-    original_forward = trainer.DistillationLoss.forward
+    original_forward = losses.DistillationLoss.forward
 
     def forward_overflowing_steps_2_and_3(self, *arguments):
         loss, cross_entropy, distillation = original_forward(self, *arguments)
         steps.append((float(cross_entropy), arguments[-1].numel()))
         return (loss * float('inf') if len(steps) in (2, 3) else loss), cross_entropy, distillation
-    monkeypatch.setattr(trainer.DistillationLoss, 'forward', forward_overflowing_steps_2_and_3)
+    monkeypatch.setattr(losses.DistillationLoss, 'forward', forward_overflowing_steps_2_and_3)
     argv = SMALL + data_args(tiny_data)[:4] + ['--backbone_class', 'Resnet12', '--num_classes', '4', '--amp', 'fp16',
                                                '--max_epoch', '1', '--save_dir', str(tmp_path)]
     run_main(argv)
@@ -832,7 +842,7 @@ def test_after_a_mid_epoch_resume_the_optimizer_gets_the_scheduled_rate(tiny_dat
 
 def test_one_step_is_cross_entropy_plus_kd_on_margin_logits(tiny_data, teacher_file, tmp_path, monkeypatch):
     seen = []
-    forward = trainer.DistillationLoss.forward
+    forward = losses.DistillationLoss.forward
 
     def recording_forward(self, student_features, student_logits, teacher_features, teacher_logits, labels):
         seen.append([tensor.detach().clone() for tensor in (student_features, student_logits, teacher_features,
@@ -840,7 +850,7 @@ def test_one_step_is_cross_entropy_plus_kd_on_margin_logits(tiny_data, teacher_f
         result = forward(self, student_features, student_logits, teacher_features, teacher_logits, labels)
         seen[-1].append(result[0].item())
         return result
-    monkeypatch.setattr(trainer.DistillationLoss, 'forward', recording_forward)
+    monkeypatch.setattr(losses.DistillationLoss, 'forward', recording_forward)
     run_main(SMALL + data_args(tiny_data)[:4] + [
         '--backbone_class', 'Resnet12', '--is_distill', '--teacher_backbone_class', 'Resnet12',
         '--teacher_init_weights', teacher_file, '--head_fixed', '--kd_weight', '0.5', '--max_epoch', '1',
@@ -939,8 +949,8 @@ def test_label_map_two_lists_masks_and_init_weights_through_main(tiny_data, tmp_
     with open(os.path.join(run_dir, 'results.json'), encoding='utf-8') as handle:
         results = json.load(handle)
     features = np.load(os.path.join(run_dir, 'opensetFeat.npy'))
-    assert results['test']['student']['coarse'] == pytest.approx(evaluation.tar_at_far(features, test_labels))
-    assert results['test']['student']['fine'] == pytest.approx(evaluation.tar_at_far(features, fine_labels))
+    assert results['test']['student']['coarse'] == pytest.approx(verification.tar_at_far(features, test_labels))
+    assert results['test']['student']['fine'] == pytest.approx(verification.tar_at_far(features, fine_labels))
     epoch, = results['epochs']
     assert math.isfinite(epoch['loss'])  # 48 samples (two lists) in 4 classes, through the map
 

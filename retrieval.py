@@ -1,0 +1,405 @@
+"""The field's retrieval benchmarks end to end: the revisited Oxford/Paris and GLDv2 readers in their own layouts, their
+metrics (revisitop mAP and mP@k, GLDv2 mAP@100), ranking and the running top-k, and the benchmark report."""
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import datasets
+import evaluation
+import feature_store
+import utils
+
+# ------------------------------------------------------------------------------- the field's benchmarks' images
+REVISITOP_SETS = ('roxford5k', 'rparis6k')
+
+
+@dataclass
+class BenchmarkImages:
+    """A retrieval benchmark's query and database images, and what scores a ranking of them: revisitop's `gnd` (per
+    query its 'easy', 'hard' and 'junk' database indices), or GLDv2's `solution` (query id -> index ids) with each
+    query's `usage` ('Private' or 'Public') and the ids of the queries and of the database (index) images."""
+    name: str
+    queries: list[datasets.Sample]
+    database: list[datasets.Sample]
+    gnd: list[dict] | None = None
+    solution: dict | None = None
+    usage: dict | None = None
+    query_ids: list[str] | None = None
+    database_ids: list[str] | None = None
+
+
+def read_benchmark(name: str, root: str, distractors: list[str] | None = None) -> BenchmarkImages:
+    """The images of benchmark `name` ('gldv2', or a revisitop set with optional distractors) under `root`."""
+    return read_gldv2(root) if name == 'gldv2' else read_revisitop(root, name, distractors)
+
+
+def read_revisitop(root: str, name: str, distractors: list[str] | None = None) -> BenchmarkImages:
+    """Revisited Oxford or Paris as revisitop lays it out: `root/gnd_<name>.pkl` (read as plain data only) and
+    `root/jpg/<image>.jpg`; queries are cropped to their bbx; `distractors` (ROOT, LIST) adds database images."""
+    path = os.path.join(root, f'gnd_{name}.pkl')
+    if not os.path.isfile(path):
+        raise utils.RunError(f'{path}: no such file; --benchmark_root must hold gnd_{name}.pkl and jpg/, as revisitop '
+                             'lays them out')
+    try:
+        content = utils.load_plain_data(path)
+    except Exception as error:  # whatever a damaged or foreign pickle raises, the file is named
+        raise utils.RunError(f'{path}: not a revisitop ground-truth file ({error}); download gnd_{name}.pkl '
+                             'again') from None
+    images, query_images, gnd = _revisitop_fields(path, content)
+    database = [datasets.Sample(os.path.join(root, 'jpg', f'{image}.jpg'), 0, 0, f"{path}: imlist[{index}] '{image}'")
+                for index, image in enumerate(images)]
+    queries = [datasets.Sample(os.path.join(root, 'jpg', f'{image}.jpg'), 0, 0, f"{path}: qimlist[{index}] '{image}'",
+                      box=_query_box(path, index, entry.get('bbx')))
+               for index, (image, entry) in enumerate(zip(query_images, gnd))]
+    if distractors:
+        database += read_image_paths(*distractors)
+    ground_truth = [{key: _database_indices(path, index, key, entry[key], len(images))
+                     for key in ('easy', 'hard', 'junk')} for index, entry in enumerate(gnd)]
+    return BenchmarkImages(name, queries, database, gnd=ground_truth)
+
+
+def _database_indices(path: str, query: int, key: str, values, database_size: int) -> list[int]:
+    """gnd[query][key] as a list of database indices, refused unless each is an integer inside imlist."""
+    array = np.asarray(values).reshape(-1)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise utils.RunError(f"{path}: gnd[{query}]['{key}'] holds {array.dtype} values, not database indices")
+    outside = [int(value) for value in array if not 0 <= value < database_size]
+    if outside:
+        raise utils.RunError(f"{path}: gnd[{query}] names database image {outside[0]}, outside imlist "
+                             f"({database_size} images); download the file again")
+    return [int(value) for value in array]
+
+
+def _revisitop_fields(path: str, content) -> tuple[list[str], list[str], list[dict]]:
+    """(imlist, qimlist, gnd) of a loaded revisitop file, each checked for its shape."""
+    fields = content if isinstance(content, dict) else {}
+    images, query_images, gnd = fields.get('imlist'), fields.get('qimlist'), fields.get('gnd')
+    if not all(isinstance(value, (list, tuple)) for value in (images, query_images, gnd)):
+        raise utils.RunError(f"{path}: not a revisitop ground-truth file (a dict with lists 'imlist', 'qimlist' and "
+                             "'gnd' expected)")
+    if len(gnd) != len(query_images):
+        raise utils.RunError(f'{path}: {len(query_images)} queries in qimlist but {len(gnd)} gnd entries')
+    for index, entry in enumerate(gnd):
+        if not isinstance(entry, dict) or any(key not in entry for key in ('bbx', 'easy', 'hard', 'junk')):
+            raise utils.RunError(f"{path}: gnd[{index}] is not a dict with 'bbx', 'easy', 'hard' and 'junk'")
+    return [str(image) for image in images], [str(image) for image in query_images], list(gnd)
+
+
+def _query_box(path: str, index: int, bbx) -> tuple[float, float, float, float]:
+    """A query's bbx as (left, top, right, bottom), refused unless it is four numbers enclosing an area."""
+    try:
+        left, top, right, bottom = (float(value) for value in np.asarray(bbx, dtype=np.float64).reshape(-1))
+    except (TypeError, ValueError):
+        raise utils.RunError(f'{path}: gnd[{index}] bbx {bbx!r} is not four numbers (left, top, right, '
+                             'bottom)') from None
+    if not (right > left and bottom > top):
+        raise utils.RunError(f'{path}: gnd[{index}] bbx {bbx!r} encloses no area')
+    return left, top, right, bottom
+
+
+def read_image_paths(root: str, list_path: str) -> list[datasets.Sample]:
+    """The images of a list of paths relative to `root`, one a line (its first tab- or space-separated field)."""
+    with open(list_path, encoding='utf-8-sig') as handle:
+        lines = [(number, line.split()[0]) for number, line in enumerate(handle, start=1) if line.strip()]
+    return [datasets.Sample(os.path.join(root, relative), 0, 0, f'{list_path}:{number}') for number, relative in lines]
+
+
+def read_gldv2(root: str) -> BenchmarkImages:
+    """Google Landmarks v2 retrieval in its own layout: `index.csv`, `test.csv` and `retrieval_solution_v2.1.csv`
+    (`id,images,Usage`), images at `index/a/b/c/<id>.jpg` and `test/a/b/c/<id>.jpg`. The queries are the
+    solution's Private and Public rows (its Ignored rows have no ground truth)."""
+    index_ids = _csv_column(os.path.join(root, 'index.csv'), 'id')
+    test_ids = set(_csv_column(os.path.join(root, 'test.csv'), 'id'))
+    known_index = set(index_ids)
+    solution_path = os.path.join(root, 'retrieval_solution_v2.1.csv')
+    solution, usage = {}, {}
+    for line, row in _csv_rows(solution_path, ('id', 'images', 'Usage')):
+        if row['Usage'] == 'Ignored':
+            continue
+        images = row['images'].split()
+        problem = _solution_problem(row, images, test_ids, known_index)
+        if problem:
+            raise utils.RunError(f'{solution_path}:{line}: {problem}; download the GLDv2 files again')
+        solution[row['id']], usage[row['id']] = images, row['Usage']
+
+    def sample(part, image_id, origin):
+        return datasets.Sample(os.path.join(root, part, *image_id[:3], f'{image_id}.jpg'), 0, 0, origin)
+    queries = [sample('test', query, f'{solution_path}: query {query}') for query in solution]
+    database = [sample('index', image, f'index.csv: {image}') for image in index_ids]
+    return BenchmarkImages('gldv2', queries, database, solution=solution, usage=usage, query_ids=list(solution),
+                           database_ids=index_ids)
+
+
+def _solution_problem(row: dict, images: list[str], test_ids: set, index_ids: set) -> str | None:
+    """What is wrong with a Private or Public row of the retrieval solution, or None."""
+    if row['id'] not in test_ids:
+        return f"its query {row['id']} is not in test.csv"
+    if row['Usage'] not in ('Private', 'Public'):
+        return f"Usage {row['Usage']!r} is not Private, Public or Ignored"
+    if not images or images == ['None']:
+        return 'no ground-truth image'
+    return next((f'index image {image} is not in index.csv' for image in images if image not in index_ids), None)
+
+
+def _csv_rows(path: str, columns: tuple[str, ...]):
+    """(line number, row dict) of a CSV file with a header naming at least `columns`."""
+    if not os.path.isfile(path):
+        raise utils.RunError(f'{path}: no such file; --benchmark_root must hold the GLDv2 csv files')
+    with open(path, encoding='utf-8-sig', newline='') as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in columns if column not in (reader.fieldnames or ())]
+        if missing:
+            raise utils.RunError(f'{path}: no column {missing[0]!r} in its header {reader.fieldnames}')
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _csv_column(path: str, column: str) -> list[str]:
+    return [row[column] for _, row in _csv_rows(path, (column,))]
+
+
+# ------------------------------------------------------------------------------- the field's retrieval metrics
+# protocol -> (gnd keys whose images are positives, gnd keys whose images are junk)
+_PROTOCOLS = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
+
+
+_GND_KEYS = ("easy", "hard", "junk")
+
+
+def _gather(entry, keys):
+    """Concatenate the index lists of ``entry`` under ``keys`` (duplicates kept)."""
+    parts = [np.asarray(entry[key], dtype=np.int64).reshape(-1) for key in keys]
+    return np.concatenate(parts)
+
+
+def _query_scores(column, ok, junk, kappas):
+    """AP and precision at each kappa of one ranked column (see revisitop_map)."""
+    positions = np.flatnonzero(np.isin(column, ok))
+    junk_positions = np.flatnonzero(np.isin(column, junk))
+    # Remove junk from the ranking: each positive moves up by the junk ranked before it.
+    positions = positions - np.searchsorted(junk_positions, positions, side="left")
+    k = np.arange(positions.size, dtype=np.float64)
+    r = positions.astype(np.float64)
+    precision_0 = np.where(r > 0, k / np.maximum(r, 1.0), 1.0)
+    precision_1 = (k + 1.0) / (r + 1.0)
+    ap = float(np.sum((precision_0 + precision_1) / 2.0)) / ok.size
+    if positions.size == 0:  # no positive in the ranking at all
+        return ap, np.zeros(len(kappas))
+    one_based = positions + 1
+    cut = np.minimum(one_based.max(), np.asarray(kappas))
+    p_at = np.array([np.count_nonzero(one_based <= c) / c for c in cut], dtype=np.float64)
+    return ap, p_at
+
+
+def revisitop_map(ranks, gnd, kappas=(1, 5, 10)):
+    """Revisited Oxford/Paris mAP and mean precision@kappa for the three protocols.
+
+    ``ranks`` is (database x queries): column q lists database indices, best first.
+    ``gnd[q]`` is a dict with ``easy``, ``hard`` and ``junk`` database indices. Per
+    protocol the positive ('ok') and junk images are: easy: ok = easy, junk = junk +
+    hard; medium: ok = easy + hard, junk = junk; hard: ok = hard, junk = junk + easy.
+    Junk images are removed from the ranking, so each positive's 0-based position r
+    drops by the number of junk images ranked before it. AP is the trapezoidal rule:
+    the k-th positive (0-based) adds (k / r (1 if r = 0) + (k + 1) / (r + 1)) / 2
+    divided by the number of ok entries. Precision at kappa, with p the 1-based
+    junk-free positions and kq = min(max(p), kappa), is #(p <= kq) / kq (0 where no
+    positive appears in the ranking). Queries without an ok image get NaN AP and NaN
+    precisions and are left out of ``map`` and ``mp_at`` (NaN if every query lacks
+    one). Returns {protocol: {'map', 'aps', 'mp_at', 'p_at'}}.
+    """
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
+        raise utils.RunError(f"ranks must be a 2-D integer array (database x queries), "
+                             f"got dtype {ranks.dtype} and shape {ranks.shape}")
+    if len(gnd) != ranks.shape[1]:
+        raise utils.RunError(f"gnd has {len(gnd)} entries but ranks has {ranks.shape[1]} "
+                             f"query columns")
+    for q, entry in enumerate(gnd):
+        if not isinstance(entry, Mapping) or any(key not in entry for key in _GND_KEYS):
+            raise utils.RunError(f"gnd[{q}] must be a dict with keys 'easy', 'hard' and "
+                                 f"'junk', got {entry!r}")
+    kappas = [int(kappa) for kappa in kappas]
+    if any(kappa < 1 for kappa in kappas):
+        raise utils.RunError(f"kappas must be positive integers, got {kappas}")
+
+    results = {}
+    for protocol, (ok_keys, junk_keys) in _PROTOCOLS.items():
+        aps = np.full(len(gnd), np.nan)
+        p_at = np.full((len(gnd), len(kappas)), np.nan)
+        for q, entry in enumerate(gnd):
+            ok = _gather(entry, ok_keys)
+            if ok.size:
+                aps[q], p_at[q] = _query_scores(ranks[:, q], ok, _gather(entry, junk_keys), kappas)
+        valid = ~np.isnan(aps)
+        if valid.any():
+            mean_ap, mp_at = float(aps[valid].mean()), p_at[valid].mean(axis=0)
+        else:
+            mean_ap, mp_at = float("nan"), np.full(len(kappas), np.nan)
+        results[protocol] = {"map": mean_ap, "aps": aps, "mp_at": mp_at, "p_at": p_at}
+    return results
+
+
+def gldv2_map_at_k(predictions, solution, k=100):
+    """Google Landmarks v2 retrieval mAP@k.
+
+    ``predictions`` maps a query id to its ranked index ids (best first);
+    ``solution`` maps a query id to its non-empty list of ground-truth index ids.
+    For each solution query, AP@k = sum over the first k predictions, at 1-based
+    rank i, of precision@i * rel(i), divided by min(len(ground truth), k); a
+    repeated prediction still takes its place in the ranking but only its first
+    occurrence can be relevant (and counted as a hit). The result is the mean over
+    the solution's queries: a solution query without a prediction scores 0, and
+    predictions for queries outside the solution are ignored (the challenge
+    scores only its solution's queries).
+    """
+    if not isinstance(predictions, Mapping) or not isinstance(solution, Mapping):
+        raise utils.RunError("predictions and solution must be dicts keyed by query id")
+    if not solution:
+        raise utils.RunError("solution is empty: mAP@k is undefined")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise utils.RunError(f"k must be a positive integer, got {k!r}")
+    total = 0.0
+    for query, truth in solution.items():
+        truth = set(truth)
+        if not truth:
+            raise utils.RunError(f"solution[{query!r}] has no ground-truth index id")
+        seen, hits, ap = set(), 0, 0.0
+        for rank, item in enumerate(list(predictions.get(query, ()))[:k], start=1):
+            if item in truth and item not in seen:
+                hits += 1
+                ap += hits / rank
+            seen.add(item)
+        total += ap / min(len(truth), k)
+    return total / len(solution)
+
+
+# --------------------------------------------------------------------------------- the field's benchmarks, scored
+BENCHMARK_TILE_ROWS = 8192  # database rows scored at once: 1,129 GLDv2 queries x 8,192 rows is 37 MB of scores
+
+
+def ranked_database(queries, database, device=None, queries_at_once: int = 16) -> np.ndarray:
+    """(database x queries) database indices, best cosine first (ties: the smaller index first), as revisitop's
+    `ranks`; a few queries at a time, so that only (queries_at_once x database) scores are ever held."""
+    device = torch.device(device) if device is not None else utils.default_device()
+    database = utils.normalized_features(database, device, 'database features')
+    queries = utils.normalized_features(queries, device, 'query features')
+    ranks = np.empty((database.shape[0], queries.shape[0]), dtype=np.int64)
+    for first in range(0, queries.shape[0], queries_at_once):
+        scores = queries[first:first + queries_at_once] @ database.T
+        ranks[:, first:first + queries_at_once] = scores.sort(dim=1, descending=True, stable=True).indices.T.cpu()
+    return ranks
+
+
+def top_k_neighbours(queries, database, k: int = 100, device=None, tile_rows: int = BENCHMARK_TILE_ROWS):
+    """(indices, cosines), each (queries x k), of every query's k best database rows, best first. `database` is read
+    `tile_rows` rows at a time (an array, a memory-mapped .npy or a tensor) and a running top-k kept: the full score
+    matrix is never held."""
+    device = torch.device(device) if device is not None else utils.default_device()
+    queries = utils.normalized_features(queries, device, 'query features')
+    best_scores = torch.empty(queries.shape[0], 0, device=device)
+    best_indices = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=device)
+    for first in range(0, len(database), tile_rows):
+        scores = queries @ utils.normalized_features(database[first:first + tile_rows], device, 'database features').T
+        tile_best = scores.topk(min(k, scores.shape[1]), dim=1)  # the tile's own best first: small to merge
+        candidates = torch.cat([best_scores, tile_best.values], dim=1)
+        best_scores, order = candidates.topk(min(k, candidates.shape[1]), dim=1)
+        best_indices = torch.cat([best_indices, tile_best.indices + first], dim=1).gather(1, order)
+    return best_indices.cpu().numpy(), best_scores.cpu().numpy()
+
+
+def revisitop_figures(queries, database, gnd, device=None) -> dict:
+    """{protocol: {'map', 'mp_at'}} of revisitop_map for the features' ranking (mP at 1, 5 and 10)."""
+    results = revisitop_map(ranked_database(queries, database, device), gnd)
+    return {protocol: {'map': figures['map'], 'mp_at': figures['mp_at'].tolist()}
+            for protocol, figures in results.items()}
+
+
+def gldv2_figures(queries, database, images, device=None) -> dict:
+    """GLDv2 retrieval mAP@100 of the features' 100 best index images: {'private', 'public', 'all'}."""
+    best, _ = top_k_neighbours(queries, database, k=100, device=device)
+    predictions = {query: [images.database_ids[index] for index in row]
+                   for query, row in zip(images.query_ids, best.tolist())}
+    figures = {'all': gldv2_map_at_k(predictions, images.solution)}
+    for usage in ('Private', 'Public'):
+        part = {query: truth for query, truth in images.solution.items() if images.usage[query] == usage}
+        figures[usage.lower()] = gldv2_map_at_k(predictions, part) if part else math.nan
+    return figures
+
+
+def benchmark_report(images, student: tuple, teacher: tuple | None = None, device=None) -> dict:
+    """The figures of `images` (a retrieval.BenchmarkImages) for the student's (query, database) features, and with
+    the teacher's, for the teacher and for the student's queries against the teacher's database ('cross')."""
+    models = {'student': student}
+    if teacher is not None:
+        models.update(teacher=teacher, cross=(student[0], teacher[1]))
+    if images.gnd is not None:
+        return {name: revisitop_figures(queries, database, images.gnd, device)
+                for name, (queries, database) in models.items()}
+    return {name: gldv2_figures(queries, database, images, device) for name, (queries, database) in models.items()}
+
+
+def benchmark_lines(name: str, report: dict) -> list[str]:
+    """record.txt's lines of a benchmark report, in percent as the field prints them."""
+    lines = []
+    for model, figures in report.items():
+        if 'all' in figures:
+            lines.append(f'{name} {model}: mAP@100 private {100 * figures["private"]:.2f}, public '
+                         f'{100 * figures["public"]:.2f}, all {100 * figures["all"]:.2f}')
+            continue
+        maps = ', '.join(f'{protocol[0].upper()} {100 * figures[protocol]["map"]:.2f}' for protocol in _PROTOCOLS)
+        precisions = ', '.join(f'{protocol[0].upper()} ' + '/'.join(f'{100 * value:.2f}' for value in
+                                                                    figures[protocol]['mp_at'])
+                               for protocol in _PROTOCOLS)
+        lines.append(f'{name} {model}: mAP {maps}; mP@1/5/10 {precisions}')
+    return lines
+
+
+def run_benchmark(images: BenchmarkImages, backbones: dict, identities: dict, loaders: dict, feature_dir: str, *,
+                  device: torch.device, amp: str, rank: int, logger):
+    """Score `backbones` ({'student': ..., optionally 'teacher': ...}) on a benchmark's images, read by `loaders`
+    ({'queries': ..., 'database': ...}): the features of each part, kept in a store in `feature_dir` under what they
+    are of (the model's entry in `identities`, the images), so that a rerun or another test of the same model reads
+    them instead; then on rank 0 the report in record.txt and results.json (under the benchmark's name)."""
+    features = {}
+    for name, backbone in backbones.items():
+        features[name] = tuple(
+            kept_features(feature_dir, dict(identities[name], images=_images_digest(loader.dataset), part=part),
+                          backbone, loader, device=device, amp=amp, rank=rank, logger=logger)
+            for part, loader in loaders.items())
+    if rank != 0:
+        return
+    report = benchmark_report(images, features['student'], features.get('teacher'), device)
+    for line in benchmark_lines(images.name, report):
+        logger.info(line)
+    logger.result(images.name, report)
+
+
+def kept_features(feature_dir: str, identity: dict, backbone, loader, *, device, amp: str, rank: int, logger):
+    """The features of `loader`'s images by `backbone`: read on rank 0 (None elsewhere) from the store of
+    `identity` in `feature_dir` when an earlier run left it whole, else extracted on every process and stored by
+    rank 0. Every process takes the same branch."""
+    shape = (1, len(loader.dataset), backbone.feature_dim)
+    name = utils.text_digest(json.dumps(identity, sort_keys=True))[:16]
+    store = feature_store.FeatureStore(os.path.join(feature_dir, name), identity, shape)
+    if utils.on_rank_zero(rank, store.whole):
+        logger.info(f'features read from {store.path} (saved by an earlier run)')
+        return store.open()[0] if rank == 0 else None
+    features = evaluation.features_of(backbone, loader, device, amp, rank, logger)
+    utils.on_rank_zero(rank, lambda: store.create(features.numpy()[None]))
+    return features
+
+
+def _images_digest(dataset: datasets.ImageDataset) -> str:
+    """The digest of a data set's image paths and boxes."""
+    return utils.text_digest('\n'.join(f'{dataset.paths[index]} {dataset.boxes.get(index)}'
+                                       for index in range(len(dataset))))

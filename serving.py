@@ -1,0 +1,140 @@
+"""Serving: the exported ONNX graph (BGR images in [0, 1] in, L2-normalised features out), its int8 form, and an
+exported file scored where the test expects a backbone."""
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import datasets
+import model
+import utils
+
+# Images calibration reads at most: enough for stable activation ranges, and each is held with all its activations.
+CALIBRATION_IMAGES = 256
+
+
+class ServingNetwork(nn.Module):
+    """What an exported student computes: BGR images with values in [0, 1], (B, 3, S, S) float32 -> L2-normalised
+    float32 features. The pixel normalisation is inside, so that serving code only decodes, resizes and divides
+    by 255."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer('pixel_mean', torch.tensor(datasets.PIXEL_MEAN_BGR).view(1, 3, 1, 1))
+        self.register_buffer('pixel_std', torch.tensor(datasets.PIXEL_STD_BGR).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone((images - self.pixel_mean) / self.pixel_std).float(), dim=1)
+
+
+def export(backbone: nn.Module, path: str, img_size: int, description: dict, calibration: list | None = None) -> dict:
+    """Write `backbone` as an ONNX serving graph at `path`: float32, or int8 when `calibration` (see
+    calibration_images) is given; returns its metadata (the input contract and `description`)."""
+    float_path = path if calibration is None else f'{path}.float32.tmp'
+    contract = export_onnx(backbone, float_path, img_size, description)
+    if calibration is None:
+        return contract
+    try:
+        return quantize_onnx(float_path, path, calibration, contract)
+    finally:
+        os.remove(float_path)
+
+
+def export_onnx(backbone: nn.Module, path: str, img_size: int, description: dict) -> dict:
+    """Write `backbone` as an ONNX serving graph (ServingNetwork, any batch size) to `path`; the input contract and
+    `description` go into the model's metadata, and are returned."""
+    network = ServingNetwork(backbone).eval()
+    example = torch.rand(2, 3, img_size, img_size)
+    batch = torch.export.Dim('batch', min=1, max=4096)
+    with torch.no_grad():
+        program = torch.onnx.export(network, (example,), dynamo=True, input_names=['images'],
+                                    output_names=['features'], dynamic_shapes=({0: batch},), verbose=False)
+    contract = {'input': f'images: float32 (batch, 3, {img_size}, {img_size}), BGR channel order, values in [0, 1] '
+                         '(decoded pixels / 255, resized to the size)',
+                'output': f'features: float32 (batch, {backbone.feature_dim}), L2-normalised',
+                **{key: str(value) for key, value in description.items()}}
+    program.model.metadata_props.update(contract)
+    # one self-contained file, written once (the weights inline, no `.data` file beside it)
+    program.save(path, external_data=False)
+    return contract
+
+
+def quantize_onnx(float_path: str, int8_path: str, calibration: list, metadata: dict) -> dict:
+    """Write an int8 copy of an exported serving graph, static QDQ (int8 weights per channel, activation ranges
+    calibrated on `calibration`, float32 (1, 3, S, S) arrays in the graph's input contract), with `metadata` and
+    how it was quantized; returns that metadata. Static QDQ was the fastest int8 form for all three backbones on the
+    CPU, and kept a mean feature cosine above 0.997 to float32 (bench/export.py)."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            self.images = iter(calibration)
+
+        def get_next(self):
+            image = next(self.images, None)
+            return None if image is None else {'images': image}
+
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # the quantizer's advice on pre-processing, once per weight
+    try:
+        quantize_static(float_path, int8_path, Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    finally:
+        root.setLevel(level)
+    metadata = dict(metadata, precision='int8', quantization='static')
+    quantized = onnx.load(int8_path)
+    del quantized.metadata_props[:]
+    for key, value in metadata.items():
+        quantized.metadata_props.add(key=key, value=str(value))
+    onnx.save(quantized, int8_path)
+    return metadata
+
+
+def calibration_images(root: str, list_path: str, img_size: int) -> list:
+    """Up to CALIBRATION_IMAGES images of a list in the serving graph's input contract (BGR in [0, 1], float32),
+    each a batch of one: calibration holds every intermediate tensor of a batch at once."""
+    samples = datasets.read_checked_list(root, list_path, '--calibration_root')[:CALIBRATION_IMAGES]
+    dataset = datasets.ImageDataset(samples, img_size, train=False, augment=False)
+    images = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if item['bad']:
+            raise utils.RunError(item['bad'])
+        images.append(item['image'].float().div(255).numpy()[None])
+    return images
+
+
+class OnnxBackbone(nn.Module):
+    """An exported student run by ONNX Runtime where the test pipeline expects a backbone: it takes the normalised
+    batch the pipeline makes and undoes the normalisation, which the graph applies itself."""
+
+    def __init__(self, path: str, img_size: int):
+        super().__init__()
+        import onnxruntime
+        try:
+            self.session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+        except Exception as error:  # not an ONNX file, or a damaged one
+            raise model.WeightsFileError(f'{path}: not a readable ONNX model ({utils.first_line(error)})') from None
+        graph_input = self.session.get_inputs()[0]
+        if list(graph_input.shape[1:]) != [3, img_size, img_size]:
+            raise model.WeightsFileError(f'{path} takes images of shape {graph_input.shape[1:]}, not (3, {img_size}, '
+                                         f'{img_size}): run with --img_size {graph_input.shape[-1]}, or export again '
+                                         f'at --img_size {img_size}')
+        self.input_name = graph_input.name
+        self.feature_dim = self.session.get_outputs()[0].shape[1]
+        self.pixel_mean = torch.tensor(datasets.PIXEL_MEAN_BGR).view(1, 3, 1, 1)
+        self.pixel_std = torch.tensor(datasets.PIXEL_STD_BGR).view(1, 3, 1, 1)
+
+    def forward(self, normalised_images: torch.Tensor) -> torch.Tensor:
+        images = normalised_images.float().cpu() * self.pixel_std + self.pixel_mean
+        features = self.session.run(None, {self.input_name: images.numpy()})[0]
+        return torch.from_numpy(features).to(normalised_images.device)
