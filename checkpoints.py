@@ -1,5 +1,4 @@
-"""The run's files for resuming: the checkpoint format, its atomic writer, choosing and reading the checkpoint to
-resume from (damaged ones set aside), the run lock and the shared-storage check."""
+"""Resuming: the checkpoint format, its atomic writer, and choosing the checkpoint to resume from."""
 import dataclasses
 import os
 import random
@@ -18,8 +17,7 @@ BEST_NAME = 'max_acc.pth'
 
 @dataclass
 class RunProgress:
-    """How far the run is: epochs done, iterations into the next one (a checkpoint written within an epoch), and
-    the best validation accuracy so far with its epoch."""
+    """Epochs done, iterations into the next (a checkpoint within an epoch), the best validation accuracy, its epoch."""
     epoch: int = 0
     iteration: int = 0
     best_accuracy: float = -1.0
@@ -28,9 +26,8 @@ class RunProgress:
 
 @dataclass
 class EpochState:
-    """What one process has accumulated in the current epoch, enough to resume it mid-way: batches done, the sums
-    of loss, cross-entropy and distillation (each times the batch size), of correct predictions and of samples
-    over the steps that counted, the files reported bad or truncated, and the random generators."""
+    """One process's current epoch, enough to resume it mid-way: batches done, sums over the steps that counted (loss,
+    cross-entropy, distillation, each times the batch size; correct; samples), files bad or truncated, generators."""
     iteration: int = 0
     sums: list = field(default_factory=lambda: [0.0] * 5)
     bad_images: list = field(default_factory=list)
@@ -55,54 +52,37 @@ def set_random_state(state: dict):
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def _plain_epoch_state(state: EpochState) -> dict:
-    """An EpochState as plain Python data, which all_gather_object and a weights-only checkpoint can carry."""
-    plain = dataclasses.asdict(state)
-    generators = dict(plain['random_state'])
+def _convert_generators(fields: dict, to_plain: bool) -> dict:
+    """An EpochState's fields with its generators' arrays as lists when `to_plain` (plain data, which
+    all_gather_object and a weights-only checkpoint carry), else back as arrays."""
+    generators = dict(fields['random_state'])
     name, keys, position, has_gauss, cached = generators['numpy']
-    generators['numpy'] = (name, keys.tolist(), position, has_gauss, cached)
+    keys = keys.tolist() if to_plain else np.array(keys, dtype=np.uint32)
+    generators['numpy'] = (name, keys, position, has_gauss, cached)
     for device in ('torch', 'cuda'):
         if device in generators:
-            generators[device] = generators[device].tolist()
-    return dict(plain, random_state=generators)
-
-
-def _epoch_state_from(plain: dict) -> EpochState:
-    """The inverse of _plain_epoch_state."""
-    generators = dict(plain['random_state'])
-    name, keys, position, has_gauss, cached = generators['numpy']
-    generators['numpy'] = (name, np.array(keys, dtype=np.uint32), position, has_gauss, cached)
-    for device in ('torch', 'cuda'):
-        if device in generators:
-            generators[device] = torch.tensor(generators[device], dtype=torch.uint8)
-    plain = dict(plain, random_state=generators)
-    return EpochState(**plain)
+            state = generators[device]
+            generators[device] = state.tolist() if to_plain else torch.tensor(state, dtype=torch.uint8)
+    return dict(fields, random_state=generators)
 
 
 def save_atomically(obj, path: str, previous_path: str | None = None, verify: bool = False):
-    """torch.save `obj` to a temporary file beside `path`, then rename it over `path`: an interrupted save
-    leaves the previous file intact and no temporary behind. `verify` reads the file back (its structure, the
-    tensors memory-mapped) before it replaces anything; `previous_path` keeps the file it replaces, so that a
-    damaged latest checkpoint never leaves a run without a good one."""
+    """torch.save `obj` atomically (utils.write_atomically). `verify` reads the file back (tensors memory-mapped)
+    before it replaces anything; `previous_path` keeps the file it replaces: a damaged latest is never the only one."""
     def read_back(temporary):
         try:
             torch.load(temporary, map_location='cpu', weights_only=True, mmap=True)
         except Exception as error:  # whatever the bytes on disk raise, they are not what was saved
             raise utils.RunError(f'{path}: the file just written does not read back ({utils.first_line(error)}); '
                                  'the one that was there is kept: check the storage, then rerun') from None
-
     utils.write_atomically(path, lambda file: torch.save(obj, file), check=read_back if verify else None,
                            previous_path=previous_path)
 
 
 class Checkpoints:
-    """The run's checkpoints: the latest training state (the previous one kept beside it) and max_acc.pth. Rank 0
-    writes them, atomically, while every process waits; `resume` chooses one and restores the student, optimizer
-    and scaler from it.
-
-    `flags` are the settings that change the run's trajectory without naming its directory: stored in every
-    checkpoint, and a resume with other values stops before anything is loaded or written.
-    """
+    """The latest training state (the previous one kept beside it) and max_acc.pth, written by rank 0 while every
+    process waits. `flags`, the settings that change the run's trajectory without naming its directory, are stored
+    in every checkpoint: a resume with other values stops before anything is loaded or written."""
 
     def __init__(self, run_dir: str, *, rank: int, world_size: int, logger, student, optimizer, scaler,
                  head_fixed: bool, flags: dict):
@@ -124,7 +104,7 @@ class Checkpoints:
 
     def save_within_epoch(self, progress: RunProgress, current: EpochState):
         """The checkpoint within an epoch, with every process's position, partial sums and random generators."""
-        every_process = utils.gather_objects(_plain_epoch_state(current))
+        every_process = utils.gather_objects(_convert_generators(dataclasses.asdict(current), to_plain=True))
         self._write_on_rank_zero(lambda: self._save(dict(self.training_state(progress),
                                                          epoch_progress=every_process)))
 
@@ -138,8 +118,7 @@ class Checkpoints:
                 'batches_seen': getattr(self.student.backbone, 'batches_seen', 0)}
 
     def resume(self) -> tuple[RunProgress | None, EpochState]:
-        """(the progress of the checkpoint chosen by choose_checkpoint, or None for a new run; where to resume
-        within the epoch), the student, optimizer and scaler loaded from it."""
+        """Load the checkpoint choose_checkpoint picks: (its progress, or None for a new run; where in the epoch)."""
         chosen, state = choose_checkpoint(self.run_dir, self.rank, self.logger)
         if not chosen:
             return None, EpochState()
@@ -147,25 +126,30 @@ class Checkpoints:
             state = torch.load(chosen, map_location='cpu', weights_only=True)
         self.load_training_state(state, chosen)
         progress = RunProgress(**state['progress'])
-        epoch_state = EpochState()
+        epoch_state, where = EpochState(), f'the end of epoch {progress.epoch}'
         if progress.iteration:
-            epoch_state = self._this_process_epoch_state(state.get('epoch_progress') or [], chosen)
+            every_process = state.get('epoch_progress') or []
+            if len(every_process) != self.world_size:
+                raise utils.RunError(f'{chosen} was written within an epoch by {len(every_process)} processes; '
+                                     f'resume it with {len(every_process)} processes '
+                                     "(the epoch's batches are split among them)")
+            epoch_state = EpochState(**_convert_generators(every_process[self.rank], to_plain=False))
             where = f'epoch {progress.epoch + 1} iteration {epoch_state.iteration}'
-        else:
-            where = f'the end of epoch {progress.epoch}'
         self.logger.info(f'resumed from {chosen} at {where}')
         return progress, epoch_state
 
     def load_training_state(self, state: dict, path: str):
-        """The student, optimizer, scaler and DropBlock progress of a checkpoint of this configuration."""
-        self._check_flags(state, path)
-        student = self.student
-        current = student.state_dict()
+        """Load the student, optimizer, scaler and DropBlock progress of a checkpoint of this configuration."""
+        stored = state['flags']
+        changed = [f'--{name} {self.flags[name]} (the checkpoint has {stored[name]})'
+                   for name in self.flags if name in stored and stored[name] != self.flags[name]]
+        if changed:
+            raise utils.RunError(f'{path} was written with other settings: {"; ".join(changed)}; rerun with the '
+                                 "checkpoint's values to resume, or give another --suffix for a new run")
+        current = self.student.state_dict()
         misfits = [f'{key} {tuple(value.shape)} here, {tuple(current[key].shape)} in the file'
                    for key, value in state['student'].items() if key in current and value.shape != current[key].shape]
-        missing, unexpected = [], []
-        if not misfits:
-            missing, unexpected = student.load_state_dict(state['student'], strict=False)
+        missing, unexpected = ([], []) if misfits else self.student.load_state_dict(state['student'], strict=False)
         missing = [key for key in missing if not (self.head_fixed and key.startswith('head.'))]
         if misfits or missing or unexpected:
             raise utils.RunError(f'{path} does not fit the student (shapes {misfits[:2]}, missing {missing[:3]}, '
@@ -174,31 +158,14 @@ class Checkpoints:
         self.optimizer.load_state_dict(state['optimizer'])
         if self.scaler.is_enabled() and state['scaler']:
             self.scaler.load_state_dict(state['scaler'])
-        if hasattr(student.backbone, 'batches_seen'):
-            student.backbone.batches_seen = int(state['batches_seen'])
-
-    def _check_flags(self, state: dict, path: str):
-        """Stop when a setting that changes the trajectory differs from the one the checkpoint was written with."""
-        stored = state['flags']
-        changed = [f'--{name} {self.flags[name]} (the checkpoint has {stored[name]})'
-                   for name in self.flags if name in stored and stored[name] != self.flags[name]]
-        if changed:
-            raise utils.RunError(f'{path} was written with other settings: {"; ".join(changed)}; rerun with the '
-                                 "checkpoint's values to resume, or give another --suffix for a new run")
-
-    def _this_process_epoch_state(self, every_process: list, path: str) -> EpochState:
-        """This process's position within the epoch of a checkpoint written within an epoch."""
-        if len(every_process) != self.world_size:
-            raise utils.RunError(f"{path} was written within an epoch by {len(every_process)} processes; resume it "
-                                 f"with {len(every_process)} processes (the epoch's batches are split among them)")
-        return _epoch_state_from(every_process[self.rank])
+        if hasattr(self.student.backbone, 'batches_seen'):
+            self.student.backbone.batches_seen = int(state['batches_seen'])
 
     def _save(self, state: dict):
         save_atomically(state, self.path(CHECKPOINT_NAME), self.path(PREVIOUS_CHECKPOINT_NAME), verify=True)
 
     def _write_on_rank_zero(self, write):
-        """Rank 0 writes while the others wait; a write that fails (disk full, storage gone) stops every process
-        with its message instead of leaving the others waiting for rank 0."""
+        """Rank 0 writes while the others wait; a failed write stops every process (none waits for rank 0)."""
         problems = []
         if self.rank == 0:
             try:
@@ -212,12 +179,10 @@ class Checkpoints:
 
 
 def choose_checkpoint(run_dir: str, rank: int, logger) -> tuple[str | None, dict | None]:
-    """(the checkpoint to resume from, the same on every process, or None for a new run; its state on rank 0,
-    which read it to choose it, else None). The latest wins if it loads, else the previous one; a latest that does
-    not load is set aside (renamed) and record.txt says why."""
-    decision, problems, state = [], [], None
+    """(the checkpoint to resume from on every process, or None for a new run; its state on rank 0, else None): the
+    latest if it loads, else the previous one, the latest then set aside (renamed) and record.txt saying why."""
+    decision, problems, failures, state = [], [], [], None
     if rank == 0:
-        failures = []
         for path in (os.path.join(run_dir, CHECKPOINT_NAME), os.path.join(run_dir, PREVIOUS_CHECKPOINT_NAME)):
             if not os.path.exists(path):
                 continue
@@ -240,5 +205,3 @@ def choose_checkpoint(run_dir: str, rank: int, logger) -> tuple[str | None, dict
     utils.stop_if_any_process_failed(problems)
     chosen = utils.gather_messages(decision)
     return (chosen[0], state) if chosen else (None, None)
-
-

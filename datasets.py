@@ -1,6 +1,5 @@
 """The data: file lists and label maps, image decoding, the data set, its samplers and loaders, and the batch
 transform that turns uint8 BGR batches into the network's input."""
-import contextlib
 import itertools
 import os
 import signal
@@ -17,69 +16,31 @@ import utils
 # The original's normalisation and AlexNet-style PCA lighting, in BGR channel order (images are reversed to BGR
 # before any float work, and the lighting noise is added after that reversal, as the original did).
 PIXEL_MEAN_BGR = (0.406, 0.456, 0.485)
-
-
 PIXEL_STD_BGR = (0.225, 0.224, 0.229)
-
-
 LIGHTING_STD = 0.1
-
-
 LIGHTING_EIGENVALUES = (0.2175, 0.0188, 0.0045)
-
-
-LIGHTING_EIGENVECTORS = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
-
-
+LIGHTING_EIGENVECTORS = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 CROP_SCALE = (0.08, 1.0)
-
-
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-
 DCT_SCALES = (8, 4, 2)
-
-
 # At start-up, a training list none of whose first images exists stops the run (see check_training_roots).
 FIRST_IMAGES_CHECKED = 16
-
-
 # A train sample whose image (and this many following ones) cannot be read stops the epoch.
 MAX_REPLACEMENT_ATTEMPTS = 32
-
-
 # Exceptions that mean "this file is not a readable image" rather than a bug in our code.
 IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass(slots=True)
 class Sample:
-    """One image of a file list: absolute path, (combined/mapped) label, fine-grained label.
-
-    `origin` is 'list_file:line' of the line it came from, `label_note` how a training label was shifted or mapped;
-    both are for error messages.
-    """
+    """One image of a file list; `origin` ('list_file:line') and `label_note` (how a training label was shifted or
+    mapped) are for error messages."""
     path: str
     label: int
     fine_label: int
     origin: str = ''
     label_note: str = ''
     box: tuple[float, float, float, float] | None = None  # a benchmark query's region (left, top, right, bottom)
-
-
-@contextlib.contextmanager
-def _truncated_images_allowed():
-    """Decode a truncated file as the original did (PIL's LOAD_TRUNCATED_IMAGES): the missing part is filled in."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def _parse_integer(text: str, origin: str, what: str) -> int:
@@ -90,14 +51,10 @@ def _parse_integer(text: str, origin: str, what: str) -> int:
 
 
 def read_list_file(list_path: str) -> list[tuple[str, int, int | None, str]]:
-    """Parse a tab-separated list `relative_path<TAB>name<TAB>label[<TAB>fine_label]`.
-
-    Returns (relative_path, label, fine_label or None, 'file:line') per non-blank line; raises
-    ValueError 'file:line: reason' on a malformed line.
-    """
+    """(relative_path, label, fine_label or None, 'file:line') per non-blank line of a tab-separated list
+    `relative_path<TAB>name<TAB>label[<TAB>fine_label]`; a malformed line raises RunError 'file:line: reason'."""
     with open(list_path, 'rb') as handle:
-        # a byte-order mark (some editors write one) is not part of the first path
-        raw_lines = handle.read().removeprefix(b'\xef\xbb\xbf').split(b'\n')
+        raw_lines = handle.read().removeprefix(b'\xef\xbb\xbf').split(b'\n')  # a byte-order mark is not in the path
     entries = []
     for line_number, raw_line in enumerate(raw_lines, start=1):
         origin = f"{list_path}:{line_number}"
@@ -120,11 +77,8 @@ def read_list_file(list_path: str) -> list[tuple[str, int, int | None, str]]:
 
 
 def load_label_map(path: str) -> dict[int, int]:
-    """Read a saved dict `label -> (final_label, score)` and return `label -> final_label`.
-
-    Accepted files, none of which can run code when read (see utils.load_plain_data): `torch.save`, a plain
-    `pickle.dump`, or `numpy.save` of the dict. A bare `label -> final_label` value is also accepted.
-    """
+    """`label -> final_label` from a saved dict `label -> (final_label, score)` (or bare `label -> final_label`),
+    written by torch.save, pickle.dump or numpy.save and read without running code (utils.load_plain_data)."""
     try:
         loaded = utils.load_plain_data(path)
     except Exception as error:  # any unreadable file becomes one clear message
@@ -144,30 +98,24 @@ def load_label_map(path: str) -> dict[int, int]:
     return label_map
 
 
-def read_train_samples(roots: list[str], lists: list[str], label_map: str | None = None
-                       ) -> tuple[list[Sample], int]:
-    """Read the training lists paired with their image roots; return (samples, num_classes).
-
-    The labels of list k are shifted by the number of distinct labels in lists 0..k-1; `label_map`
-    (see load_label_map) then maps combined labels to final ones, absent labels staying as they are.
-    num_classes is the largest final label + 1. A fourth column is ignored (fine_label = label).
-    """
+def read_train_samples(roots: list[str], lists: list[str], label_map: str | None = None) -> tuple[list[Sample], int]:
+    """(samples, largest final label + 1) of the training lists, each under its root. The labels of list k are
+    shifted by the number of distinct labels in lists 0..k-1, then `label_map` maps those it holds; a fourth column
+    is ignored (fine_label = label)."""
     if len(roots) != len(lists):
         raise utils.RunError(f"got {len(roots)} train roots but {len(lists)} train lists; "
                              f"give one --train_root per --train_list, in the same order")
     final_label_of = load_label_map(label_map) if label_map else {}
-    samples, notes = [], {}  # one note a distinct label, shared by its images: millions of lines, few labels
-    offset = 0
+    samples, offset = [], 0
     for root, list_path in zip(roots, lists):
-        entries = read_list_file(list_path)
+        entries, notes = read_list_file(list_path), {}  # one note a label, shared by its images: few labels
         for relative_path, label, _, origin in entries:
             final_label = final_label_of.get(label + offset, label + offset)
-            mapped = label + offset in final_label_of
-            note = notes.get((label, offset, mapped))
-            if note is None:
-                note = notes[label, offset, mapped] = _label_note(label, offset, final_label,
-                                                                  label_map if mapped else None)
-            samples.append(Sample(os.path.join(root, relative_path), final_label, final_label, origin, note))
+            if label not in notes:  # how the label became final_label, for messages ('' when it did not change)
+                steps = ([f'+ {offset} for the labels of the lists before it'] if offset else []) + (
+                    [f'mapped to {final_label} by --label_map {label_map}'] if label + offset in final_label_of else [])
+                notes[label] = f"the list's label {label} " + ', '.join(steps) if steps else ''
+            samples.append(Sample(os.path.join(root, relative_path), final_label, final_label, origin, notes[label]))
         offset += len({label for _, label, _, _ in entries})
     if not samples:
         raise utils.RunError(f"no training images in {', '.join(lists)}")
@@ -190,16 +138,8 @@ def read_eval_samples(root: str, list_path: str) -> list[Sample]:
             for relative_path, label, fine_label, origin in entries]
 
 
-def _label_note(raw_label: int, offset: int, final_label: int, label_map: str | None) -> str:
-    """How a training line's label became `final_label`, for messages; '' when it is the list's own label."""
-    steps = ([f'+ {offset} for the labels of the lists before it'] if offset else []) + (
-        [f'mapped to {final_label} by --label_map {label_map}'] if label_map else [])
-    return f"the list's label {raw_label} " + ', '.join(steps) if steps else ''
-
-
 def check_labels(samples, num_classes: int, source: str):
-    """Raise RunError 'file:line: label 7 outside [0, 5)' for the first label outside [0, num_classes), saying how
-    a training label got there (offset of earlier lists, label map)."""
+    """Raise RunError 'file:line: label 7 (how a training label got there) outside [0, 5)' at the first bad label."""
     for position, sample in enumerate(samples):
         if not 0 <= sample.label < num_classes:
             origin = sample.origin or f"{source}:{position + 1}"
@@ -224,10 +164,7 @@ def check_training_roots(samples):
 
 def draft_scale(crop_width: int, crop_height: int, img_size: int) -> int:
     """Largest JPEG DCT scale (8, 4, 2, else 1) keeping the crop at least img_size on both sides."""
-    for scale in DCT_SCALES:
-        if crop_width >= scale * img_size and crop_height >= scale * img_size:
-            return scale
-    return 1
+    return next((scale for scale in DCT_SCALES if min(crop_width, crop_height) >= scale * img_size), 1)
 
 
 def _bgr_tensor(image: Image.Image) -> torch.Tensor:
@@ -257,11 +194,8 @@ def decode_eval_image(path: str, img_size: int, box=None) -> torch.Tensor:
 
 
 def decode_train_crop(path: str, img_size: int) -> torch.Tensor:
-    """Random resized crop (torchvision's geometry and random draws) + horizontal flip, as uint8 BGR.
-
-    A JPEG whose crop is at least 2x img_size on both sides is decoded at a reduced DCT scale
-    (PIL draft mode), the crop box mapped into the reduced image.
-    """
+    """Random resized crop (torchvision's geometry and random draws) + horizontal flip, as uint8 BGR; a JPEG whose
+    crop is at least 2x img_size on both sides is decoded at a reduced DCT scale (PIL draft mode)."""
     with Image.open(path) as image:
         top, left, height, width = RandomResizedCrop.get_params(image, list(CROP_SCALE), list(CROP_RATIO))
         box = (left, top, left + width, top + height)
@@ -284,8 +218,7 @@ def decode_train_crop(path: str, img_size: int) -> torch.Tensor:
 
 def decode_image(path: str, img_size: int, augment: bool, box=None) -> tuple[torch.Tensor, bool]:
     """(uint8 BGR image: a random resized crop and flip with `augment`, else the evaluation resize of the image or of
-    its `box`; whether the file was truncated and decoded with its missing part filled in, as the original's PIL
-    LOAD_TRUNCATED_IMAGES did)."""
+    its `box`; whether the file was truncated, then decoded with its missing part filled in as the original did)."""
     def decode():
         return decode_train_crop(path, img_size) if augment else decode_eval_image(path, img_size, box)
     try:
@@ -293,8 +226,11 @@ def decode_image(path: str, img_size: int, augment: bool, box=None) -> tuple[tor
     except FileNotFoundError:
         raise
     except OSError:
-        with _truncated_images_allowed():
+        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+        try:
             return decode(), True
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def image_problem(path: str, error: BaseException) -> str:
@@ -309,11 +245,8 @@ def image_problem(path: str, error: BaseException) -> str:
 
 
 class PackedStrings:
-    """Read-only list of strings held in one bytes buffer.
-
-    DataLoader workers forked from the main process copy every memory page whose Python objects they
-    touch (reference counts); millions of path strings in a list would be copied into every worker.
-    """
+    """Read-only list of strings in one bytes buffer: forked loader workers copy every page whose Python objects
+    they touch (reference counts), so millions of path strings in a list would be copied into every worker."""
 
     def __init__(self, strings):
         encoded = [string.encode('utf-8') for string in strings]
@@ -329,21 +262,17 @@ class PackedStrings:
 
 
 class ImageDataset(Dataset):
-    """Images of a list as uint8 BGR tensors; float work is left to BatchTransform on the batch.
-
-    Item: dict(image=uint8 (3, img_size, img_size) BGR, label, fine_label, index, bad, truncated).
-    A truncated file is decoded as the original decoded it, the missing part filled in; 'truncated' then names
-    its path (else '').
-    train=True: an unreadable image is replaced by the next readable sample in list order (its image,
-    labels and index are returned) and 'bad' lists each skipped 'path: reason', joined by '; '.
+    """Images of a list as uint8 BGR tensors (float work is left to BatchTransform on the batch); an item is
+    dict(image=uint8 (3, img_size, img_size), label, fine_label, index, bad, truncated: the path of a truncated file
+    decoded with its missing part filled in, else '').
+    train=True: an unreadable image is replaced by the next readable sample in list order (all of it returned) and
+    'bad' lists each skipped 'path: reason', joined by '; '.
     train=False: an unreadable image gives a black image and 'bad' = 'path: reason (list:line); what to do', for
-    the evaluation loop to stop every process with (raising in a loader worker would bury the message).
-    augment (train only): see decode_image. The samples are stored packed (see PackedStrings).
-    """
+    the evaluation loop to stop every process with (raising in a loader worker would bury the message)."""
 
     def __init__(self, samples, img_size: int, train: bool, augment: bool, seed: int = 0,
                  teacher_features: str | None = None, views: int = 0):
-        self.seed = seed
+        self.seed, self.img_size, self.train, self.augment = seed, img_size, train, augment and train
         # the teacher cache's features file, opened in each loader worker, and its number of views (see __getitem__)
         self.teacher_features, self._teacher_rows, self.views = teacher_features, None, views
         self.paths = PackedStrings([sample.path for sample in samples])
@@ -351,9 +280,6 @@ class ImageDataset(Dataset):
         self.labels = np.array([sample.label for sample in samples], dtype=np.int64)
         self.fine_labels = np.array([sample.fine_label for sample in samples], dtype=np.int64)
         self.boxes = {index: sample.box for index, sample in enumerate(samples) if sample.box}
-        self.img_size = img_size
-        self.train = train
-        self.augment = augment and train
 
     def __len__(self):
         return len(self.labels)
@@ -363,23 +289,20 @@ class ImageDataset(Dataset):
                     index=index, bad=bad, truncated=self.paths[index] if truncated else '')
 
     def __getitem__(self, key) -> dict:
-        """Item `key`: a sample index, or (sample index, epoch) as the training sampler gives them; a training
-        sample's augmentation draws come from a generator seeded by (seed, epoch, index). With `views` (a teacher
-        cache of that many views) epoch e draws view e mod views, seeded by (seed, view, index), its lighting
-        included ('lighting'), so that the student sees exactly the image whose teacher feature was stored."""
+        """Item `key`: a sample index or (sample index, epoch); a training sample's draws are seeded by (seed, epoch,
+        index). With `views` (a teacher cache's), epoch e draws view e mod views, its lighting included ('lighting'),
+        so that the student sees exactly the image whose teacher feature was stored."""
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         if self.views:
             epoch %= self.views
         if not self.train:
             path = self.paths[index]
             try:
-                image, truncated = decode_image(path, self.img_size, self.augment, self.boxes.get(index))
-                return self._item(index, image, truncated, '')
+                return self._item(index, *decode_image(path, self.img_size, self.augment, self.boxes.get(index)), '')
             except IMAGE_READ_ERRORS as error:
                 blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
-                problem = (f"{path}: {image_problem(path, error)} ({self.origins[index]}); fix the file or remove it "
-                           f"from the list")
-                return self._item(index, blank, False, problem)
+                return self._item(index, blank, False, f"{path}: {image_problem(path, error)} ({self.origins[index]}); "
+                                                       "fix the file or remove it from the list")
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed would also reseed (and never restore) a GPU's
             torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 63))
@@ -428,8 +351,7 @@ class ContiguousShardSampler(Sampler):
     def __init__(self, total: int, rank: int, world_size: int):
         if not 0 <= rank < world_size:
             raise utils.RunError(f"rank {rank} outside [0, {world_size})")
-        self.start = total * rank // world_size
-        self.end = total * (rank + 1) // world_size
+        self.start, self.end = total * rank // world_size, total * (rank + 1) // world_size
 
     def __iter__(self):
         return iter(range(self.start, self.end))
@@ -439,9 +361,8 @@ class ContiguousShardSampler(Sampler):
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that yields (sample index, epoch), the key of the sample's augmentation draws (loader
-    workers that live across epochs learn the epoch from it), and whose epoch can start after its first `skip`
-    samples (an epoch resumed mid-way)."""
+    """DistributedSampler yielding (sample index, epoch), the key of its augmentation draws (for workers that live
+    across epochs), whose epoch can start after its first `skip` samples (an epoch resumed mid-way)."""
 
     def __init__(self, *arguments, **keywords):
         super().__init__(*arguments, **keywords)
@@ -459,18 +380,14 @@ class ResumableDistributedSampler(DistributedSampler):
 
 
 def _ignore_interrupts(worker_id: int):
-    # Ctrl-C reaches the whole process group: the training process stops cleanly, its loader workers must not
-    # die under it first
+    # Ctrl-C reaches the whole process group: the training process stops cleanly, its workers must not die first
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_train_loader(dataset, batch_size: int, num_workers: int, *, seed: int, rank: int, world_size: int
                        ) -> DataLoader:
-    """Shuffled, seeded loader over this rank's part; set its sampler's epoch before each epoch.
-
-    The order comes from (seed, epoch) and each sample's augmentation from (seed, epoch, sample index), so any
-    number of workers, and an epoch resumed mid-way, draw exactly the same batches.
-    """
+    """Shuffled loader over this rank's part (set its sampler's epoch before each epoch): the order comes from
+    (seed, epoch), each sample's augmentation from (seed, epoch, index), whatever the workers or a mid-epoch resume."""
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                           drop_last=True)
     return make_loader(dataset, sampler, batch_size, num_workers, drop_last=True)
@@ -479,7 +396,7 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, *, seed: int,
 def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, world_size: int) -> DataLoader:
     """Loader over this rank's contiguous shard, in list order, no padding (see utils.gather_in_order)."""
     return make_loader(dataset, ContiguousShardSampler(len(dataset), rank, world_size), batch_size, num_workers,
-                   drop_last=False)
+                       drop_last=False)
 
 
 def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool) -> DataLoader:
@@ -510,22 +427,16 @@ def check_images_exist(samples, root_flag: str, rank: int, world_size: int):
 
 
 class BatchTransform:
-    """uint8 BGR batch (B, 3, H, W) -> normalised float32 on the batch's device.
-
-    to [0, 1], PCA lighting noise when augment and train, then (x - mean) / std, in
-    `memory_format` (channels_last for a channels-last ResNet12).
-    """
+    """uint8 BGR batch (B, 3, H, W) -> float32 on its device: to [0, 1], PCA lighting noise when augment and train,
+    then (x - mean) / std, in `memory_format` (channels_last for a channels-last ResNet12)."""
 
     def __init__(self, augment: bool, memory_format: torch.memory_format = torch.contiguous_format):
-        self.augment = augment
-        self.memory_format = memory_format
-        self._constants = {}
+        self.augment, self.memory_format, self._constants = augment, memory_format, {}
 
     def _on(self, device: torch.device):
         if device not in self._constants:
-            self._constants[device] = tuple(
-                torch.tensor(values, dtype=torch.float32, device=device)
-                for values in (PIXEL_MEAN_BGR, PIXEL_STD_BGR, LIGHTING_EIGENVALUES, LIGHTING_EIGENVECTORS))
+            self._constants[device] = tuple(torch.tensor(values, dtype=torch.float32, device=device) for values in (
+                PIXEL_MEAN_BGR, PIXEL_STD_BGR, LIGHTING_EIGENVALUES, LIGHTING_EIGENVECTORS))
         return self._constants[device]
 
     def lighting_noise(self, batch_size: int, device: torch.device, alpha: torch.Tensor | None = None) -> torch.Tensor:
@@ -541,5 +452,4 @@ class BatchTransform:
         images = images_uint8.float().div_(255)
         if self.augment and train:
             images.add_(self.lighting_noise(images.shape[0], images.device, lighting)[:, :, None, None])
-        images = images.sub_(mean[:, None, None]).div_(std[:, None, None])
-        return images.contiguous(memory_format=self.memory_format)
+        return images.sub_(mean[:, None, None]).div_(std[:, None, None]).contiguous(memory_format=self.memory_format)

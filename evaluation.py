@@ -1,6 +1,5 @@
-"""Everything that scores features: the original's TAR at FAR over all pairs of a test list, nearest-neighbour
-accuracy, the ROC plot, feature extraction, and the test report of a run (student, teacher, and the student's
-queries against the teacher's gallery)."""
+"""Everything that scores features: TAR at FAR (verification.py), nearest-neighbour accuracy and GAP, the ROC plot,
+feature extraction, and the test report of a run (student, teacher, and student queries against teacher gallery)."""
 import math
 import os
 from collections.abc import Mapping
@@ -17,9 +16,8 @@ import verification
 
 def nearest_neighbours(features, gallery_features=None, device=None,
                        tile_elements=verification.DEFAULT_TILE_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
-    """(index, cosine) of each item's leave-one-out best match: the j != i of highest score, features[i] .
-    gallery_features[j] when a gallery is given, else features[i] . features[j]; ties go to the smaller j. Empty
-    arrays for fewer than two items. Scores are computed in row blocks (never the whole matrix)."""
+    """(index, cosine) of each item's leave-one-out best match, the j != i of highest features[i] . gallery[j] (ties
+    to the smaller j), scored in row blocks; empty for fewer than two items. The gallery defaults to the features."""
     device = torch.device(device) if device is not None else utils.default_device()
     queries, gallery = verification.query_and_gallery(features, gallery_features, device)
     num_items = queries.shape[0]
@@ -45,22 +43,15 @@ def _accuracy_of(best_index: np.ndarray, labels) -> float:
 def evaluate_features(features, coarse_labels, fine_labels, gallery_features=None, coarse_mask=None,
                       fine_mask=None, fars=verification.DEFAULT_FARS, num_thresholds=2000, device=None,
                       tile_elements=verification.DEFAULT_TILE_ELEMENTS) -> dict:
-    """Coarse and fine TAR@FAR and curves from one pass over the pair scores, and nearest-neighbour accuracy.
-
-    A mask, when given, defines that level's positive pairs instead of its labels (labels are still used for
-    the nearest-neighbour accuracy; None there gives None). fine_labels None (and no fine_mask) means the fine
-    level equals the coarse one. Returns {'coarse': [TARs], 'fine': [TARs], 'coarse_curve': (far, tar),
-    'fine_curve': (far, tar), 'coarse_nn_accuracy': float | None, 'fine_nn_accuracy': float | None,
-    'coarse_gap': float | None, 'fine_gap': float | None, 'coarse_undefined': reason | None, 'fine_undefined':
-    reason | None}; undefined TARs are NaN (see tar_at_far) and the reason says why. The GAP is that of the
-    leave-one-out nearest-neighbour predictions (see nearest_neighbour_gap).
-    """
+    """Per level L of 'coarse' and 'fine': {L: [TARs], 'L_curve': (far, tar), 'L_undefined': why the TARs are NaN or
+    None, 'L_nn_accuracy', 'L_gap' (None without labels)}, the curves from one pass over the pair scores. A level's
+    mask replaces its labels as the positive pairs; no fine labels nor mask means fine is coarse."""
     if fine_labels is None and fine_mask is None:
         fine_labels, fine_mask = coarse_labels, coarse_mask
     label_pairs = [(None if coarse_mask is not None else coarse_labels, coarse_mask),
                    (None if fine_mask is not None else fine_labels, fine_mask)]
-    curves = verification._evaluate_pairs(features, gallery_features, label_pairs, num_thresholds=num_thresholds, device=device,
-                             tile_elements=tile_elements)
+    curves = verification._evaluate_pairs(features, gallery_features, label_pairs, num_thresholds, device,
+                                          tile_elements)
     best_index, best_score = nearest_neighbours(features, gallery_features, device, tile_elements)
     result = {}
     for level, (far, tar), labels in zip(('coarse', 'fine'), curves, (coarse_labels, fine_labels)):
@@ -73,9 +64,8 @@ def evaluate_features(features, coarse_labels, fine_labels, gallery_features=Non
 
 
 def nearest_neighbour_gap(best_index: np.ndarray, best_score: np.ndarray, labels) -> float:
-    """Global Average Precision (see global_average_precision) of leave-one-out recognition: image i predicts the
-    label of its nearest other image with that cosine as the score; every image is a landmark query whose
-    solution is its own label. NaN for fewer than two images."""
+    """GAP of leave-one-out recognition: image i predicts its nearest other image's label, scored by their cosine,
+    and its solution is its own label. NaN for fewer than two images."""
     if len(best_index) == 0:
         return math.nan
     labels = np.asarray(labels).reshape(-1).tolist()
@@ -91,13 +81,9 @@ def plot_roc(curves: dict, path: str):
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(figsize=(6, 4.5))
     for name, (far, tar) in curves.items():
-        far, tar = np.asarray(far), np.asarray(tar)
-        shown = far > 0  # a log axis cannot show FAR = 0
-        axes.plot(far[shown], tar[shown], label=name)
-    axes.set_xscale('log')
-    axes.set_xlabel('FAR (false accept rate)')
-    axes.set_ylabel('TAR (verification rate)')
-    axes.set_ylim(0, 1.01)
+        shown = np.asarray(far) > 0  # a log axis cannot show FAR = 0
+        axes.plot(np.asarray(far)[shown], np.asarray(tar)[shown], label=name)
+    axes.set(xscale='log', xlabel='FAR (false accept rate)', ylabel='TAR (verification rate)', ylim=(0, 1.01))
     axes.grid(True, which='both', alpha=0.3)
     if curves:
         axes.legend(loc='lower right')
@@ -108,36 +94,26 @@ def plot_roc(curves: dict, path: str):
 
 def format_tar_line(prefix: str, coarse: list, fine: list) -> str:
     """'test acc: coarsegrained:[0.9, ...]--finegrained:[...]' (prefix 'test acc' or 'cross acc')."""
-    def listed(values):
-        return '[' + ', '.join(repr(round(float(value), 5)) for value in values) + ']'
-    return f'{prefix}: coarsegrained:{listed(coarse)}--finegrained:{listed(fine)}'
+    coarse_text, fine_text = (str([round(float(value), 5) for value in values]) for values in (coarse, fine))
+    return f'{prefix}: coarsegrained:{coarse_text}--finegrained:{fine_text}'
 
 
 def global_average_precision(predictions, solution):
-    """Google Landmarks v2 recognition GAP (micro AP), non-landmark queries kept.
-
-    ``predictions`` maps a query id to {'class': landmark, 'score': confidence};
-    ``solution`` maps a query id to its list of landmarks ([] for a non-landmark
-    query). Predictions are sorted by score descending, then query id, then
-    class; the i-th prediction is relevant when its class is in its query's
-    solution list, and GAP = (1 / M) * sum_i precision(i) * rel(i), where
-    precision(i) counts every prediction so far (non-landmark queries included,
-    as with ignore_non_gt_test_images=False) and M is the number of solution
-    queries with at least one landmark (GAP is 0 when M is 0). Predictions for
-    queries outside the solution are ignored.
-    """
+    """Google Landmarks v2 recognition GAP (micro AP), non-landmark queries kept: `predictions` maps a query id to
+    {'class': landmark, 'score': confidence}, `solution` a query id to its landmarks ([] for a non-landmark query);
+    other queries are ignored. Sorted by score descending, then query id, then class, GAP = sum_i precision(i) *
+    rel(i) / M: rel(i) whether its class is in its query's solution, precision(i) counting every prediction so far
+    (as ignore_non_gt_test_images=False), M the number of queries with a landmark (GAP 0 when M is 0)."""
     if not isinstance(predictions, Mapping) or not isinstance(solution, Mapping):
         raise utils.RunError("predictions and solution must be dicts keyed by query id")
     for query, prediction in predictions.items():
-        if not isinstance(prediction, Mapping) or "class" not in prediction \
-                or "score" not in prediction:
+        if not isinstance(prediction, Mapping) or "class" not in prediction or "score" not in prediction:
             raise utils.RunError(f"predictions[{query!r}] must be a dict with keys "
                                  f"'class' and 'score', got {prediction!r}")
     num_expected = sum(1 for landmarks in solution.values() if len(landmarks))
     if num_expected == 0:
         return 0.0
-    scored = [(-float(p["score"]), query, p["class"])
-              for query, p in predictions.items() if query in solution]
+    scored = [(-float(p["score"]), query, p["class"]) for query, p in predictions.items() if query in solution]
     gap, correct = 0.0, 0
     for i, (_, query, label) in enumerate(sorted(scored), start=1):
         if label in solution[query]:
@@ -150,12 +126,11 @@ def global_average_precision(predictions, solution):
 @torch.no_grad()
 def extract_features(backbone, loader, device: torch.device, amp: str, show_progress: bool = False
                      ) -> tuple[torch.Tensor, list[str]]:
-    """(L2-normalised float32 features of every image of `loader`'s list in list order, truncated files decoded on
-    the way), on every process. An unreadable image on any process stops every process (StopOnEveryRank)."""
+    """(L2-normalised float32 features of `loader`'s images in list order, truncated files decoded), on every
+    process; an unreadable image on any process stops every process (StopOnEveryRank)."""
     backbone.eval()
     batch_transform = datasets.BatchTransform(augment=False)
-    features, indices = [], []
-    problems, truncated = [], []
+    features, indices, problems, truncated = [], [], [], []
     for batch in tqdm(loader, desc='features', disable=not show_progress, dynamic_ncols=True):
         problems.extend(datasets.batch_messages(batch, 'bad'))
         truncated.extend(datasets.batch_messages(batch, 'truncated'))
@@ -182,8 +157,7 @@ def features_of(backbone, loader, device: torch.device, amp: str, rank: int, log
 
 def test_report(student_features, coarse_labels, fine_labels, teacher_features=None, coarse_mask=None,
                 fine_mask=None) -> dict:
-    """The report of a test list: {'student': evaluate_features(...)} and, when the teacher's features are given,
-    'teacher' and 'cross' (the student's queries against the teacher's gallery) beside it."""
+    """{'student': evaluate_features(...)}, with teacher features 'teacher' and 'cross' (student against teacher)."""
     pairs = {'student': (student_features, None)}
     if teacher_features is not None:
         pairs.update(teacher=(teacher_features, None), cross=(student_features, teacher_features))
@@ -193,11 +167,9 @@ def test_report(student_features, coarse_labels, fine_labels, teacher_features=N
 
 
 def check_test_list(samples, coarse_mask: str | None, fine_mask: str | None, logger):
-    """Before any work: stop when a pair mask does not fit the test list, and say which test figures the list
-    cannot give (they are reported as nan at the end)."""
-    for mask in (coarse_mask, fine_mask):
-        if mask:
-            verification.PairMask(mask, len(samples))
+    """Before any work: stop on a pair mask that does not fit the test list; say which TARs it cannot give (nan)."""
+    for mask in filter(None, (coarse_mask, fine_mask)):
+        verification.PairMask(mask, len(samples))
     for grain, labels, mask in (('coarse', [sample.label for sample in samples], coarse_mask),
                                 ('fine', [sample.fine_label for sample in samples], fine_mask)):
         problem = verification.labels_problem(labels) if samples and not mask else None
@@ -207,15 +179,11 @@ def check_test_list(samples, coarse_mask: str | None, fine_mask: str | None, log
 
 def run_test(loader, student_backbone, teacher_backbone=None, *, device: torch.device, amp: str, rank: int, logger,
              output_dir: str, coarse_mask=None, fine_mask=None):
-    """The final test: open-set features of every process, then on rank 0 the report (TAR@FAR coarse, fine and
-    cross, nearest-neighbour accuracy) in record.txt and results.json, opensetFeat.npy and roc.png in `output_dir`.
-
-    A figure that cannot exist (no positive or negative pair in a grain, fewer than two images) is written as nan
-    with a line saying why; the others are written as usual."""
+    """The final test: open-set features of every process, then on rank 0 the report (see log_report) and
+    opensetFeat.npy in `output_dir`; a figure that cannot exist is written as nan with a line saying why."""
     student_features = features_of(student_backbone, loader, device, amp, rank, logger)
-    teacher_features = None
-    if teacher_backbone is not None:
-        teacher_features = features_of(teacher_backbone, loader, device, amp, rank, logger)
+    teacher_features = (features_of(teacher_backbone, loader, device, amp, rank, logger)
+                        if teacher_backbone is not None else None)
     if rank != 0:
         return
     utils.write_atomically(os.path.join(output_dir, 'opensetFeat.npy'),
@@ -235,14 +203,13 @@ def log_report(logger, report: dict, roc_path: str):
                     f'fine={result["fine_nn_accuracy"]:.5f}; GAP: coarse={result["coarse_gap"]:.5f}, '
                     f'fine={result["fine_gap"]:.5f}')
         for grain in ('coarse', 'fine'):
-            if result[f'{grain}_undefined']:
-                logger.info(f'{name} {grain} TARs are nan (undefined): {result[f"{grain}_undefined"]}')
             for far, tar in zip(verification.DEFAULT_FARS, result[grain]):
                 if not math.isnan(tar):
                     logger.scalar(f'test/{name}_{grain}_tar@far{far:.0e}', tar, 0)
-            if not result[f'{grain}_undefined']:
+            if result[f'{grain}_undefined']:
+                logger.info(f'{name} {grain} TARs are nan (undefined): {result[f"{grain}_undefined"]}')
+            else:
                 curves[f'{name} {grain}'] = result[f'{grain}_curve']
     logger.result('test', {name: dict(result, **{f'{grain}_curve': dict(zip(('far', 'tar'), result[f'{grain}_curve']))
-                                                 for grain in ('coarse', 'fine')})
-                           for name, result in report.items()})
+                                                 for grain in ('coarse', 'fine')}) for name, result in report.items()})
     plot_roc(curves, roc_path)

@@ -1,6 +1,5 @@
-"""Features computed once and kept: the teacher cache (the teacher's feature of every training image, its pre-pass
-and checks) and the benchmarks' saved features, on one store (features.npy, a manifest naming what they are of, and
-a checksum)."""
+"""Features computed once and kept: the teacher cache (with its pre-pass and checks) and the benchmarks' features."""
+import functools
 import json
 import os
 import shutil
@@ -16,22 +15,16 @@ import utils
 
 
 class FeatureStore:
-    """Features computed once and read many times: `features.npy` (views x images x feature, memory-mapped) in a
-    directory, with `manifest.json` naming what they are of (`identity`) and, once complete, the file's checksum.
-
-    A row not yet computed holds NaN, so that a computation killed half way continues where it stopped, and a
-    row lost in a crash is computed again. Rank 0 alone writes the manifest.
-    """
-    MANIFEST = 'manifest.json'
-    FEATURES = 'features.npy'
+    """`features.npy` (views x images x feature, memory-mapped) and `manifest.json` (`identity`, and once complete the
+    checksum) in a directory. NaN marks a row not yet computed: a killed computation continues where it stopped."""
 
     def __init__(self, directory: str, identity: dict, shape: tuple[int, int, int], dtype: str = 'float32'):
         self.directory, self.identity, self.shape, self.dtype = directory, identity, tuple(shape), dtype
-        self.path = os.path.join(directory, self.FEATURES)
+        self.path, self.manifest_path = (os.path.join(directory, name) for name in ('features.npy', 'manifest.json'))
 
     def manifest(self) -> dict | None:
         try:
-            with open(os.path.join(self.directory, self.MANIFEST), encoding='utf-8') as handle:
+            with open(self.manifest_path, encoding='utf-8') as handle:
                 manifest = json.load(handle)
         except (OSError, ValueError):
             return None
@@ -51,9 +44,8 @@ class FeatureStore:
             return f'{self.path} does not load ({utils.first_line(error)})'
         if array.shape != self.shape or array.dtype != np.dtype(self.dtype):
             return f'{self.path} holds {array.shape} {array.dtype}, not {self.shape} {self.dtype}'
-        if manifest.get('complete') and manifest.get('crc32') != checksum(self.path):
-            return f'{self.path} fails its checksum'
-        return None
+        altered = manifest.get('complete') and manifest.get('crc32') != checksum(self.path)
+        return f'{self.path} fails its checksum' if altered else None
 
     def whole(self) -> bool:
         """Whether the directory holds this store's features, complete and undamaged."""
@@ -67,19 +59,12 @@ class FeatureStore:
         array = np.lib.format.open_memmap(self.path, mode='w+', dtype=self.dtype, shape=self.shape)
         array[:] = np.nan if features is None else features
         array.flush()
-        del array
-        if features is None:
-            self._write_manifest(complete=False)
-        else:
-            self.complete()
+        self.complete(features is not None)
 
-    def complete(self):
-        """Record the checksum of the filled file: from now on it is read, never written."""
-        self._write_manifest(complete=True, crc32=checksum(self.path))
-
-    def _write_manifest(self, **state):
-        utils.write_json(dict(identity=self.identity, shape=list(self.shape), dtype=self.dtype, **state),
-                         os.path.join(self.directory, self.MANIFEST))
+    def complete(self, filled: bool = True):
+        """Write the manifest; a filled file's with its checksum: from then on it is read, never written."""
+        manifest = {'identity': self.identity, 'shape': list(self.shape), 'dtype': self.dtype, 'complete': filled}
+        utils.write_json(dict(manifest, crc32=checksum(self.path)) if filled else manifest, self.manifest_path)
 
     def open(self, writable: bool = False) -> np.ndarray:
         return np.load(self.path, mmap_mode='r+' if writable else 'r')
@@ -87,16 +72,12 @@ class FeatureStore:
 
 def checksum(path: str) -> int:
     """crc32 of a file's bytes."""
-    value = 0
-    for block in utils.file_blocks(path):
-        value = zlib.crc32(block, value)
-    return value
+    return functools.reduce(lambda value, block: zlib.crc32(block, value), utils.file_blocks(path), 0)
 
 
 def prepare_teacher_cache(cache: FeatureStore, *, rebuild: bool, rank: int, logger) -> bool:
-    """Check the teacher cache's directory and make it ready to fill; whether rows remain to compute (the same on
-    every process). A cache of another run stops in one line naming what differs (`rebuild` replaces it; a cache
-    of this run is kept, so that a relaunched command does not compute it again); a damaged one is set up again."""
+    """Make the teacher cache ready to fill; whether rows remain to compute (on every process). Another run's cache
+    stops the run unless `rebuild`; a damaged one is set up again; this run's is kept (a relaunch goes on)."""
     def decide() -> bool:
         manifest = cache.manifest()
         foreign = cache.differences(manifest) if manifest is not None else []
@@ -123,9 +104,7 @@ def prepare_teacher_cache(cache: FeatureStore, *, rebuild: bool, rank: int, logg
 @torch.no_grad()
 def fill_teacher_cache(cache: FeatureStore, teacher_backbone, dataset, batch_transform, *, device, amp: str,
                        batch_size: int, num_workers: int, rank: int, world_size: int, logger):
-    """Compute the rows still missing (NaN) of this process's contiguous part of the training set, in every view,
-    with the eval-mode teacher (each view's images as training draws them: `dataset` keyed by (index, view)),
-    write them into the cache, and, once every process is done, record its checksum."""
+    """Compute this process's missing (NaN) rows, every view (`dataset` keyed by (index, view)); then the checksum."""
     features = cache.open(writable=True)
     start, end = len(dataset) * rank // world_size, len(dataset) * (rank + 1) // world_size
     # a row is written front to back: one whose first or last value is still NaN was not finished
@@ -156,9 +135,8 @@ def fill_teacher_cache(cache: FeatureStore, teacher_backbone, dataset, batch_tra
 @torch.no_grad()
 def check_teacher_cache(cache: FeatureStore, teacher_backbone, dataset, batch_transform, *, device, amp: str,
                         seed: int, rows: int = 4):
-    """Recompute a few random stored rows with the teacher: a stale or foreign cache stops the run in one line.
-    Stored in float32 without autocast the rows must agree to rounding; otherwise within the float16 storage and
-    bf16 arithmetic."""
+    """Recompute a few random stored rows: a stale or foreign cache stops the run. They must agree to rounding when
+    stored in float32 without autocast, else within float16 storage and bf16 arithmetic."""
     generator = np.random.default_rng(seed)
     indices = sorted(generator.choice(cache.shape[1], size=min(rows, cache.shape[1]), replace=False).tolist())
     views = generator.integers(0, cache.shape[0], size=len(indices)).tolist()

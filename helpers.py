@@ -31,29 +31,25 @@ def build_training_loaders(train_samples, val_samples, *, val_list: str | None, 
                            batch_size: int, num_workers: int, augment: bool, seed: int, rank: int, world_size: int,
                            teacher_features: str | None = None, views: int = 0):
     """(train loader, validation loader or None) over this process's part, every label checked against the head;
-    `batch_size` is the global batch; `teacher_features`, the teacher cache's file (of `views` views) whose rows its
-    samples carry."""
+    `batch_size` is global; `teacher_features` is the teacher cache's file (of `views` views)."""
     datasets.check_labels(train_samples, num_classes, 'the training lists')
-    per_process_batch = batch_size // world_size
     train_set = datasets.ImageDataset(train_samples, img_size, train=True, augment=augment, seed=seed,
-                             teacher_features=teacher_features, views=views)
-    train_loader = datasets.build_train_loader(train_set, per_process_batch, num_workers, seed=seed, rank=rank,
-                                      world_size=world_size)
+                                      teacher_features=teacher_features, views=views)
+    train_loader = datasets.build_train_loader(train_set, batch_size // world_size, num_workers, seed=seed, rank=rank,
+                                               world_size=world_size)
     if len(train_loader) == 0:
         raise utils.RunError(f'the training lists hold {len(train_samples)} images, fewer than one batch of '
                              f'--batch_size {batch_size}; lower --batch_size')
-    val_loader = None
-    if val_samples:
-        datasets.check_labels(val_samples, num_classes, val_list)
-        val_loader = datasets.build_eval_loader(datasets.ImageDataset(val_samples, img_size, train=False, augment=False),
-                                       per_process_batch, num_workers, rank, world_size)
-    return train_loader, val_loader
+    if not val_samples:
+        return train_loader, None
+    datasets.check_labels(val_samples, num_classes, val_list)
+    return train_loader, build_test_loader(val_samples, img_size, batch_size, num_workers, rank, world_size)
 
 
 def build_test_loader(samples, img_size: int, batch_size: int, num_workers: int, rank: int, world_size: int):
     """The test list's loader, each process over its contiguous part; `batch_size` is the global batch."""
     return datasets.build_eval_loader(datasets.ImageDataset(samples, img_size, train=False, augment=False),
-                             max(1, batch_size // world_size), num_workers, rank, world_size)
+                                      max(1, batch_size // world_size), num_workers, rank, world_size)
 
 
 def shared_memory_free_bytes() -> int | None:
@@ -81,19 +77,15 @@ def loader_workers_that_fit(requested: int, batch_size: int, img_size: int, logg
     return fitting
 
 
-
 def build_model(student_name: str, img_size: int, num_classes: int | None, student_weights: str | None, *,
                 teacher_name: str | None = None, teacher_weights: str | None = None, head_fixed: bool = False,
                 width_divisor: int = 1, grad_checkpointing: bool = False, channels_last: bool = False,
                 init_head_from_teacher: bool = False, stochastic_teacher: bool = True,
                 drop_block_schedule: str = 'published', cached_teacher: bool = False) -> model.DistillationModel:
     """The student (from `student_weights` when given) with its head, and the frozen teacher when distilling.
-
-    With `head_fixed` the student's head IS the teacher's (one frozen copy in memory). Otherwise the student has
-    its own trainable head: a fresh Xavier-initialised one (as the original), or a copy of the teacher's with
-    `init_head_from_teacher`. `stochastic_teacher`: see model.DistillationModel. `cached_teacher`: the teacher's
-    features come from its cache, so only its classifier is loaded.
-    """
+    The head: the teacher's itself with `head_fixed` (one frozen copy in memory), else a trainable copy of it with
+    `init_head_from_teacher`, else a fresh Xavier-initialised one (as the original). With `cached_teacher` the
+    teacher's features come from its cache: only its classifier is loaded."""
     teacher = teacher_head = None
     if teacher_name:
         if cached_teacher:
@@ -107,11 +99,9 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
                                  f'{teacher_classes} classes; drop --num_classes')
         num_classes = teacher_classes
     num_classes = num_classes or DEFAULT_NUM_CLASSES
-    if student_weights:
-        backbone = model.load_backbone(student_name, student_weights, img_size, width_divisor,
-                                        drop_block_schedule).train()
-    else:
-        backbone = model.create_backbone(student_name, img_size, width_divisor, drop_block_schedule)
+    backbone = (model.load_backbone(student_name, student_weights, img_size, width_divisor, drop_block_schedule).train()
+                if student_weights else
+                model.create_backbone(student_name, img_size, width_divisor, drop_block_schedule))
     if grad_checkpointing:
         if not hasattr(backbone, 'set_grad_checkpointing'):
             raise utils.RunError(f'--grad_checkpointing needs a Swin student, not {student_name}')
@@ -125,7 +115,7 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
     else:
         head = model.CosFaceHead(num_classes, backbone.feature_dim)
     return model.DistillationModel(model.Classifier(backbone, head), teacher, stochastic_teacher,
-                                    teacher_head=teacher_head if cached_teacher else None)
+                                   teacher_head=teacher_head if cached_teacher else None)
 
 
 def prepare_student(distiller: model.DistillationModel, *, fused_attention: bool, compile_backbone: bool,
@@ -144,9 +134,8 @@ def prepare_student(distiller: model.DistillationModel, *, fused_attention: bool
 
 
 def distributed_student(classifier: model.Classifier, device: torch.device) -> nn.Module:
-    """The student under DDP, without waste: a frozen (shared) head stays outside DDP, so its 1 GB is neither
-    broadcast at start nor bucketed; constant buffers are broadcast only where BatchNorm statistics need it;
-    gradients live in the communication buckets (no second copy)."""
+    """The student under DDP, without waste: a frozen (shared) head stays outside DDP (its 1 GB neither broadcast nor
+    bucketed), buffers are broadcast only for BatchNorm, gradients live in the communication buckets."""
     has_batch_norm = any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in classifier.modules())
     options = dict(device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=has_batch_norm,
                    gradient_as_bucket_view=True)
@@ -159,33 +148,22 @@ def parameter_counts(distiller: model.DistillationModel) -> dict:
     """Parameters of the student (trainable, all, its backbone alone) and of the teacher in memory (trainable, all:
     its classifier alone when its features come from a cache)."""
     def counts(module):
-        if module is None:
-            return 0, 0
-        parameters = list(module.parameters())
-        return (sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters))
-    student_trainable, student_total = counts(distiller.student)
-    teacher_trainable, teacher_total = counts(distiller.teacher if distiller.teacher is not None
-                                              else distiller.teacher_head)
-    return {'student_trainable': student_trainable, 'student_total': student_total,
-            'student_backbone': counts(distiller.student.backbone)[1], 'teacher_trainable': teacher_trainable,
-            'teacher_total': teacher_total}
+        parameters = list(module.parameters()) if module is not None else []
+        return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+    teacher = distiller.teacher if distiller.teacher is not None else distiller.teacher_head
+    names = ('student_trainable', 'student_total', 'student_backbone', 'teacher_trainable', 'teacher_total')
+    return dict(zip(names, (*counts(distiller.student), counts(distiller.student.backbone)[1], *counts(teacher))))
 
 
 def build_optimizer(name: str, parameters, lr: float, weight_decay: float, momentum: float = 0.0):
-    """SGD (no momentum unless given, as the original), Adam or AdamW over the given parameters only."""
-    parameters = list(parameters)
-    if name == 'SGD':
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == 'Adam':
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    if name == 'AdamW':
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    raise utils.RunError(f'unknown --optim {name!r}; choose SGD, Adam or AdamW')
+    """torch.optim's `name` (SGD, Adam or AdamW: --optim's choices) over the given parameters only; SGD without
+    momentum unless given, as the original."""
+    extra = {'momentum': momentum} if name == 'SGD' else {}
+    return getattr(torch.optim, name)(list(parameters), lr=lr, weight_decay=weight_decay, **extra)
 
 
 def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) -> tuple[trainer.Trainer, list]:
-    """Wire a training run from the flags: lists, model, loaders, optimizer and schedule; (the Trainer, the test
-    list's samples)."""
+    """(The Trainer of the run the flags describe, the test list's samples)."""
     logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
     trainer.seed_epoch(args.seed, 0, rank)
     train_samples, _ = datasets.read_train_samples(args.train_root, args.train_list, args.label_map)
@@ -195,13 +173,11 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     test_samples = datasets.read_checked_list(args.test_root, args.test_list, '--test_root', rank, world_size)
     evaluation.check_test_list(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
     distiller = build_model(
-        args.backbone_class, args.img_size, args.num_classes, args.init_weights,
-        teacher_name=args.teacher_backbone_class if args.is_distill else None,
-        teacher_weights=args.teacher_init_weights, head_fixed=args.head_fixed,
-        width_divisor=args.demo_width_divisor, grad_checkpointing=args.grad_checkpointing,
-        channels_last=args.channels_last, init_head_from_teacher=args.init_head_from_teacher,
-        stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block,
-        cached_teacher=bool(args.teacher_cache)).to(device)
+        args.backbone_class, args.img_size, args.num_classes, args.init_weights, head_fixed=args.head_fixed,
+        teacher_name=args.teacher_backbone_class if args.is_distill else None, width_divisor=args.demo_width_divisor,
+        teacher_weights=args.teacher_init_weights, grad_checkpointing=args.grad_checkpointing,
+        channels_last=args.channels_last, stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block,
+        init_head_from_teacher=args.init_head_from_teacher, cached_teacher=bool(args.teacher_cache)).to(device)
     cache = teacher_cache_of(args, train_samples, rank) if args.teacher_cache else None
     train_loader, val_loader = build_training_loaders(
         train_samples, val_samples, val_list=args.val_list, num_classes=distiller.student.head.num_classes,
@@ -228,9 +204,8 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'),
         train_loader=train_loader, val_loader=val_loader,
         schedule=functools.partial(trainer.learning_rate, base_lr=args.lr, min_lr=args.min_lr,
-                                   warmup_epochs=args.warmup_epoch, max_epoch=args.max_epoch,
-                                   scheduler=args.lr_scheduler, step_size=trainer.step_sizes(args.step_size),
-                                   gamma=args.gamma),
+                                   warmup_epochs=args.warmup_epoch, max_epoch=args.max_epoch, gamma=args.gamma,
+                                   scheduler=args.lr_scheduler, step_size=trainer.step_sizes(args.step_size)),
         batch_transform=datasets.BatchTransform(args.augment, memory_format=torch.channels_last if args.channels_last
                                                 else torch.contiguous_format))
     flags = dict({name: getattr(args, name) for name in TRAJECTORY_FLAGS}, teacher_cache=cache is not None)
@@ -238,39 +213,34 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
 
 
 def teacher_cache_of(args, samples, rank: int) -> feature_store.FeatureStore:
-    """The teacher cache this run needs in --teacher_cache: its shape, and on rank 0 (which alone checks and writes
-    the manifest) what it is valid for, the teacher file's digest included (one read of it, not one a process)."""
-    identity = {} if rank else {'teacher': args.teacher_backbone_class,
-                'teacher_file': utils.file_digest([args.teacher_init_weights]),
-                'training_lists': utils.file_digest(args.train_list + [args.label_map]),
-                'train_root': list(args.train_root), 'images': len(samples), 'img_size': args.img_size,
-                'width_divisor': args.demo_width_divisor, 'augment': args.augment, 'views': teacher_views(args),
-                'seed': args.seed, 'dtype': args.teacher_cache_dtype}
+    """The --teacher_cache store of this run; rank 0 alone, which checks its manifest, digests the files it is for."""
+    identity = {} if rank else {
+        'teacher': args.teacher_backbone_class, 'teacher_file': utils.file_digest([args.teacher_init_weights]),
+        'training_lists': utils.file_digest(args.train_list + [args.label_map]), 'train_root': list(args.train_root),
+        'images': len(samples), 'img_size': args.img_size, 'width_divisor': args.demo_width_divisor,
+        'augment': args.augment, 'views': teacher_views(args), 'seed': args.seed, 'dtype': args.teacher_cache_dtype}
     shape = (teacher_views(args), len(samples), model.FEATURE_DIM // args.demo_width_divisor)
     return feature_store.FeatureStore(args.teacher_cache, identity, shape, args.teacher_cache_dtype)
 
 
 def ready_teacher_cache(args, place: trainer.RunPlace, cache: feature_store.FeatureStore, samples):
-    """Make `cache` ready: refused if it belongs to another run, computed where rows are missing or damaged, and
-    checked against the teacher on a few random rows."""
-    if place.world_size > 1:
-        if place.rank == 0:
+    """Make `cache` ready: refused if another run's, computed where rows are missing or damaged, spot-checked."""
+    rank, world_size, logger, device = place.rank, place.world_size, place.logger, place.device
+    if world_size > 1:
+        if rank == 0:
             os.makedirs(args.teacher_cache, exist_ok=True)
-        run_directory.check_shared_storage(args.teacher_cache, place.rank, '--teacher_cache')
-    teacher = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(place.device)
+        run_directory.check_shared_storage(args.teacher_cache, rank, '--teacher_cache')
+    teacher = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(device)
     dataset = datasets.ImageDataset(samples, args.img_size, train=True, augment=args.augment, seed=args.seed,
-                                   views=teacher_views(args))
+                                    views=teacher_views(args))
     transform = datasets.BatchTransform(augment=args.augment)
-    if feature_store.prepare_teacher_cache(cache, rebuild=args.teacher_cache_rebuild, rank=place.rank,
-                                         logger=place.logger):
-        feature_store.fill_teacher_cache(cache, teacher, dataset, transform, device=place.device, amp=args.amp,
-                                       batch_size=max(1, 2 * args.batch_size // place.world_size),
-                                       num_workers=args.num_workers, rank=place.rank, world_size=place.world_size,
-                                       logger=place.logger)
-    feature_store.check_teacher_cache(cache, teacher, dataset, transform, device=place.device, amp=args.amp,
-                                    seed=args.seed)
-    place.logger.info(f'teacher cache {cache.path}: the teacher is in eval mode (no stochastic depth), its features '
-                      'read from the cache')
+    if feature_store.prepare_teacher_cache(cache, rebuild=args.teacher_cache_rebuild, rank=rank, logger=logger):
+        feature_store.fill_teacher_cache(cache, teacher, dataset, transform, device=device, amp=args.amp,
+                                         batch_size=max(1, 2 * args.batch_size // world_size),
+                                         num_workers=args.num_workers, rank=rank, world_size=world_size, logger=logger)
+    feature_store.check_teacher_cache(cache, teacher, dataset, transform, device=device, amp=args.amp, seed=args.seed)
+    logger.info(f'teacher cache {cache.path}: the teacher is in eval mode (no stochastic depth), its features read '
+                'from the cache')
 
 
 def teacher_views(args) -> int:
@@ -278,13 +248,7 @@ def teacher_views(args) -> int:
     return args.teacher_cache_views if args.augment else 1
 
 
-def model_key(args, weights: str, backbone_name: str) -> str:
-    """What a model's features depend on: its weights' bytes, its backbone, the image size, widths and precision."""
-    return (f'{utils.file_digest([weights])} {backbone_name} {args.img_size}px '
-            f'width/{args.demo_width_divisor} amp={args.amp}')
-
-
 def backbone_of(args, weights: str, name: str | None = None):
     """The backbone `name` (default: the student's) of a weights file, at this run's image size and widths."""
     return model.load_backbone(name or args.backbone_class, weights, args.img_size, args.demo_width_divisor,
-                                args.drop_block)
+                               args.drop_block)

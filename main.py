@@ -7,7 +7,6 @@ import argparse
 import math
 import os
 
-import torch
 import torch.distributed as dist
 
 import checkpoints
@@ -28,16 +27,15 @@ import utils
 def get_parser() -> argparse.ArgumentParser:
     """The original's flags, under their names, plus this project's, in groups."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_flags(parser.add_argument_group('model and schedule'))
-    add_distillation_flags(parser.add_argument_group('distillation'))
-    add_data_flags(parser.add_argument_group('data'))
-    add_run_flags(parser.add_argument_group('the run'))
+    add_recipe_flags(parser.add_argument_group('model and schedule').add_argument)
+    add_distillation_flags(parser.add_argument_group('distillation').add_argument)
+    add_data_flags(parser.add_argument_group('data').add_argument)
+    add_run_flags(parser.add_argument_group('the run').add_argument)
     return parser
 
 
-def add_recipe_flags(group):
+def add_recipe_flags(add):
     """The model, its schedule and optimizer."""
-    add = group.add_argument
     add('--backbone_class', default='Swin_tiny', choices=model.BACKBONE_NAMES)
     add('--init_weights', default=None, help='student weights to start from (or to test with --test_only)')
     add('--img_size', type=int, default=384)
@@ -61,9 +59,8 @@ def add_recipe_flags(group):
         help='CPU demo only: divide every channel width (and the 1024-d feature) by this')
 
 
-def add_distillation_flags(group):
+def add_distillation_flags(add):
     """The teacher and the distillation loss."""
-    add = group.add_argument
     add('--is_distill', action='store_true')
     add('--teacher_backbone_class', default='Swin_base', choices=model.BACKBONE_NAMES)
     add('--teacher_init_weights', default=None, help='teacher file with its cosine classifier')
@@ -87,9 +84,8 @@ def add_distillation_flags(group):
         help='how the cached features are stored (float32 for exactness checks)')
 
 
-def add_data_flags(group):
+def add_data_flags(add):
     """Lists, image roots and loading."""
-    add = group.add_argument
     add('--dataset', default='TLD', help='only names the run directory')
     add('--train_root', nargs='+', default=[], help='image roots, one per --train_list')
     add('--train_list', nargs='+', default=[], help='tab-separated lists: path, name, label')
@@ -112,9 +108,8 @@ def add_data_flags(group):
     add('--max_bad_images', type=float, default=0.01, help='fraction of an epoch that may be unreadable')
 
 
-def add_run_flags(group):
+def add_run_flags(add):
     """Where the run goes, how it checkpoints and logs, what it does, and how fast."""
-    add = group.add_argument
     add('--save_dir', default='./checkpoints')
     add('--suffix', default='', help='appended to the run directory name')
     add('--eval_interval', type=int, default=1, help='epochs between validations')
@@ -150,59 +145,47 @@ def check_args(args, world_size: int):
 
 def combination_problems(args, world_size: int) -> list[str]:
     """Flags that need or exclude each other."""
-    problems = []
-    if args.batch_size % world_size:
-        problems.append(f'--batch_size {args.batch_size} is the global batch and must be divisible by the '
-                        f'{world_size} processes')
-    if args.is_distill and not args.teacher_init_weights:
-        problems.append('--is_distill needs --teacher_init_weights (the teacher file)')
-    if args.teacher_cache and not args.is_distill:
-        problems.append('--teacher_cache stores the teacher\'s features: add --is_distill and a teacher')
-    if args.head_fixed and not args.is_distill:
-        problems.append("--head_fixed shares the teacher's classifier: add --is_distill and a teacher")
-    if len(args.train_root) != len(args.train_list):
-        problems.append(f'--train_root has {len(args.train_root)} entries, --train_list {len(args.train_list)}: '
-                        'give one root per list')
-    if not (args.test_only or args.export_onnx) and not args.train_list:
-        problems.append('training needs --train_root and --train_list (or use --test_only or --export_onnx)')
-    if args.export_onnx and args.test_only:
-        problems.append('--export_onnx and --test_only are two runs: export first, then test the .onnx file')
-    if args.quantize != 'none' and not args.export_onnx:
-        problems.append('--quantize applies to --export_onnx: give the .onnx path to write')
-    if args.quantize == 'int8' and not args.calibration_list:
-        problems.append(f'--quantize int8 of a {args.backbone_class} calibrates its activations on real images: give '
-                        "--calibration_root and --calibration_list (a list in the suite's format)")
-    if bool(args.calibration_root) != bool(args.calibration_list):
-        problems.append('give --calibration_root with --calibration_list')
-    if args.test_only and not args.test_list and not args.benchmark:
-        problems.append('--test_only needs --test_root and --test_list, or a --benchmark')
-    problems += benchmark_combination_problems(args)
-    if bool(args.val_root) != bool(args.val_list) or bool(args.test_root) != bool(args.test_list):
-        problems.append('give --val_root with --val_list and --test_root with --test_list')
-    if args.init_weights and args.init_weights.endswith('.onnx') and not args.test_only:
-        problems.append(f'--init_weights {args.init_weights} is an exported ONNX serving graph, which only --test_only '
-                        'scores: training and export start from PyTorch weights (a max_acc.pth, a teacher .pyth)')
-    if not args.test_only and not args.export_onnx and args.warmup_epoch > args.max_epoch > 0:
-        problems.append(f'--warmup_epoch {args.warmup_epoch} is longer than --max_epoch {args.max_epoch}: the rate '
-                        'would never reach --lr; give a --warmup_epoch of at most --max_epoch')
-    return problems
-
-
-def benchmark_combination_problems(args) -> list[str]:
-    """--benchmark and its companions."""
-    if not args.benchmark:
-        given = [flag for flag in ('benchmark_root', 'benchmark_distractors') if getattr(args, flag)]
-        return [f'--{given[0]} goes with --benchmark: name the benchmark'] if given else []
-    problems = []
-    if not args.test_only:
-        problems.append(f'--benchmark {args.benchmark} scores a model: add --test_only (and --init_weights)')
-    if args.test_list:
-        problems.append(f'--benchmark {args.benchmark} and --test_list are two tests: run them one at a time')
-    if not args.benchmark_root:
-        problems.append(f'--benchmark {args.benchmark} needs --benchmark_root, the directory of its files')
-    if args.benchmark_distractors and args.benchmark not in retrieval.REVISITOP_SETS:
-        problems.append('--benchmark_distractors adds database images to roxford5k or rparis6k only')
-    return problems
+    benchmark = f'--benchmark {args.benchmark}'
+    rules = (
+        (args.batch_size % world_size, f'--batch_size {args.batch_size} is the global batch and must be divisible by '
+                                       f'the {world_size} processes'),
+        (args.is_distill and not args.teacher_init_weights,
+         '--is_distill needs --teacher_init_weights (the teacher file)'),
+        (args.teacher_cache and not args.is_distill,
+         "--teacher_cache stores the teacher's features: add --is_distill and a teacher"),
+        (args.head_fixed and not args.is_distill,
+         "--head_fixed shares the teacher's classifier: add --is_distill and a teacher"),
+        (len(args.train_root) != len(args.train_list), f'--train_root has {len(args.train_root)} entries, '
+                                                       f'--train_list {len(args.train_list)}: give one root per list'),
+        (not (args.test_only or args.export_onnx) and not args.train_list,
+         'training needs --train_root and --train_list (or use --test_only or --export_onnx)'),
+        (args.export_onnx and args.test_only,
+         '--export_onnx and --test_only are two runs: export first, then test the .onnx file'),
+        (args.quantize != 'none' and not args.export_onnx,
+         '--quantize applies to --export_onnx: give the .onnx path to write'),
+        (args.quantize == 'int8' and not args.calibration_list,
+         f'--quantize int8 of a {args.backbone_class} calibrates its activations on real images: give '
+         "--calibration_root and --calibration_list (a list in the suite's format)"),
+        (bool(args.calibration_root) != bool(args.calibration_list), 'give --calibration_root with --calibration_list'),
+        (args.test_only and not args.test_list and not args.benchmark,
+         '--test_only needs --test_root and --test_list, or a --benchmark'),
+        (not args.benchmark and (args.benchmark_root or args.benchmark_distractors),
+         f'--{"benchmark_root" if args.benchmark_root else "benchmark_distractors"} goes with --benchmark: name the '
+         'benchmark'),
+        (args.benchmark and not args.test_only, f'{benchmark} scores a model: add --test_only (and --init_weights)'),
+        (args.benchmark and args.test_list, f'{benchmark} and --test_list are two tests: run them one at a time'),
+        (args.benchmark and not args.benchmark_root, f'{benchmark} needs --benchmark_root, the directory of its files'),
+        (args.benchmark and args.benchmark_distractors and args.benchmark not in retrieval.REVISITOP_SETS,
+         '--benchmark_distractors adds database images to roxford5k or rparis6k only'),
+        (bool(args.val_root) != bool(args.val_list) or bool(args.test_root) != bool(args.test_list),
+         'give --val_root with --val_list and --test_root with --test_list'),
+        (args.init_weights and args.init_weights.endswith('.onnx') and not args.test_only,
+         f'--init_weights {args.init_weights} is an exported ONNX serving graph, which only --test_only scores: '
+         'training and export start from PyTorch weights (a max_acc.pth, a teacher .pyth)'),
+        (not args.test_only and not args.export_onnx and args.warmup_epoch > args.max_epoch > 0,
+         f'--warmup_epoch {args.warmup_epoch} is longer than --max_epoch {args.max_epoch}: the rate would never '
+         'reach --lr; give a --warmup_epoch of at most --max_epoch'))
+    return [message for broken, message in rules if broken]
 
 
 def path_problems(args) -> list[str]:
@@ -213,18 +196,16 @@ def path_problems(args) -> list[str]:
         if os.path.isdir(args.export_onnx) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             problems.append(f'--export_onnx {args.export_onnx}: cannot write a file there (a directory, or a folder '
                             'that does not exist or is not writable); give the path of the .onnx file to write')
-    for names, exists, kind in (
-            (('train_list', 'val_list', 'test_list', 'label_map', 'init_weights', 'teacher_init_weights',
-              'test_mask_coarse', 'test_mask_fine', 'calibration_list'), os.path.isfile, 'file'),
-            (('train_root', 'val_root', 'test_root', 'calibration_root', 'benchmark_root'), os.path.isdir,
-             'directory')):
-        for name in names:
-            values = getattr(args, name)
-            for path in values if isinstance(values, list) else [values]:
-                if path and os.path.isdir(path) and kind == 'file':
-                    problems.append(f'--{name} {path} is a directory; give the file itself')
-                elif path and not exists(path):
-                    problems.append(f'--{name} {path}: no such {kind}')
+    files = ('train_list', 'val_list', 'test_list', 'label_map', 'init_weights', 'teacher_init_weights',
+             'test_mask_coarse', 'test_mask_fine', 'calibration_list')
+    for name in files + ('train_root', 'val_root', 'test_root', 'calibration_root', 'benchmark_root'):
+        kind, exists = ('file', os.path.isfile) if name in files else ('directory', os.path.isdir)
+        values = getattr(args, name)
+        for path in values if isinstance(values, list) else [values]:
+            if path and os.path.isdir(path) and kind == 'file':
+                problems.append(f'--{name} {path} is a directory; give the file itself')
+            elif path and not exists(path):
+                problems.append(f'--{name} {path}: no such {kind}')
     if args.benchmark_distractors:
         root, listed = args.benchmark_distractors
         if not os.path.isdir(root) or not os.path.isfile(listed):
@@ -234,26 +215,20 @@ def path_problems(args) -> list[str]:
 
 
 def number_problems(args) -> list[str]:
-    """Counts and rates out of range, an image size the Swin windows do not take, a --step_size the schedule
-    cannot use, and a run with nothing to do."""
-    problems = [f'--{name} must be at least 1, not {getattr(args, name)}'
-                for name in ('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor',
-                             'teacher_cache_views')
-                if getattr(args, name) < 1]
-    problems += [f'--{name} must not be negative, not {getattr(args, name)}'
-                 for name in ('max_epoch', 'warmup_epoch', 'min_lr', 'weight_decay', 'momentum', 'kd_weight',
-                              'num_workers', 'max_bad_images', 'checkpoint_minutes')
-                 if getattr(args, name) < 0]
-    problems += [f'--{name} must be a finite number, not {getattr(args, name)}'
-                 for name in ('lr', 'min_lr', 'weight_decay', 'momentum', 'gamma', 'kd_weight', 'max_bad_images',
-                              'checkpoint_minutes') if not math.isfinite(getattr(args, name))]
-    problems += [f'--{name} must be positive, not {getattr(args, name)}'
-                 for name in ('lr', 'gamma') if getattr(args, name) <= 0]
+    """Numbers out of range, an --img_size Swin does not take, an unusable --step_size, a run with nothing to do."""
+    ranges = ((('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor', 'teacher_cache_views'),
+               'be at least 1', lambda value: value < 1),
+              (('max_epoch', 'warmup_epoch', 'min_lr', 'weight_decay', 'momentum', 'kd_weight', 'num_workers',
+                'max_bad_images', 'checkpoint_minutes'), 'not be negative', lambda value: value < 0),
+              (('lr', 'min_lr', 'weight_decay', 'momentum', 'gamma', 'kd_weight', 'max_bad_images',
+                'checkpoint_minutes'), 'be a finite number', lambda value: not math.isfinite(value)),
+              (('lr', 'gamma'), 'be positive', lambda value: value <= 0))
+    problems = [f'--{name} must {rule}, not {getattr(args, name)}'
+                for names, rule, broken in ranges for name in names if broken(getattr(args, name))]
     swin_backbones = {args.backbone_class, args.teacher_backbone_class if args.is_distill else None}
-    if args.img_size >= 1 and swin_backbones & set(swin_transformer.SWIN_CONFIGS):
-        message = swin_transformer.image_size_message(args.img_size)
-        if message:
-            problems.append(f'--img_size {args.img_size}: {message}')
+    if args.img_size >= 1 and swin_backbones & set(swin_transformer.SWIN_CONFIGS) and (
+            message := swin_transformer.image_size_message(args.img_size)):
+        problems.append(f'--img_size {args.img_size}: {message}')
     if not args.test_only and args.max_epoch == 0 and not args.test_list:
         problems.append('--max_epoch 0 trains nothing and there is no --test_list to evaluate: nothing to do')
     if args.num_classes is not None and args.num_classes < 1:
@@ -274,38 +249,20 @@ def number_problems(args) -> list[str]:
 def parse_bool(text) -> bool:
     """'True'/'1'/'yes' -> True, 'False'/'0'/'no' -> False (the original's `--resume True`)."""
     value = str(text).strip().lower()
-    if value in ('true', '1', 'yes', 'y'):
-        return True
-    if value in ('false', '0', 'no', 'n'):
-        return False
-    raise argparse.ArgumentTypeError(f'{text!r} is not a boolean; give True or False')
-
-
-def init_distributed():
-    """(rank, world_size, device) under torchrun (nccl on GPUs, gloo on the CPU), or a single process."""
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
-    if world_size == 1:
-        return 0, 1, device
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return dist.get_rank(), world_size, device
+    if value not in ('true', '1', 'yes', 'y', 'false', '0', 'no', 'n'):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a boolean; give True or False')
+    return value in ('true', '1', 'yes', 'y')
 
 
 def main(args):
-    rank, world_size, device = init_distributed()
-    lock = logger = None
-    signals = trainer.StopSignals()
+    rank, world_size, device = utils.init_distributed()
+    lock, logger, signals = None, None, trainer.StopSignals()
     try:
         check_args(args, world_size)
         run_dir = run_directory.training_directory(args)
         weights = weights_to_use(args, run_dir) if args.test_only or args.export_onnx else None
-        output_dir = run_dir
-        if args.test_only:
-            output_dir = run_directory.test_directory(run_dir, weights, args.img_size, args.benchmark,
-                                                      args.benchmark_distractors)
+        output_dir = run_directory.test_directory(run_dir, weights, args.img_size, args.benchmark,
+                                                  args.benchmark_distractors) if args.test_only else run_dir
         lock = run_directory.hold_run_directory(output_dir, rank, world_size)
         logger = run_directory.Logger(output_dir, rank=rank)
         signals.install()
@@ -372,8 +329,7 @@ def test(args, place: trainer.RunPlace, samples, student_backbone, teacher_backb
 
 
 def test_only(args, place: trainer.RunPlace, weights: str, feature_dir: str):
-    """Evaluate `weights` (original or own format, or an exported .onnx), and the teacher when one is given, on the
-    test list or a --benchmark (whose features are kept in `feature_dir`)."""
+    """Score `weights` (.onnx too) and any teacher on the test list or a --benchmark (features in `feature_dir`)."""
     rank, world_size, logger = place.rank, place.world_size, place.logger
     if args.benchmark:
         images = retrieval.read_benchmark(args.benchmark, args.benchmark_root, args.benchmark_distractors)

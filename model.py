@@ -25,11 +25,8 @@ _LISTED_KEYS = 6
 def create_backbone(name: str, img_size: int = 384, width_divisor: int = 1,
                     drop_block_schedule: str = 'published') -> nn.Module:
     """Feature extractor (B, 3, img_size, img_size) -> (B, 1024 // width_divisor), with attribute `feature_dim`.
-
-    width_divisor > 1 narrows every stage (CPU demo only); 1 gives the exact architectures. ResNet12 is fully
-    convolutional and accepts any image size; Swin needs token grids that fit its 12x12 windows (96, 192, 384...).
-    drop_block_schedule ('published' or 'annealed', ResNet12 only): see resnet12.py.
-    """
+    width_divisor > 1 narrows every stage (CPU demo only). Swin needs token grids that fit its 12x12 windows (96, 192,
+    384...); drop_block_schedule is ResNet12's (see resnet12.py)."""
     if name in swin_transformer.SWIN_CONFIGS:
         return swin_transformer.create_swin(name, img_size=img_size, width_divisor=width_divisor)
     if name == 'Resnet12':
@@ -42,8 +39,7 @@ class CosFaceHead(nn.Module):
 
     def __init__(self, num_classes: int, feature_dim: int = FEATURE_DIM, scale: float = 32.0, margin: float = 0.1):
         super().__init__()
-        self.scale = scale
-        self.margin = margin
+        self.scale, self.margin = scale, margin
         self.weight = nn.Parameter(torch.empty(num_classes, feature_dim))
         nn.init.xavier_uniform_(self.weight)
         self._frozen_norms = None  # (weight identity, scale / class norms) while the weight is frozen
@@ -91,8 +87,7 @@ class Classifier(nn.Module):
         feature_dim = getattr(backbone, 'feature_dim', head.weight.shape[1])
         if head.weight.shape[1] != feature_dim:
             raise utils.RunError(f'head expects {head.weight.shape[1]}-d features, backbone gives {feature_dim}')
-        self.backbone = backbone
-        self.head = head
+        self.backbone, self.head = backbone, head
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(features, float32 logits)."""
@@ -101,31 +96,20 @@ class Classifier(nn.Module):
 
 
 class DistillationModel(nn.Module):
-    """Student classifier and an optional frozen teacher; a head shared by both is frozen and held once.
-
-    The teacher never learns: its parameters do not require grad and its outputs carry none. `stochastic_teacher`
-    (the published runs, whose trainer put the whole model in train mode) keeps the teacher's stochastic depth
-    active while the student trains; its BatchNorm statistics, if it has any, are never updated. Otherwise the
-    teacher stays in eval mode. When the student's head IS the teacher's head object (the head-fixed method), that
-    head is frozen with the teacher and, being one module, is held once in memory.
-    """
+    """Student classifier and an optional frozen teacher (or only its head, `teacher_head`, beside cached features).
+    `stochastic_teacher` (the published runs put the whole model in train mode) keeps the teacher's stochastic depth
+    active while the student trains; its BatchNorm statistics never change. A head shared with the student (the
+    head-fixed method) is frozen with the teacher."""
 
     def __init__(self, student: Classifier, teacher: Classifier | None = None, stochastic_teacher: bool = False,
                  teacher_head: CosFaceHead | None = None):
         super().__init__()
-        self.student = student
-        self.teacher = teacher
-        self.stochastic_teacher = stochastic_teacher
-        # the teacher's classifier alone, when its features come from a cache (see teacher_logits)
+        self.student, self.teacher, self.stochastic_teacher = student, teacher, stochastic_teacher
         self.teacher_head = teacher_head
         for frozen in (teacher, teacher_head):
             if frozen is not None:
                 frozen.requires_grad_(False)
                 frozen.eval()
-
-    def teacher_classifier(self) -> nn.Module | None:
-        """The teacher's classifier: the live teacher's head, or the one kept beside its cached features."""
-        return self.teacher.head if self.teacher is not None else self.teacher_head
 
     def train(self, mode: bool = True) -> 'DistillationModel':
         super().train(mode)
@@ -145,8 +129,8 @@ class DistillationModel(nn.Module):
 
     @torch.no_grad()
     def teacher_logits(self, teacher_features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The teacher's logits from its (stored) features: its classifier, the margin at `labels`."""
-        return self.teacher_classifier()(teacher_features, labels)
+        """The teacher's logits from its (stored) features, the margin at `labels`."""
+        return (self.teacher.head if self.teacher is not None else self.teacher_head)(teacher_features, labels)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's parameters that require grad (never the teacher's, nor a shared head)."""
@@ -192,18 +176,8 @@ def _extract_state_dict(loaded, path: str) -> dict:
     not_tensors = [key for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise WeightsFileError(f'{path}: not a state dict: entries {_list_keys(not_tensors)} are not tensors '
-                         f'(expected a bare state dict or one under {"/".join(STATE_DICT_CONTAINERS)})')
+                               f'(expected a bare state dict or one under {"/".join(STATE_DICT_CONTAINERS)})')
     return loaded
-
-
-def _strip_prefixes(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in KEY_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
 
 
 def _list_keys(keys) -> str:
@@ -213,28 +187,21 @@ def _list_keys(keys) -> str:
 
 
 def read_weights(path: str, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Any supported file -> (backbone state dict in this project's key layout, cosine head weight or None).
-
-    Reads original teacher files ('model_state', 'encoder.' keys, older timm Swin layout, 'encoder.head.weight'),
-    original students ('params' with 'encoder.module.' / 'encoder.' keys; 'distill_layer*' keys are ignored),
-    this project's files ({'params': {backbone keys, optional 'head.weight'}}) and official / timm Swin files
-    ({'model': ...} or bare, whose linear classifier is dropped). Only tensors are unpickled (weights_only=True).
-    """
-    if name not in BACKBONE_NAMES:
-        raise utils.RunError(f'unknown backbone {name!r}; choose one of {", ".join(BACKBONE_NAMES)}')
-    raw_state = _extract_state_dict(_load_file(path), path)
+    """Any supported file -> (backbone state dict in this project's key layout, cosine head weight or None): the
+    original teacher and student files (prefixed keys, older timm Swin layout), this project's ({'params': ...}) and
+    official / timm Swin files (their linear classifier dropped). Only tensors are unpickled."""
     state = {}
-    for key, value in raw_state.items():
+    for key, value in _extract_state_dict(_load_file(path), path).items():
         if key.startswith(IGNORED_KEY_PREFIXES):
             continue
-        stripped = _strip_prefixes(key)
-        if stripped in state:
-            raise utils.RunError(f'{path}: key {stripped!r} appears twice once prefixes are removed')
-        state[stripped] = value
-    head_weight = None
+        while key.startswith(KEY_PREFIXES):  # each prefix is one word and its dot
+            key = key.split('.', 1)[1]
+        if key in state:
+            raise utils.RunError(f'{path}: key {key!r} appears twice once prefixes are removed')
+        state[key] = value
     has_linear_bias = 'head.bias' in state or 'head.fc.bias' in state
-    if HEAD_KEY in state and not has_linear_bias and state[HEAD_KEY].ndim == 2:
-        head_weight = state[HEAD_KEY]
+    head = state.get(HEAD_KEY)
+    head_weight = head if head is not None and not has_linear_bias and head.ndim == 2 else None
     state = {key: value for key, value in state.items() if key not in LINEAR_CLASSIFIER_KEYS}
     if name in swin_transformer.SWIN_CONFIGS:
         state = swin_transformer.convert_old_layout(state)
@@ -251,55 +218,45 @@ def _backbone_mismatch(backbone: nn.Module, state: dict) -> tuple[list, list, li
     return missing, unexpected, misshaped
 
 
-def _fitting_backbones(state: dict, name: str) -> list[str]:
-    fitting = []
-    for other in BACKBONE_NAMES:
-        if other == name:
-            continue
-        with torch.device('meta'):
-            candidate = create_backbone(other)
-        other_state = swin_transformer.convert_old_layout(state) if other in swin_transformer.SWIN_CONFIGS else state
-        if not any(_backbone_mismatch(candidate, other_state)):
-            fitting.append(other)
-    return fitting
+def _fits(state: dict, name: str) -> bool:
+    """Whether `state` loads into backbone `name` exactly (built on the meta device: no memory, no weights)."""
+    with torch.device('meta'):
+        candidate = create_backbone(name)
+    converted = swin_transformer.convert_old_layout(state) if name in swin_transformer.SWIN_CONFIGS else state
+    return not any(_backbone_mismatch(candidate, converted))
 
 
-def _load_state_into(backbone: nn.Module, state: dict, name: str, path: str) -> None:
+def _read_backbone(name: str, path: str, **options) -> tuple[nn.Module, torch.Tensor | None]:
+    """(backbone `name` with the file's weights, the file's head weight or None); a key that does not fit raises."""
+    state, head_weight = read_weights(path, name)
+    backbone = create_backbone(name, **options)
     missing, unexpected, misshaped = _backbone_mismatch(backbone, state)
     if missing or unexpected or misshaped:
         problems = [f'{label} keys: {_list_keys(keys)}' for label, keys in
                     (('missing', missing), ('unexpected', unexpected), ('misshaped', misshaped)) if keys]
-        fitting = _fitting_backbones(state, name) if missing or unexpected else []
+        fitting = [other for other in BACKBONE_NAMES
+                   if (missing or unexpected) and other != name and _fits(state, other)]
         hint = f' (it fits {" / ".join(fitting)})' if fitting else ''
         raise utils.RunError(f'{path} does not fit backbone {name}{hint}: ' + '; '.join(problems))
     backbone.load_state_dict(state, strict=False)
+    return backbone, head_weight
 
 
 def load_backbone(name: str, path: str, img_size: int = 384, width_divisor: int = 1,
                   drop_block_schedule: str = 'published') -> nn.Module:
-    """Backbone with weights from any supported file (see read_weights), in eval mode.
-
-    A cosine or linear head, Swin's fixed buffers and 'distill_layer*' keys are skipped; any other missing,
-    unexpected or misshaped key raises ValueError naming the file and the keys.
-    """
-    state, _ = read_weights(path, name)
-    backbone = create_backbone(name, img_size=img_size, width_divisor=width_divisor,
-                               drop_block_schedule=drop_block_schedule)
-    _load_state_into(backbone, state, name, path)
-    return backbone.eval()
+    """Backbone with weights from any supported file (see read_weights), in eval mode; a head in the file is skipped."""
+    return _read_backbone(name, path, img_size=img_size, width_divisor=width_divisor,
+                          drop_block_schedule=drop_block_schedule)[0].eval()
 
 
 def load_classifier(name: str, path: str, img_size: int = 384, width_divisor: int = 1) -> Classifier:
     """Backbone and CosFace head from one file (e.g. the teacher); the file must hold the head weight."""
-    state, head_weight = read_weights(path, name)
-    backbone = create_backbone(name, img_size=img_size, width_divisor=width_divisor)
-    _load_state_into(backbone, state, name, path)
+    backbone, head_weight = _read_backbone(name, path, img_size=img_size, width_divisor=width_divisor)
     return Classifier(backbone, _head_of(head_weight, backbone.feature_dim, name, path)).eval()
 
 
 def load_head(name: str, path: str, width_divisor: int = 1) -> 'CosFaceHead':
-    """The CosFace head of a classifier file alone, without its backbone (for a teacher whose features are
-    cached)."""
+    """The CosFace head of a classifier file alone (for a teacher whose features are cached)."""
     _, head_weight = read_weights(path, name)
     return _head_of(head_weight, FEATURE_DIM // width_divisor, name, path)
 
@@ -318,14 +275,10 @@ def _head_of(head_weight: torch.Tensor | None, feature_dim: int, name: str, path
 
 
 def student_weights(classifier: Classifier, include_head: bool) -> dict:
-    """{'params': {backbone keys..., 'head.weight' if include_head}} (this project's format; read_weights reads it).
-
-    The tensors share storage with the model, like a state_dict.
-    """
+    """{'params': {backbone keys..., 'head.weight' if include_head}}, this project's format; the tensors share
+    storage with the model."""
     classifier = getattr(classifier, 'module', classifier)
     params = dict(classifier.backbone.state_dict())
     if include_head:
         params[HEAD_KEY] = classifier.head.weight.detach()
     return {'params': params}
-
-

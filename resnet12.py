@@ -1,14 +1,10 @@
-"""Widened ResNet12 student: a 5x5 stride-2 stem and four residual blocks of widths 128, 256, 512, 1024.
-
-State-dict keys are the original system's, so that its files load without a renaming table: the stem `conv1`,
-`bn1`, then `layer1`..`layer4`, each a sequence of one block `layerN.0` with `conv1`..`conv3`, `bn1`..`bn3` and the
-shortcut `downsample.0` (1x1 conv) / `downsample.1` (BatchNorm), BatchNorm buffers included.
+"""Widened ResNet12 student: a 5x5 stride-2 stem and four residual blocks of widths 128, 256, 512, 1024. State-dict
+keys are the original system's (`layerN.0.conv1`, `layerN.0.downsample.0` ...), so that its files load as they are.
 
 DropBlock after blocks 3 and 4 has two schedules. 'annealed' (the intended one): the keep rate falls from 1 to 0.9
 over the first 40,000 training batches, counted by the plain attribute `batches_seen` (not in the state dict; the
-trainer restores it on resume). 'published': what the published multi-GPU runs did. Their counter lived on
-DataParallel's per-step replicas, so it never left 0 and every batch used the keep rate of the first one,
-1 - 0.1 / 40000: DropBlock in effect off.
+trainer restores it on resume). 'published': the published multi-GPU runs kept the counter on DataParallel's
+per-step replicas, where it never left 0: every batch used the keep rate 1 - 0.1 / 40000, DropBlock in effect off.
 """
 import torch
 import torch.nn as nn
@@ -35,13 +31,9 @@ def drop_block_seed_probability(keep_rate: float, height: int, width: int, block
 
 
 class DropBlock(nn.Module):
-    """DropBlock as the original computed it.
-
-    Seeds are drawn independently per sample and channel on the (H - b + 1) x (W - b + 1) positions where a whole
-    b x b block fits; each seed zeroes the block below and right of it; kept activations are rescaled by
-    (number of elements) / (number kept) over the whole batch. Identity in eval mode, at keep rate 1, and on maps
-    smaller than one block (no valid seed position).
-    """
+    """DropBlock as the original computed it: seeds per sample and channel on the (H - b + 1) x (W - b + 1) positions
+    where a whole b x b block fits, each zeroing the block below and right of it; kept activations are rescaled by
+    elements / kept over the whole batch. Identity in eval mode, at keep rate 1, and on maps smaller than a block."""
 
     def __init__(self, block_size: int = DROP_BLOCK_SIZE):
         super().__init__()
@@ -79,10 +71,8 @@ class ResidualBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.downsample = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
+        self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                        nn.BatchNorm2d(out_channels))
         self.activation = nn.LeakyReLU(LEAKY_SLOPE)
         self.pool = nn.MaxPool2d(2)
 
@@ -120,9 +110,6 @@ class ResNet12(nn.Module):
         self.drop_block_schedule = drop_block_schedule
         self.feature_dim = widths[-1]
         self.batches_seen = 0
-        self._init_weights()
-
-    def _init_weights(self) -> None:
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='leaky_relu')

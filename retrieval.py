@@ -21,9 +21,8 @@ REVISITOP_SETS = ('roxford5k', 'rparis6k')
 
 @dataclass
 class BenchmarkImages:
-    """A retrieval benchmark's query and database images, and what scores a ranking of them: revisitop's `gnd` (per
-    query its 'easy', 'hard' and 'junk' database indices), or GLDv2's `solution` (query id -> index ids) with each
-    query's `usage` ('Private' or 'Public') and the ids of the queries and of the database (index) images."""
+    """A benchmark's query and database images and what scores their ranking: revisitop's `gnd` (per query its 'easy',
+    'hard' and 'junk' database indices), or GLDv2's `solution` (query id -> index ids), `usage` and image ids."""
     name: str
     queries: list[datasets.Sample]
     database: list[datasets.Sample]
@@ -51,14 +50,23 @@ def read_revisitop(root: str, name: str, distractors: list[str] | None = None) -
     except Exception as error:  # whatever a damaged or foreign pickle raises, the file is named
         raise utils.RunError(f'{path}: not a revisitop ground-truth file ({error}); download gnd_{name}.pkl '
                              'again') from None
-    images, query_images, gnd = _revisitop_fields(path, content)
+    fields = content if isinstance(content, dict) else {}
+    images, query_images, gnd = fields.get('imlist'), fields.get('qimlist'), fields.get('gnd')
+    if not all(isinstance(value, (list, tuple)) for value in (images, query_images, gnd)):
+        raise utils.RunError(f"{path}: not a revisitop ground-truth file (a dict with lists 'imlist', 'qimlist' and "
+                             "'gnd' expected)")
+    if len(gnd) != len(query_images):
+        raise utils.RunError(f'{path}: {len(query_images)} queries in qimlist but {len(gnd)} gnd entries')
+    for index, entry in enumerate(gnd):
+        if not isinstance(entry, dict) or any(key not in entry for key in ('bbx', 'easy', 'hard', 'junk')):
+            raise utils.RunError(f"{path}: gnd[{index}] is not a dict with 'bbx', 'easy', 'hard' and 'junk'")
+    images, query_images = [str(image) for image in images], [str(image) for image in query_images]
     database = [datasets.Sample(os.path.join(root, 'jpg', f'{image}.jpg'), 0, 0, f"{path}: imlist[{index}] '{image}'")
                 for index, image in enumerate(images)]
     queries = [datasets.Sample(os.path.join(root, 'jpg', f'{image}.jpg'), 0, 0, f"{path}: qimlist[{index}] '{image}'",
-                      box=_query_box(path, index, entry.get('bbx')))
+                               box=_query_box(path, index, entry.get('bbx')))
                for index, (image, entry) in enumerate(zip(query_images, gnd))]
-    if distractors:
-        database += read_image_paths(*distractors)
+    database += read_image_paths(*distractors) if distractors else []
     ground_truth = [{key: _database_indices(path, index, key, entry[key], len(images))
                      for key in ('easy', 'hard', 'junk')} for index, entry in enumerate(gnd)]
     return BenchmarkImages(name, queries, database, gnd=ground_truth)
@@ -74,21 +82,6 @@ def _database_indices(path: str, query: int, key: str, values, database_size: in
         raise utils.RunError(f"{path}: gnd[{query}] names database image {outside[0]}, outside imlist "
                              f"({database_size} images); download the file again")
     return [int(value) for value in array]
-
-
-def _revisitop_fields(path: str, content) -> tuple[list[str], list[str], list[dict]]:
-    """(imlist, qimlist, gnd) of a loaded revisitop file, each checked for its shape."""
-    fields = content if isinstance(content, dict) else {}
-    images, query_images, gnd = fields.get('imlist'), fields.get('qimlist'), fields.get('gnd')
-    if not all(isinstance(value, (list, tuple)) for value in (images, query_images, gnd)):
-        raise utils.RunError(f"{path}: not a revisitop ground-truth file (a dict with lists 'imlist', 'qimlist' and "
-                             "'gnd' expected)")
-    if len(gnd) != len(query_images):
-        raise utils.RunError(f'{path}: {len(query_images)} queries in qimlist but {len(gnd)} gnd entries')
-    for index, entry in enumerate(gnd):
-        if not isinstance(entry, dict) or any(key not in entry for key in ('bbx', 'easy', 'hard', 'junk')):
-            raise utils.RunError(f"{path}: gnd[{index}] is not a dict with 'bbx', 'easy', 'hard' and 'junk'")
-    return [str(image) for image in images], [str(image) for image in query_images], list(gnd)
 
 
 def _query_box(path: str, index: int, bbx) -> tuple[float, float, float, float]:
@@ -111,11 +104,10 @@ def read_image_paths(root: str, list_path: str) -> list[datasets.Sample]:
 
 
 def read_gldv2(root: str) -> BenchmarkImages:
-    """Google Landmarks v2 retrieval in its own layout: `index.csv`, `test.csv` and `retrieval_solution_v2.1.csv`
-    (`id,images,Usage`), images at `index/a/b/c/<id>.jpg` and `test/a/b/c/<id>.jpg`. The queries are the
-    solution's Private and Public rows (its Ignored rows have no ground truth)."""
-    index_ids = _csv_column(os.path.join(root, 'index.csv'), 'id')
-    test_ids = set(_csv_column(os.path.join(root, 'test.csv'), 'id'))
+    """Google Landmarks v2 retrieval in its own layout: `index.csv`, `test.csv`, `retrieval_solution_v2.1.csv`
+    (`id,images,Usage`), `index/a/b/c/<id>.jpg`, `test/a/b/c/<id>.jpg`; the queries are its Private and Public rows."""
+    index_ids = [row['id'] for _, row in _csv_rows(os.path.join(root, 'index.csv'), ('id',))]
+    test_ids = {row['id'] for _, row in _csv_rows(os.path.join(root, 'test.csv'), ('id',))}
     known_index = set(index_ids)
     solution_path = os.path.join(root, 'retrieval_solution_v2.1.csv')
     solution, usage = {}, {}
@@ -127,11 +119,10 @@ def read_gldv2(root: str) -> BenchmarkImages:
         if problem:
             raise utils.RunError(f'{solution_path}:{line}: {problem}; download the GLDv2 files again')
         solution[row['id']], usage[row['id']] = images, row['Usage']
-
-    def sample(part, image_id, origin):
-        return datasets.Sample(os.path.join(root, part, *image_id[:3], f'{image_id}.jpg'), 0, 0, origin)
-    queries = [sample('test', query, f'{solution_path}: query {query}') for query in solution]
-    database = [sample('index', image, f'index.csv: {image}') for image in index_ids]
+    queries = [datasets.Sample(os.path.join(root, 'test', *query[:3], f'{query}.jpg'), 0, 0,
+                               f'{solution_path}: query {query}') for query in solution]
+    database = [datasets.Sample(os.path.join(root, 'index', *image[:3], f'{image}.jpg'), 0, 0, f'index.csv: {image}')
+                for image in index_ids]
     return BenchmarkImages('gldv2', queries, database, solution=solution, usage=usage, query_ids=list(solution),
                            database_ids=index_ids)
 
@@ -160,108 +151,63 @@ def _csv_rows(path: str, columns: tuple[str, ...]):
             yield reader.line_num, row
 
 
-def _csv_column(path: str, column: str) -> list[str]:
-    return [row[column] for _, row in _csv_rows(path, (column,))]
-
-
 # ------------------------------------------------------------------------------- the field's retrieval metrics
 # protocol -> (gnd keys whose images are positives, gnd keys whose images are junk)
-_PROTOCOLS = {
-    "easy": (("easy",), ("junk", "hard")),
-    "medium": (("easy", "hard"), ("junk",)),
-    "hard": (("hard",), ("junk", "easy")),
-}
-
-
+_PROTOCOLS = {"easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)),
+              "hard": (("hard",), ("junk", "easy"))}
 _GND_KEYS = ("easy", "hard", "junk")
-
-
-def _gather(entry, keys):
-    """Concatenate the index lists of ``entry`` under ``keys`` (duplicates kept)."""
-    parts = [np.asarray(entry[key], dtype=np.int64).reshape(-1) for key in keys]
-    return np.concatenate(parts)
 
 
 def _query_scores(column, ok, junk, kappas):
     """AP and precision at each kappa of one ranked column (see revisitop_map)."""
     positions = np.flatnonzero(np.isin(column, ok))
-    junk_positions = np.flatnonzero(np.isin(column, junk))
     # Remove junk from the ranking: each positive moves up by the junk ranked before it.
-    positions = positions - np.searchsorted(junk_positions, positions, side="left")
-    k = np.arange(positions.size, dtype=np.float64)
-    r = positions.astype(np.float64)
-    precision_0 = np.where(r > 0, k / np.maximum(r, 1.0), 1.0)
-    precision_1 = (k + 1.0) / (r + 1.0)
-    ap = float(np.sum((precision_0 + precision_1) / 2.0)) / ok.size
+    positions = positions - np.searchsorted(np.flatnonzero(np.isin(column, junk)), positions, side="left")
+    k, r = np.arange(positions.size, dtype=np.float64), positions.astype(np.float64)
+    ap = float(np.sum((np.where(r > 0, k / np.maximum(r, 1.0), 1.0) + (k + 1.0) / (r + 1.0)) / 2.0)) / ok.size
     if positions.size == 0:  # no positive in the ranking at all
         return ap, np.zeros(len(kappas))
-    one_based = positions + 1
-    cut = np.minimum(one_based.max(), np.asarray(kappas))
-    p_at = np.array([np.count_nonzero(one_based <= c) / c for c in cut], dtype=np.float64)
-    return ap, p_at
+    cut = np.minimum(positions.max() + 1, np.asarray(kappas))  # 1-based: kappa, or the rank of the last positive
+    return ap, np.array([np.count_nonzero(positions < c) / c for c in cut], dtype=np.float64)
 
 
 def revisitop_map(ranks, gnd, kappas=(1, 5, 10)):
-    """Revisited Oxford/Paris mAP and mean precision@kappa for the three protocols.
-
-    ``ranks`` is (database x queries): column q lists database indices, best first.
-    ``gnd[q]`` is a dict with ``easy``, ``hard`` and ``junk`` database indices. Per
-    protocol the positive ('ok') and junk images are: easy: ok = easy, junk = junk +
-    hard; medium: ok = easy + hard, junk = junk; hard: ok = hard, junk = junk + easy.
-    Junk images are removed from the ranking, so each positive's 0-based position r
-    drops by the number of junk images ranked before it. AP is the trapezoidal rule:
-    the k-th positive (0-based) adds (k / r (1 if r = 0) + (k + 1) / (r + 1)) / 2
-    divided by the number of ok entries. Precision at kappa, with p the 1-based
-    junk-free positions and kq = min(max(p), kappa), is #(p <= kq) / kq (0 where no
-    positive appears in the ranking). Queries without an ok image get NaN AP and NaN
-    precisions and are left out of ``map`` and ``mp_at`` (NaN if every query lacks
-    one). Returns {protocol: {'map', 'aps', 'mp_at', 'p_at'}}.
-    """
+    """Revisited Oxford/Paris mAP and precision@kappa, {protocol: {'map', 'aps', 'mp_at', 'p_at'}}, of `ranks` (database
+    x queries, each column best first) against `gnd[q]`'s 'easy', 'hard', 'junk' indices (ok or junk per _PROTOCOLS).
+    Junk leaves the ranking: a positive's 0-based rank r drops by the junk above it. The k-th positive adds (k / r (1
+    at r = 0) + (k + 1) / (r + 1)) / 2 / #ok to AP; precision@kappa is #(p <= kq) / kq, p the 1-based positive ranks,
+    kq = min(max(p), kappa), 0 without one. Queries without an ok image get NaN, left out of the means (NaN if all)."""
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
         raise utils.RunError(f"ranks must be a 2-D integer array (database x queries), "
                              f"got dtype {ranks.dtype} and shape {ranks.shape}")
     if len(gnd) != ranks.shape[1]:
-        raise utils.RunError(f"gnd has {len(gnd)} entries but ranks has {ranks.shape[1]} "
-                             f"query columns")
+        raise utils.RunError(f"gnd has {len(gnd)} entries but ranks has {ranks.shape[1]} query columns")
     for q, entry in enumerate(gnd):
         if not isinstance(entry, Mapping) or any(key not in entry for key in _GND_KEYS):
-            raise utils.RunError(f"gnd[{q}] must be a dict with keys 'easy', 'hard' and "
-                                 f"'junk', got {entry!r}")
+            raise utils.RunError(f"gnd[{q}] must be a dict with keys 'easy', 'hard' and 'junk', got {entry!r}")
     kappas = [int(kappa) for kappa in kappas]
     if any(kappa < 1 for kappa in kappas):
         raise utils.RunError(f"kappas must be positive integers, got {kappas}")
-
     results = {}
     for protocol, (ok_keys, junk_keys) in _PROTOCOLS.items():
-        aps = np.full(len(gnd), np.nan)
-        p_at = np.full((len(gnd), len(kappas)), np.nan)
+        aps, p_at = np.full(len(gnd), np.nan), np.full((len(gnd), len(kappas)), np.nan)
         for q, entry in enumerate(gnd):
-            ok = _gather(entry, ok_keys)
-            if ok.size:
-                aps[q], p_at[q] = _query_scores(ranks[:, q], ok, _gather(entry, junk_keys), kappas)
+            ok = np.concatenate([np.asarray(entry[key], dtype=np.int64).reshape(-1) for key in ok_keys])
+            if ok.size:  # duplicates kept, as the reference: AP divides by ok.size
+                junk = np.concatenate([np.asarray(entry[key], dtype=np.int64).reshape(-1) for key in junk_keys])
+                aps[q], p_at[q] = _query_scores(ranks[:, q], ok, junk, kappas)
         valid = ~np.isnan(aps)
-        if valid.any():
-            mean_ap, mp_at = float(aps[valid].mean()), p_at[valid].mean(axis=0)
-        else:
-            mean_ap, mp_at = float("nan"), np.full(len(kappas), np.nan)
+        mean_ap = float(aps[valid].mean()) if valid.any() else float("nan")
+        mp_at = p_at[valid].mean(axis=0) if valid.any() else np.full(len(kappas), np.nan)
         results[protocol] = {"map": mean_ap, "aps": aps, "mp_at": mp_at, "p_at": p_at}
     return results
 
 
 def gldv2_map_at_k(predictions, solution, k=100):
-    """Google Landmarks v2 retrieval mAP@k.
-
-    ``predictions`` maps a query id to its ranked index ids (best first);
-    ``solution`` maps a query id to its non-empty list of ground-truth index ids.
-    For each solution query, AP@k = sum over the first k predictions, at 1-based
-    rank i, of precision@i * rel(i), divided by min(len(ground truth), k); a
-    repeated prediction still takes its place in the ranking but only its first
-    occurrence can be relevant (and counted as a hit). The result is the mean over
-    the solution's queries: a solution query without a prediction scores 0, and
-    predictions for queries outside the solution are ignored (the challenge
-    scores only its solution's queries).
-    """
+    """Google Landmarks v2 retrieval mAP@k of `predictions` (query id -> ranked index ids) against `solution` (query
+    id -> true index ids): the mean over the solution's queries (0 without predictions; others ignored) of sum_{i <= k}
+    precision@i * rel(i) / min(#truth, k) at 1-based rank i, a repeated prediction keeping its rank but never a hit."""
     if not isinstance(predictions, Mapping) or not isinstance(solution, Mapping):
         raise utils.RunError("predictions and solution must be dicts keyed by query id")
     if not solution:
@@ -288,8 +234,7 @@ BENCHMARK_TILE_ROWS = 8192  # database rows scored at once: 1,129 GLDv2 queries 
 
 
 def ranked_database(queries, database, device=None, queries_at_once: int = 16) -> np.ndarray:
-    """(database x queries) database indices, best cosine first (ties: the smaller index first), as revisitop's
-    `ranks`; a few queries at a time, so that only (queries_at_once x database) scores are ever held."""
+    """Revisitop's `ranks`: (database x queries) indices, best cosine (then smaller index) first; few queries a pass."""
     device = torch.device(device) if device is not None else utils.default_device()
     database = utils.normalized_features(database, device, 'database features')
     queries = utils.normalized_features(queries, device, 'query features')
@@ -301,9 +246,8 @@ def ranked_database(queries, database, device=None, queries_at_once: int = 16) -
 
 
 def top_k_neighbours(queries, database, k: int = 100, device=None, tile_rows: int = BENCHMARK_TILE_ROWS):
-    """(indices, cosines), each (queries x k), of every query's k best database rows, best first. `database` is read
-    `tile_rows` rows at a time (an array, a memory-mapped .npy or a tensor) and a running top-k kept: the full score
-    matrix is never held."""
+    """(indices, cosines), each (queries x k), of every query's k best database rows, best first, by a running top-k
+    over `tile_rows` rows of `database` (an array, a memory-mapped .npy or a tensor) at a time."""
     device = torch.device(device) if device is not None else utils.default_device()
     queries = utils.normalized_features(queries, device, 'query features')
     best_scores = torch.empty(queries.shape[0], 0, device=device)
@@ -319,9 +263,8 @@ def top_k_neighbours(queries, database, k: int = 100, device=None, tile_rows: in
 
 def revisitop_figures(queries, database, gnd, device=None) -> dict:
     """{protocol: {'map', 'mp_at'}} of revisitop_map for the features' ranking (mP at 1, 5 and 10)."""
-    results = revisitop_map(ranked_database(queries, database, device), gnd)
     return {protocol: {'map': figures['map'], 'mp_at': figures['mp_at'].tolist()}
-            for protocol, figures in results.items()}
+            for protocol, figures in revisitop_map(ranked_database(queries, database, device), gnd).items()}
 
 
 def gldv2_figures(queries, database, images, device=None) -> dict:
@@ -337,15 +280,12 @@ def gldv2_figures(queries, database, images, device=None) -> dict:
 
 
 def benchmark_report(images, student: tuple, teacher: tuple | None = None, device=None) -> dict:
-    """The figures of `images` (a retrieval.BenchmarkImages) for the student's (query, database) features, and with
-    the teacher's, for the teacher and for the student's queries against the teacher's database ('cross')."""
+    """`images`' figures of the student's (query, database) features and, with the teacher's, 'teacher' and 'cross'."""
     models = {'student': student}
     if teacher is not None:
         models.update(teacher=teacher, cross=(student[0], teacher[1]))
-    if images.gnd is not None:
-        return {name: revisitop_figures(queries, database, images.gnd, device)
-                for name, (queries, database) in models.items()}
-    return {name: gldv2_figures(queries, database, images, device) for name, (queries, database) in models.items()}
+    return {name: revisitop_figures(queries, database, images.gnd, device) if images.gnd is not None
+            else gldv2_figures(queries, database, images, device) for name, (queries, database) in models.items()}
 
 
 def benchmark_lines(name: str, report: dict) -> list[str]:
@@ -366,16 +306,13 @@ def benchmark_lines(name: str, report: dict) -> list[str]:
 
 def run_benchmark(images: BenchmarkImages, backbones: dict, identities: dict, loaders: dict, feature_dir: str, *,
                   device: torch.device, amp: str, rank: int, logger):
-    """Score `backbones` ({'student': ..., optionally 'teacher': ...}) on a benchmark's images, read by `loaders`
-    ({'queries': ..., 'database': ...}): the features of each part, kept in a store in `feature_dir` under what they
-    are of (the model's entry in `identities`, the images), so that a rerun or another test of the same model reads
-    them instead; then on rank 0 the report in record.txt and results.json (under the benchmark's name)."""
-    features = {}
-    for name, backbone in backbones.items():
-        features[name] = tuple(
-            kept_features(feature_dir, dict(identities[name], images=_images_digest(loader.dataset), part=part),
-                          backbone, loader, device=device, amp=amp, rank=rank, logger=logger)
-            for part, loader in loaders.items())
+    """Score `backbones` ({'student', optionally 'teacher'}) on `loaders`' images ({'queries', 'database'}), features
+    kept in `feature_dir` under what they are of (`identities`, the images); on rank 0, record.txt and results.json."""
+    digests = {part: _images_digest(loader.dataset) for part, loader in loaders.items()}
+    features = {name: tuple(kept_features(feature_dir, dict(identities[name], images=digests[part], part=part),
+                                          backbone, loader, device=device, amp=amp, rank=rank, logger=logger)
+                            for part, loader in loaders.items())
+                for name, backbone in backbones.items()}
     if rank != 0:
         return
     report = benchmark_report(images, features['student'], features.get('teacher'), device)
@@ -385,9 +322,8 @@ def run_benchmark(images: BenchmarkImages, backbones: dict, identities: dict, lo
 
 
 def kept_features(feature_dir: str, identity: dict, backbone, loader, *, device, amp: str, rank: int, logger):
-    """The features of `loader`'s images by `backbone`: read on rank 0 (None elsewhere) from the store of
-    `identity` in `feature_dir` when an earlier run left it whole, else extracted on every process and stored by
-    rank 0. Every process takes the same branch."""
+    """`backbone`'s features of `loader`'s images: read on rank 0 (None elsewhere) from the store of `identity` when
+    an earlier run left it whole, else extracted on every process and stored by rank 0 (all take the same branch)."""
     shape = (1, len(loader.dataset), backbone.feature_dim)
     name = utils.text_digest(json.dumps(identity, sort_keys=True))[:16]
     store = feature_store.FeatureStore(os.path.join(feature_dir, name), identity, shape)

@@ -1,22 +1,20 @@
-"""The run directory: its name, its lock (one run at a time), the check that every process shares it, and the logger
-that writes record.txt, the console, tensorboard and results.json."""
+"""The run directory: its name, its lock (one run at a time), the check that every process shares it, its logger."""
 import dataclasses
 import json
 import os
+import pathlib
 import socket
 import sys
-import tempfile
 import threading
 import time
 from contextlib import suppress
-from dataclasses import dataclass
 
 import utils
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RunName:
-    """The flags that name a run directory, and the name the original gave it (directory)."""
+    """The flags that name a run directory."""
     dataset: str
     backbone_class: str
     is_distill: bool
@@ -36,48 +34,31 @@ class RunName:
     suffix: str
 
     def directory(self, save_dir: str) -> str:
-        """`save_dir/<first>/<second>`.
-
-        `<first>` = `{dataset}-{backbone_class}` + `-{kd_loss}-{kd_weight}` (distillation) or `-no_distill`,
-        + `-Pre` when `init_weights` is set, + `-NoAug` unless `augment`.
-        `<second>` = `lr{lr:.2g}_{optim}_{lr_scheduler}_epoch{max_epoch}_warmup{warmup_epoch}_bs{batch_size}`
-        + `-head_fixed` when `head_fixed`, + `suffix`; for `step`/`multistep` schedules the optimizer part is
-        `{optim}-step{step_size}-gamma{gamma}`.
-        """
-        first = f'{self.dataset}-{self.backbone_class}'
-        first += f'-{self.kd_loss}-{self.kd_weight}' if self.is_distill else '-no_distill'
-        if self.init_weights:
-            first += '-Pre'
-        if not self.augment:
-            first += '-NoAug'
-        optimizer_part = self.optim
-        if self.lr_scheduler in ('step', 'multistep'):
-            optimizer_part = f'{self.optim}-step{self.step_size}-gamma{self.gamma}'
-        second = (f'lr{self.lr:.2g}_{optimizer_part}_{self.lr_scheduler}_epoch{self.max_epoch}'
-                  f'_warmup{self.warmup_epoch}_bs{self.batch_size}')
-        if self.head_fixed:
-            second += '-head_fixed'
-        second += self.suffix or ''
+        """`save_dir/<model and distillation>/<optimisation>`, as the original named runs."""
+        distillation = f'{self.kd_loss}-{self.kd_weight}' if self.is_distill else 'no_distill'
+        first = (f'{self.dataset}-{self.backbone_class}-{distillation}' + ('-Pre' if self.init_weights else '')
+                 + ('' if self.augment else '-NoAug'))
+        stepped = self.lr_scheduler in ('step', 'multistep')
+        optimizer = self.optim + (f'-step{self.step_size}-gamma{self.gamma}' if stepped else '')
+        second = (f'lr{self.lr:.2g}_{optimizer}_{self.lr_scheduler}_epoch{self.max_epoch}_warmup{self.warmup_epoch}'
+                  f'_bs{self.batch_size}' + ('-head_fixed' if self.head_fixed else '') + (self.suffix or ''))
         return os.path.join(save_dir, first, second)
 
 
 class Logger:
-    """Append-only `record.txt` + console + tensorboardX scalars + results.json; every method does nothing when
-    rank != 0. Nothing is written in the run directory before `start`: a run stopped by a start-up check leaves
-    none of its files there (its lines reach the console only)."""
+    """Append-only `record.txt` + console + tensorboardX scalars + results.json, silent when rank != 0. Nothing is
+    written in the run directory before `start`: a run stopped by a start-up check leaves no files there."""
 
     def __init__(self, run_dir: str, rank: int = 0, tensorboard: bool = True):
         self.run_dir, self.active, self.tensorboard = run_dir, rank == 0, tensorboard
-        self.record_path = os.path.join(run_dir, 'record.txt')
         self.writer, self.results, self.started = None, {}, False
         self._pending, self._said = [], set()  # record.txt's lines not written yet; the keys `once` was given
 
     def start(self):
         """The run has passed its start-up checks: write the lines said so far, open tensorboard, read results.json."""
-        if self.started or not self.active:
-            self.started = True
+        was_started, self.started = self.started, True
+        if was_started or not self.active:
             return
-        self.started = True
         os.makedirs(self.run_dir, exist_ok=True)
         self._write_pending()
         try:
@@ -90,17 +71,16 @@ class Logger:
             self.writer = SummaryWriter(logdir=self.run_dir)
 
     def info(self, message: str):
-        """Append `message` as a line of record.txt (once the run has started) and echo it on the console."""
-        if not self.active:
-            return
-        self._pending.append(message)
-        if self.started:
-            self._write_pending()
-        sys.stdout.write(f'{message}\n')
-        sys.stdout.flush()
+        """Append `message` to record.txt (once the run has started) and echo it on the console."""
+        if self.active:
+            self._pending.append(message)
+            if self.started:
+                self._write_pending()
+            sys.stdout.write(f'{message}\n')
+            sys.stdout.flush()
 
     def _write_pending(self):
-        with open(self.record_path, 'a', encoding='utf-8') as record:
+        with open(os.path.join(self.run_dir, 'record.txt'), 'a', encoding='utf-8') as record:
             record.writelines(f'{line}\n' for line in self._pending)
         self._pending = []
 
@@ -111,24 +91,19 @@ class Logger:
             self.info(message)
 
     def scalar(self, tag, value, step):
-        """Write one tensorboard scalar (nothing when tensorboard is off)."""
         self.start()
-        if not self.active or self.writer is None:
-            return
-        self.writer.add_scalar(tag, float(value), step)
+        if self.active and self.writer is not None:
+            self.writer.add_scalar(tag, float(value), step)
 
     def result(self, key: str, value):
-        """Set one top-level entry of the run's results.json (see RESULTS_NAME) and rewrite the file."""
+        """Set one top-level entry of results.json (see RESULTS_NAME) and rewrite the file."""
         self.start()
-        if not self.active:
-            return
-        self.results[key] = value
-        utils.write_json(self.results, os.path.join(self.run_dir, RESULTS_NAME))
+        if self.active:
+            self.results[key] = value
+            utils.write_json(self.results, os.path.join(self.run_dir, RESULTS_NAME))
 
     def epoch_result(self, figures: dict):
         """Add an epoch's figures to results.json, replacing those of the same or later epochs (a resumed run)."""
-        if not self.active:
-            return
         epochs = [entry for entry in self.results.get('epochs', []) if entry['epoch'] < figures['epoch']]
         self.result('epochs', epochs + [figures])
 
@@ -138,12 +113,12 @@ class Logger:
             self.writer = None
 
 
-# A run's figures as data, for scripts and the demo table: 'parameters' (student trainable and total, teacher total,
-# student backbone), 'epochs' (epoch, lr, train_accuracy, loss, ce, kd, val_loss and val_accuracy or null),
-# 'best_epoch', 'best_accuracy', and 'test': {'student' | 'teacher' | 'cross': {'coarse', 'fine' (TARs at FAR
-# 1e-1 ... 1e-8, null where undefined), 'coarse_undefined', 'fine_undefined' (why, or null), 'coarse_nn_accuracy',
-# 'fine_nn_accuracy', 'coarse_gap', 'fine_gap' (of the nearest-neighbour predictions), 'coarse_curve', 'fine_curve'
-# ({'far': [...], 'tar': [...]})}}; a --benchmark run's figures under its name (see retrieval.benchmark_report).
+# A run's figures, for scripts and the demo table: 'parameters' (student trainable and total, teacher total, student
+# backbone), 'epochs' (epoch, lr, train_accuracy, loss, ce, kd, val_loss, val_accuracy or null), 'best_epoch',
+# 'best_accuracy', 'test': {'student' | 'teacher' | 'cross': {'coarse', 'fine' (TARs at FAR 1e-1 ... 1e-8, null where
+# undefined), '<grain>_undefined' (why, or null), '<grain>_nn_accuracy', '<grain>_gap' (of the nearest-neighbour
+# predictions), '<grain>_curve' ({'far': [...], 'tar': [...]})}}; a --benchmark's figures under its name (see
+# retrieval.benchmark_report).
 RESULTS_NAME = 'results.json'
 
 
@@ -151,8 +126,7 @@ def read_results(run_dir: str) -> dict:
     """A run directory's results.json, or {} when it has none yet; RunError when it is not a JSON object."""
     path = os.path.join(run_dir, RESULTS_NAME)
     try:
-        with open(path, encoding='utf-8') as handle:
-            results = json.load(handle)
+        results = json.loads(pathlib.Path(path).read_text(encoding='utf-8'))
     except FileNotFoundError:
         return {}
     except ValueError as error:  # not UTF-8, or not JSON: truncated, empty
@@ -167,34 +141,6 @@ class RunDirectoryBusy(utils.RunError):
     """Another live run holds the run directory."""
 
 
-def read_lock_holder(path: str) -> dict | None:
-    """The holder a run.lock names, or None when it cannot be read."""
-    try:
-        with open(path, encoding='utf-8') as handle:
-            holder = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def lock_is_stale(path: str, holder: dict, own_holder: dict) -> bool:
-    """Whether the run.lock at `path`, held by `holder`, may be taken over by `own_holder`: its process is gone
-    (same host), or its heartbeat is older than RunLock.STALE_SECONDS."""
-    if holder.get('host') == own_holder['host']:
-        if holder.get('pid') == own_holder['pid']:
-            return True  # left by an earlier run in this same process
-        try:
-            os.kill(int(holder.get('pid', -1)), 0)
-        except ProcessLookupError:
-            return True
-        except (ValueError, OverflowError, TypeError):
-            return False
-        except PermissionError:
-            pass  # a live process of another user: its heartbeat decides, as below
-        # a live process, unless its id was reused after the holder died: then the heartbeat has stopped
-    return _older_than(path, RunLock.STALE_SECONDS)
-
-
 def _older_than(path: str, seconds: float) -> bool:
     try:
         return time.time() - os.path.getmtime(path) > seconds
@@ -202,71 +148,65 @@ def _older_than(path: str, seconds: float) -> bool:
         return False
 
 
-def _create_whole(path: str, content: str) -> bool:
-    """Create `path` holding `content`, whole, in one step (a temporary file hard-linked into place): False when
-    `path` already exists. A reader never sees it empty or half written."""
-    handle, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=os.path.dirname(path))
-    try:
-        with os.fdopen(handle, 'w', encoding='utf-8') as file:
-            file.write(content)
-        os.link(temporary, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.remove(temporary)
-
-
 class RunLock:
-    """`run.lock` in a run directory: one run at a time.
-
-    The file names its holder (host, process id, start time), is created whole in one step, and is touched every
-    HEARTBEAT_SECONDS by a background thread. A lock whose holder is gone (same host, no such process) or whose
-    heartbeat is older than STALE_SECONDS (another host) is stale; a lock that cannot be read is a run starting.
-    Taking over a stale lock needs `run.lock.takeover`, created whole too, so that of two runs that find the same
-    stale lock at the same instant exactly one takes it.
-    """
+    """`run.lock`: one run at a time. It names its holder (host, process id, start time), is written whole and touched
+    every HEARTBEAT_SECONDS; one that cannot be read is a run starting. A run takes it (free or stale) only while it
+    holds `run.lock.takeover`, created exclusively: of two runs that race for it, exactly one takes it."""
     HEARTBEAT_SECONDS = 60
     STALE_SECONDS = 600
     TAKEOVER_STALE_SECONDS = 60
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, 'run.lock')
-        self.holder = {'host': socket.gethostname(), 'pid': os.getpid(),
-                       'started': time.strftime('%Y-%m-%d %H:%M:%S')}
-        self._stop = threading.Event()
-        self._thread = None
+        self.holder = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+        self._stop, self._thread = threading.Event(), None
 
     def acquire(self) -> 'RunLock':
         """Take the lock or raise RunDirectoryBusy naming the holder."""
-        content = json.dumps(self.holder)
-        if not _create_whole(self.path, content):
-            holder = read_lock_holder(self.path)
-            # an unreadable lock is a run starting, unless it has been unreadable for long (a run killed while
-            # writing it with an older version of this code)
-            stale = (_older_than(self.path, self.TAKEOVER_STALE_SECONDS) if holder is None
-                     else lock_is_stale(self.path, holder, self.holder))
-            if not stale or not self._take_over(holder):
+        takeover = f'{self.path}.takeover'
+        if _older_than(takeover, self.TAKEOVER_STALE_SECONDS):
+            with suppress(FileNotFoundError):
+                os.remove(takeover)  # left by a run that died while taking the lock
+        try:
+            os.close(os.open(takeover, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise self._busy(self._read_holder()) from None
+        try:
+            holder = self._read_holder()
+            # an unreadable lock is a run starting, unless it stays so (left half written by an older version)
+            stale = _older_than(self.path, self.TAKEOVER_STALE_SECONDS) if holder is None else self._is_stale(holder)
+            if os.path.exists(self.path) and not stale:
                 raise self._busy(holder)
+            utils.write_json(self.holder, self.path)
+        finally:
+            os.remove(takeover)
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
         return self
 
-    def _take_over(self, stale_holder: dict | None) -> bool:
-        """Replace the stale lock of `stale_holder` by ours; False when another run got there first."""
-        takeover = f'{self.path}.takeover'
-        if _older_than(takeover, self.TAKEOVER_STALE_SECONDS):
-            with suppress(FileNotFoundError):
-                os.remove(takeover)  # left by a run that died while taking over
-        if not _create_whole(takeover, json.dumps(self.holder)):
-            return False
+    def _read_holder(self) -> dict | None:
+        """The holder the lock names, or None when it cannot be read."""
         try:
-            if read_lock_holder(self.path) != stale_holder:
-                return False  # taken over and released, or replaced, since we read it
-            utils.write_atomically(self.path, lambda file: file.write(json.dumps(self.holder).encode('utf-8')))
-            return True
-        finally:
-            os.remove(takeover)
+            holder = json.loads(pathlib.Path(self.path).read_text(encoding='utf-8'))
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _is_stale(self, holder: dict) -> bool:
+        """Whether `holder`'s process is gone (same host) or its heartbeat is older than STALE_SECONDS."""
+        if holder.get('host') == self.holder['host']:
+            if holder.get('pid') == self.holder['pid']:
+                return True  # left by an earlier run in this same process
+            try:
+                os.kill(int(holder.get('pid', -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (ValueError, OverflowError, TypeError):
+                return False
+            except PermissionError:
+                pass
+        # a live process (maybe another user's), unless its id was reused after the holder died: its heartbeat decides
+        return _older_than(self.path, self.STALE_SECONDS)
 
     def _busy(self, holder: dict | None) -> RunDirectoryBusy:
         directory = os.path.dirname(self.path)
@@ -283,7 +223,7 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-            if read_lock_holder(self.path) == self.holder:
+            if self._read_holder() == self.holder:
                 with suppress(FileNotFoundError):
                     os.remove(self.path)
 
@@ -296,7 +236,7 @@ class RunLock:
 def hold_run_directory(run_dir: str, rank: int, world_size: int) -> RunLock | None:
     """Create the run directory and take its lock (rank 0; returned for release); every process stops if another
     run holds it, or if the run directory is not on storage that every process shares."""
-    taken = []
+    lock = RunLock(run_dir)  # acquired on rank 0 alone; releasing an unacquired lock does nothing
 
     def take():
         try:
@@ -304,57 +244,48 @@ def hold_run_directory(run_dir: str, rank: int, world_size: int) -> RunLock | No
         except OSError as error:
             raise utils.RunError(f'cannot create the run directory {run_dir}: {utils.first_line(error)}; give a '
                                  '--save_dir where this user may write') from None
-        taken.append(RunLock(run_dir).acquire())
+        lock.acquire()
     utils.on_rank_zero(rank, take)
-    lock = taken[0] if taken else None
-    try:
-        if world_size > 1:
+    if world_size > 1:
+        try:
             check_shared_storage(run_dir, rank)
-    except utils.StopOnEveryRank:
-        if lock is not None:
+        except utils.StopOnEveryRank:
             lock.release()
-        raise
-    return lock
+            raise
+    return lock if rank == 0 else None
 
 
 def check_shared_storage(run_dir: str, rank: int, flag: str = '--save_dir'):
     """Every process must read the token that rank 0 wrote into the directory: checkpoints, max_acc.pth and the
     resume decision (or the teacher cache) are written by rank 0 and read by all."""
-    token_path = os.path.join(run_dir, '.shared_storage_check')
-    token = []
+    token_path = pathlib.Path(run_dir, '.shared_storage_check')
+    token = [f'{socket.gethostname()}:{os.getpid()}:{time.time()}'] if rank == 0 else []
     if rank == 0:
-        token = [f'{socket.gethostname()}:{os.getpid()}:{time.time()}']
-        with open(token_path, 'w', encoding='utf-8') as handle:
-            handle.write(token[0])
+        token_path.write_text(token[0], encoding='utf-8')
     token = utils.gather_messages(token)[0]  # every process waits here until the token is written
     try:
-        with open(token_path, encoding='utf-8') as handle:
-            seen = handle.read()
+        seen = token_path.read_text(encoding='utf-8')
     except OSError:
         seen = None
-    problems = [] if seen == token else [
-        f'process {rank} on host {socket.gethostname()} does not see {run_dir} as rank 0 wrote it: {flag} must '
-        'be storage that every host shares']
-    problems = utils.gather_messages(problems)
-    if rank == 0:
-        os.remove(token_path)
-    if problems:
-        raise utils.StopOnEveryRank(problems[0])
+    try:
+        utils.stop_if_any_process_failed([] if seen == token else [
+            f'process {rank} on host {socket.gethostname()} does not see {run_dir} as rank 0 wrote it: {flag} must '
+            'be storage that every host shares'])
+    finally:
+        if rank == 0:
+            token_path.unlink()
 
 
 def training_directory(args) -> str:
-    """save_dir/<first>/<second>, named from the flags as the original named it (see RunName)."""
+    """The run directory the flags name (see RunName)."""
     return RunName(**{field.name: getattr(args, field.name) for field in dataclasses.fields(RunName)}).directory(
         args.save_dir)
 
 
 def test_directory(run_dir: str, weights: str, img_size: int, benchmark: str | None = None,
                    distractors: list[str] | None = None) -> str:
-    """Where a --test_only run writes: `<test>-<weights name>-<digest of its path>-<img_size>px` in the run
-    directory (test: 'test', or the benchmark's name and its distractor list's), so that its figures are never
-    taken for (or written over) the training run's or another test's."""
-    test = benchmark or 'test'
-    if distractors:
-        test += f'+{os.path.splitext(os.path.basename(distractors[1]))[0]}'
+    """Where a --test_only run writes: `<test or benchmark(+distractors)>-<weights name>-<digest of its path>-<size>px`
+    in the run directory, so that its figures are never taken for (or written over) another run's."""
+    test = (benchmark or 'test') + (f'+{os.path.splitext(os.path.basename(distractors[1]))[0]}' if distractors else '')
     name = os.path.splitext(os.path.basename(weights))[0]
     return os.path.join(run_dir, f'{test}-{name}-{utils.text_digest(os.path.abspath(weights))[:8]}-{img_size}px')

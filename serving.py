@@ -16,9 +16,8 @@ CALIBRATION_IMAGES = 256
 
 
 class ServingNetwork(nn.Module):
-    """What an exported student computes: BGR images with values in [0, 1], (B, 3, S, S) float32 -> L2-normalised
-    float32 features. The pixel normalisation is inside, so that serving code only decodes, resizes and divides
-    by 255."""
+    """BGR images in [0, 1], (B, 3, S, S) float32 -> L2-normalised float32 features. The pixel normalisation is
+    inside, so that serving code only decodes, resizes and divides by 255."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -31,8 +30,7 @@ class ServingNetwork(nn.Module):
 
 
 def export(backbone: nn.Module, path: str, img_size: int, description: dict, calibration: list | None = None) -> dict:
-    """Write `backbone` as an ONNX serving graph at `path`: float32, or int8 when `calibration` (see
-    calibration_images) is given; returns its metadata (the input contract and `description`)."""
+    """Write `backbone` as an ONNX serving graph at `path`, int8 when `calibration` is given; returns its metadata."""
     float_path = path if calibration is None else f'{path}.float32.tmp'
     contract = export_onnx(backbone, float_path, img_size, description)
     if calibration is None:
@@ -44,44 +42,34 @@ def export(backbone: nn.Module, path: str, img_size: int, description: dict, cal
 
 
 def export_onnx(backbone: nn.Module, path: str, img_size: int, description: dict) -> dict:
-    """Write `backbone` as an ONNX serving graph (ServingNetwork, any batch size) to `path`; the input contract and
-    `description` go into the model's metadata, and are returned."""
-    network = ServingNetwork(backbone).eval()
+    """Write ServingNetwork(backbone), any batch size, to `path`; returns its metadata (input contract, description)."""
     example = torch.rand(2, 3, img_size, img_size)
     batch = torch.export.Dim('batch', min=1, max=4096)
     with torch.no_grad():
-        program = torch.onnx.export(network, (example,), dynamo=True, input_names=['images'],
+        program = torch.onnx.export(ServingNetwork(backbone).eval(), (example,), dynamo=True, input_names=['images'],
                                     output_names=['features'], dynamic_shapes=({0: batch},), verbose=False)
     contract = {'input': f'images: float32 (batch, 3, {img_size}, {img_size}), BGR channel order, values in [0, 1] '
                          '(decoded pixels / 255, resized to the size)',
                 'output': f'features: float32 (batch, {backbone.feature_dim}), L2-normalised',
                 **{key: str(value) for key, value in description.items()}}
     program.model.metadata_props.update(contract)
-    # one self-contained file, written once (the weights inline, no `.data` file beside it)
-    program.save(path, external_data=False)
+    program.save(path, external_data=False)  # one self-contained file: the weights inline, no `.data` beside it
     return contract
 
 
 def quantize_onnx(float_path: str, int8_path: str, calibration: list, metadata: dict) -> dict:
-    """Write an int8 copy of an exported serving graph, static QDQ (int8 weights per channel, activation ranges
-    calibrated on `calibration`, float32 (1, 3, S, S) arrays in the graph's input contract), with `metadata` and
-    how it was quantized; returns that metadata. Static QDQ was the fastest int8 form for all three backbones on the
-    CPU, and kept a mean feature cosine above 0.997 to float32 (bench/export.py)."""
+    """Write an int8 copy of a serving graph, static QDQ (int8 weights per channel, activation ranges calibrated on
+    `calibration`'s (1, 3, S, S) arrays), with `metadata` and how it was quantized; returns that metadata. Static QDQ
+    was the fastest int8 form for all three backbones on the CPU, mean feature cosine > 0.997 (bench/export.py)."""
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Images(CalibrationDataReader):
         def __init__(self):
-            self.images = iter(calibration)
+            self.feeds = iter([{'images': image} for image in calibration])
 
         def get_next(self):
-            image = next(self.images, None)
-            return None if image is None else {'images': image}
+            return next(self.feeds, None)
 
     root, level = logging.getLogger(), logging.getLogger().level
     root.setLevel(logging.ERROR)  # the quantizer's advice on pre-processing, once per weight
@@ -92,16 +80,14 @@ def quantize_onnx(float_path: str, int8_path: str, calibration: list, metadata: 
         root.setLevel(level)
     metadata = dict(metadata, precision='int8', quantization='static')
     quantized = onnx.load(int8_path)
-    del quantized.metadata_props[:]
-    for key, value in metadata.items():
-        quantized.metadata_props.add(key=key, value=str(value))
+    onnx.helper.set_model_props(quantized, {key: str(value) for key, value in metadata.items()})
     onnx.save(quantized, int8_path)
     return metadata
 
 
 def calibration_images(root: str, list_path: str, img_size: int) -> list:
-    """Up to CALIBRATION_IMAGES images of a list in the serving graph's input contract (BGR in [0, 1], float32),
-    each a batch of one: calibration holds every intermediate tensor of a batch at once."""
+    """Up to CALIBRATION_IMAGES images of a list as serving input (BGR in [0, 1], float32), each a batch of one:
+    calibration holds every intermediate tensor of a batch at once."""
     samples = datasets.read_checked_list(root, list_path, '--calibration_root')[:CALIBRATION_IMAGES]
     dataset = datasets.ImageDataset(samples, img_size, train=False, augment=False)
     images = []
@@ -114,8 +100,7 @@ def calibration_images(root: str, list_path: str, img_size: int) -> list:
 
 
 class OnnxBackbone(nn.Module):
-    """An exported student run by ONNX Runtime where the test pipeline expects a backbone: it takes the normalised
-    batch the pipeline makes and undoes the normalisation, which the graph applies itself."""
+    """An exported student run by ONNX Runtime as a test backbone; undoes the normalisation (the graph has its own)."""
 
     def __init__(self, path: str, img_size: int):
         super().__init__()

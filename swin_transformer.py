@@ -1,15 +1,11 @@
-"""Swin backbones (the Swin_base teacher and the Swin_tiny student, widened to 128 channels so that its
-feature is 1024-d like the teacher's), built on timm's SwinTransformer: patch 4, window 12, MLP ratio 4, qkv bias, no
-absolute position embedding, stochastic depth 0.1, final LayerNorm then average pool.
+"""Swin backbones (the Swin_base teacher and the Swin_tiny student, widened to 128 channels so that its feature is
+1024-d like the teacher's) on timm's SwinTransformer: patch 4, window 12, MLP ratio 4, qkv bias, no absolute position
+embedding, stochastic depth 0.1; the feature is the average pool after the final LayerNorm. State-dict keys are
+timm's current layout; `convert_old_layout` maps the original checkpoints' older layout to it.
 
-The backbones return the 1024-d average-pooled feature after the final LayerNorm (timm with num_classes=0).
-State-dict keys are timm's current layout (`layers.i.downsample` at the START of stage i, no fixed buffers);
-`convert_old_layout` maps the older layout of the original checkpoints to it.
-
-Every attention block keeps the relative-position bias table of the configured 12x12 window, also when a small
-image makes a stage's token grid smaller than the window (timm, like the original Swin, then shrinks the window to
-the grid). Such a block reads the central offsets of the same table, so the parameter count is the full-size count at
-every image size and a checkpoint trained at 384 px loads unchanged at 96 or 192 px.
+Every attention block keeps the bias table of the 12x12 window also when a small image makes a stage's token grid
+smaller than the window (timm then shrinks the window to the grid) and reads its central offsets, so that a
+checkpoint trained at 384 px loads unchanged at 96 or 192 px.
 """
 import re
 
@@ -76,7 +72,8 @@ class SwinBackbone(SwinTransformer):
 
     def __init__(self, depths, num_heads, img_size: int = 384, embed_dim: int = EMBED_DIM,
                  window_size: int = WINDOW_SIZE, drop_path_rate: float = DROP_PATH_RATE):
-        check_image_size(img_size, len(depths), window_size)
+        if message := image_size_message(img_size, len(depths), window_size):
+            raise ValueError(message)
         super().__init__(
             img_size=img_size, patch_size=PATCH_SIZE, num_classes=0, global_pool='avg', embed_dim=embed_dim,
             depths=depths, num_heads=num_heads, window_size=window_size, mlp_ratio=MLP_RATIO, qkv_bias=True,
@@ -117,9 +114,8 @@ def fitting_image_sizes(largest: int = 768, num_stages: int = 4, window_size: in
 
 
 def use_fused_attention(backbone: torch.nn.Module) -> None:
-    """Switch timm's window attention to torch's scaled_dot_product_attention (fused kernels, no materialised
-    attention matrix where the device has them). The features agree within float32 rounding; the CPU itself gains
-    nothing, so it is off unless asked for."""
+    """Switch timm's window attention to torch's fused scaled_dot_product_attention: the features agree within float32
+    rounding; off unless asked for, as the CPU gains nothing."""
     for module in backbone.modules():
         if isinstance(module, WindowAttention):
             module.fused_attn = True
@@ -134,18 +130,8 @@ def image_size_message(img_size: int, num_stages: int = 4, window_size: int = WI
     return f'{problem}; Swin takes --img_size {sizes}'
 
 
-def check_image_size(img_size: int, num_stages: int, window_size: int) -> None:
-    """Raise ValueError, listing the sizes that fit, unless `img_size` fits the Swin windows."""
-    message = image_size_message(img_size, num_stages, window_size)
-    if message:
-        raise ValueError(message)
-
-
 def create_swin(name: str, img_size: int = 384, width_divisor: int = 1) -> SwinBackbone:
-    """Swin_base (depths 2, 2, 18, 2) or Swin_tiny (2, 2, 6, 2); width_divisor > 1 (CPU demo only) narrows every
-    stage."""
-    if name not in SWIN_CONFIGS:
-        raise ValueError(f'unknown Swin backbone {name!r}; choose one of {sorted(SWIN_CONFIGS)}')
+    """Swin_base or Swin_tiny (SWIN_CONFIGS); width_divisor > 1 (CPU demo only) narrows every stage."""
     if width_divisor < 1 or EMBED_DIM % width_divisor:
         raise ValueError(f'width_divisor {width_divisor} must be a positive divisor of {EMBED_DIM}')
     config = SWIN_CONFIGS[name]
@@ -154,18 +140,11 @@ def create_swin(name: str, img_size: int = 384, width_divisor: int = 1) -> SwinB
     return SwinBackbone(config['depths'], num_heads, img_size=img_size, embed_dim=EMBED_DIM // width_divisor)
 
 
-def is_old_layout(state_dict) -> bool:
-    """True for the older layout, where stage 0 ends with a downsample (the current layout has none there)."""
-    return 'layers.0.downsample.reduction.weight' in state_dict
-
-
 def convert_old_layout(state_dict: dict) -> dict:
-    """Older timm / original Swin keys -> current timm keys; fixed buffers are dropped.
-
-    The older layout downsamples at the END of stage i (`layers.i.downsample`), the current one at the START of
-    stage i + 1. A state dict already in the current layout only loses its fixed buffers.
-    """
-    shift_downsample = is_old_layout(state_dict)
+    """Older timm / original Swin keys, which downsample at the END of stage i, -> current timm keys (at the START of
+    stage i + 1); fixed buffers are dropped. A state dict in the current layout only loses those."""
+    # only the older layout has a downsample in stage 0
+    shift_downsample = 'layers.0.downsample.reduction.weight' in state_dict
     converted = {}
     for key, value in state_dict.items():
         if key.rsplit('.', 1)[-1] in FIXED_BUFFER_NAMES:

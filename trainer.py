@@ -1,13 +1,11 @@
-"""The run: the distillation loss, the learning-rate schedule, one training step, the epoch, validation, and the
-Trainer that resumes, loops over the epochs, keeps the best student and stops cleanly on a signal. main.py builds
-the pieces (TrainingParts); checkpoints.py keeps the files; evaluation.py scores the features."""
+"""The run: the learning-rate schedule, the training step and epoch, validation, and the Trainer that resumes, keeps
+the best student and stops cleanly on a signal. helpers.py builds the pieces, losses.py holds the distillation loss."""
 import dataclasses
 import math
 import os
 import random
 import signal
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,40 +23,29 @@ from checkpoints import EpochState, RunProgress
 
 def learning_rate(epoch_position: float, epoch: int, *, base_lr: float, min_lr: float, warmup_epochs: int,
                   max_epoch: int, scheduler: str, step_size: list[int], gamma: float) -> float:
-    """The rate at `epoch_position` = epoch + iteration / iterations_per_epoch (epochs numbered from 1).
-
-    Linear warm-up while epoch_position < warmup_epochs, then cosine as the original (which divides by max_epoch,
-    not max_epoch - warmup), or a step decay by `gamma` every `step_size[0]` epochs (`step`) or at each epoch in
-    `step_size` (`multistep`).
-    """
+    """The rate at epoch_position = epoch + iteration / iterations_per_epoch (epochs from 1): linear warm-up, then
+    cosine over max_epoch (not max_epoch - warmup, as the original), or decay by `gamma` at step_size's epochs."""
     if epoch_position < warmup_epochs:
         return base_lr * epoch_position / warmup_epochs
     if scheduler == 'cosine':
         cosine = 0.5 * (1 + math.cos(math.pi * (epoch_position - warmup_epochs) / max_epoch))
         return min_lr + (base_lr - min_lr) * cosine
-    epochs_done = epoch - 1
     if scheduler == 'step':
-        return base_lr * gamma ** (epochs_done // step_size[0])
-    if scheduler == 'multistep':
-        return base_lr * gamma ** sum(epochs_done >= milestone for milestone in step_size)
-    raise ValueError(f'unknown --lr_scheduler {scheduler!r}; choose cosine, step or multistep')
+        return base_lr * gamma ** ((epoch - 1) // step_size[0])
+    return base_lr * gamma ** sum(epoch - 1 >= milestone for milestone in step_size)
 
 
 class StopSignals:
-    """SIGTERM (eviction) and SIGINT (Ctrl-C) only ask the training to stop (`name` is then the first signal's
-    name); a third signal interrupts at once. Outside training (`at_once` says where, and what is left on disk) the
-    first signal ends the run at once, with that line."""
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    """SIGTERM (eviction) and SIGINT (Ctrl-C) ask the training to stop (`name`: the first signal's); a third
+    interrupts at once. Outside training (`at_once` says where, and what is left on disk) the first ends the run."""
 
     def __init__(self):
-        self.name = None
-        self.at_once = None
-        self._seen = 0
-        self._previous_handlers = {}
+        self.name = self.at_once = None
+        self._seen, self._previous_handlers = 0, {}
 
     def install(self):
         """Route SIGTERM and SIGINT here (main thread only)."""
-        for number in self.SIGNALS:
+        for number in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[number] = signal.signal(number, self._on_signal)
 
     def restore(self):
@@ -76,19 +63,12 @@ class StopSignals:
 
 
 class RunControl:
-    """When to write a checkpoint within an epoch and when to stop, decided the same way on every process.
-
-    A stop request (see StopSignals) is agreed through an all-reduce of CPU tensors (over gloo, beside NCCL)
-    issued after one iteration and read after the next, so that no GPU stream waits for it, and all processes stop
-    after the same iteration. `checkpoint_seconds` > 0 asks for a checkpoint whenever that much time has passed
-    since the last one (rank 0's clock decides).
-    """
+    """When to checkpoint within an epoch and when to stop, the same on every process, agreed by an all-reduce of CPU
+    tensors (gloo) read an iteration late so that no GPU waits; time-based checkpoints follow rank 0's clock."""
 
     def __init__(self, checkpoint_seconds: float, signals: StopSignals):
-        self.checkpoint_seconds = checkpoint_seconds
-        self.signals = signals
-        self._last_checkpoint = time.monotonic()
-        self._pending = None
+        self.checkpoint_seconds, self.signals = checkpoint_seconds, signals
+        self._last_checkpoint, self._pending = time.monotonic(), None
         self._distributed = utils.distributed()
         self._is_clock = not self._distributed or dist.get_rank() == 0
         # a CPU group for these flags: a device tensor would copy from the host, and wait for the GPU, each step
@@ -102,27 +82,21 @@ class RunControl:
     def after_iteration(self) -> tuple[bool, str | None]:
         """(write a checkpoint now, the name of the signal to stop for or None), the same on every process."""
         flags = self._local_flags()
-        if self._distributed:
-            decided = self._collect()
-            self._pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True))
-            flags = decided
+        if self._distributed:  # decide on the last iteration's reduced flags while this one's are reduced
+            flags, self._pending = self.drain(), (
+                flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True))
         if flags is None:
             return False, None
         stop, due = (bool(value) for value in flags.tolist())
         return due, (self.signals.name or 'a signal on another process') if stop else None
 
-    def _collect(self):
-        if self._pending is None:
+    def drain(self) -> torch.Tensor | None:
+        """The flags of the all-reduce in flight once it is done (None when none is); the epoch's end drains it too."""
+        pending, self._pending = self._pending, None
+        if pending is None:
             return None
-        flags, work = self._pending
-        self._pending = None
-        work.wait()
-        return flags
-
-    def end_of_epoch(self):
-        """Drain the decision in flight; the epoch's own checkpoint follows."""
-        if self._distributed:
-            self._collect()
+        pending[1].wait()
+        return pending[0]
 
     def stop_requested(self) -> str | None:
         """Whether any process was asked to stop (a collective: every process calls it at the same point)."""
@@ -137,11 +111,8 @@ class RunControl:
 
 
 class NonFiniteWatch:
-    """Watches the loss for NaN or infinity without making the GPU wait each step; `check` stops every process.
-
-    In bf16 or fp32 the first non-finite loss stops the run. Under fp16 the gradient scaler skips such a step and
-    lowers its scale, so the run stops only after FP16_SKIPS_ALLOWED non-finite steps in a row.
-    """
+    """Watches the loss for NaN or infinity without making the GPU wait each step; `check` stops every process at the
+    first non-finite loss, or under fp16 (whose scaler skips such steps) at FP16_SKIPS_ALLOWED of them in a row."""
     FP16_SKIPS_ALLOWED = 100
 
     def __init__(self, device: torch.device, skips_allowed: bool):
@@ -164,8 +135,8 @@ class NonFiniteWatch:
             dist.all_reduce(figures, op=dist.ReduceOp.MAX)
         longest, iteration = figures.tolist()
         if longest >= self.limit:
-            in_a_row = f' ({self.limit} steps in a row, each skipped by the fp16 gradient scaler)' \
-                if self.limit > 1 else ''
+            in_a_row = (f' ({self.limit} steps in a row, each skipped by the fp16 gradient scaler)'
+                        if self.limit > 1 else '')
             raise NonFiniteLossError(
                 f'epoch {epoch} iteration {iteration}: the loss is not finite{in_a_row}; the run directory keeps the '
                 'checkpoint of the last good epoch, which a rerun would reach again: start a new run (another '
@@ -173,26 +144,21 @@ class NonFiniteWatch:
 
 
 def broadcast_batch_norm_statistics(module: nn.Module):
-    """Give every process rank 0's BatchNorm statistics, so that validation, the best-epoch choice and the saved
-    weights are about one model (between DDP's broadcasts each process updates its own)."""
-    if not utils.distributed():
-        return
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            for buffer in layer.buffers():
-                dist.broadcast(buffer, src=0)
+    """Copy rank 0's BatchNorm statistics to every process (DDP leaves each its own): one model is validated, saved."""
+    if utils.distributed():
+        for layer in module.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                for buffer in layer.buffers():
+                    dist.broadcast(buffer, src=0)
 
 
 @torch.no_grad()
 def validate(classifier, loader, batch_transform, device: torch.device, amp: str):
-    """{'loss', 'accuracy', 'interval', 'truncated_images'}: cross-entropy and top-1 accuracy of margin-free cosine
-    logits, the half-width of the accuracy's 95% interval, and the truncated files decoded on the way. An
-    unreadable image on any process stops every process (StopOnEveryRank)."""
+    """{'loss', 'accuracy', 'interval', 'truncated_images'}: cross-entropy and top-1 accuracy of margin-free logits,
+    the half-width of the accuracy's 95% interval, the truncated files; an unreadable image stops every process."""
     classifier.eval()
-    # summed cross-entropy and correct predictions stay on the device until the end
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    samples = 0
-    problems, truncated = [], []
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss and correct, summed on the device
+    samples, problems, truncated = 0, [], []
     for batch in loader:
         problems.extend(datasets.batch_messages(batch, 'bad'))
         truncated.extend(datasets.batch_messages(batch, 'truncated'))
@@ -226,7 +192,7 @@ class RunInterrupted(Exception):
         self.exit_status, self.message = exit_status, message
 
 
-@dataclass
+@dataclasses.dataclass
 class RunPlace:
     """Where a run happens: its directory, its logger, and this process among the run's processes."""
     run_dir: str
@@ -236,10 +202,9 @@ class RunPlace:
     device: torch.device
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainingParts:
-    """What main.py builds for training: `student` is the module the step calls (distiller.student, or its DDP
-    form), `schedule(epoch_position, epoch)` the learning rate."""
+    """What helpers.py builds for training; `student` is what the step calls (distiller.student or its DDP form)."""
     distiller: nn.Module
     student: nn.Module
     criterion: losses.DistillationLoss
@@ -280,8 +245,7 @@ def training_step(parts: TrainingParts, batch: dict, device: torch.device, amp: 
     parts.scaler.scale(loss).backward()
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
-    batch_size = labels.numel()
-    correct = (student_logits.argmax(dim=1) == labels).sum()
+    batch_size, correct = labels.numel(), (student_logits.argmax(dim=1) == labels).sum()
     sums = torch.stack([loss.detach() * batch_size, cross_entropy * batch_size, distillation * batch_size,
                         correct.to(loss.dtype), torch.full_like(loss.detach(), batch_size)]).double()
     return loss, cross_entropy, distillation, sums
@@ -290,24 +254,16 @@ def training_step(parts: TrainingParts, batch: dict, device: torch.device, amp: 
 def train_one_epoch(parts: TrainingParts, epoch: int, *, place: RunPlace, amp: str, log_interval: int,
                     state: EpochState, progress: RunProgress, files: checkpoints.Checkpoints,
                     control: 'RunControl') -> dict:
-    """One pass over parts.train_loader, from `state.iteration` when resuming; returns the epoch's averages over
-    all processes, its bad and truncated images, and 'stopped': the signal that stopped it early, or None.
-
-    After each iteration `control` decides, the same on every process, whether to write a checkpoint (`files`)
-    or to stop. Figures stay on the device between log points, so that a GPU is not made to wait every step; a
-    step the fp16 scaler skipped counts in no average.
-    """
+    """One pass over parts.train_loader from `state.iteration`: averages over all processes, bad and truncated images,
+    'stopped' (the signal that stopped it early, or None); a step the fp16 scaler skipped counts in no average."""
     parts.distiller.train()
-    show_progress = place.rank == 0
     first_iteration, iterations = state.iteration, state.iteration + len(parts.train_loader)
-    sums = torch.tensor(state.sums, dtype=torch.float64, device=place.device)
-    first_samples = state.sums[4]
+    sums, first_samples = torch.tensor(state.sums, dtype=torch.float64, device=place.device), state.sums[4]
     non_finite = NonFiniteWatch(place.device, skips_allowed=parts.scaler.is_enabled())
     batches = iter(parts.train_loader)  # draws the loader's seed: before the generators are restored, as it was
-    if state.random_state is not None:
-        # a resumed epoch draws on from where the interrupted one wrote its checkpoint
+    if state.random_state is not None:  # a resumed epoch draws on from where its checkpoint was written
         checkpoints.set_random_state(state.random_state)
-    bar = tqdm(batches, desc=f'epoch {epoch}', disable=not show_progress, dynamic_ncols=True,
+    bar = tqdm(batches, desc=f'epoch {epoch}', disable=place.rank != 0, dynamic_ncols=True,
                initial=first_iteration, total=iterations)
     start, lr, stopped = time.perf_counter(), parts.schedule(epoch + first_iteration / iterations, epoch), None
     for iteration, batch in enumerate(bar, start=first_iteration):
@@ -324,11 +280,10 @@ def train_one_epoch(parts: TrainingParts, epoch: int, *, place: RunPlace, amp: s
         state.iteration = iteration + 1
         if state.iteration % log_interval == 0 or state.iteration == iterations:
             non_finite.check(epoch)
-            step = (epoch - 1) * iterations + iteration
             for tag, value in (('train/ce_loss', cross_entropy.item()), ('train/kd_loss', distillation.item()),
                                ('train/lr', lr)):
-                place.logger.scalar(tag, value, step)
-            if show_progress:
+                place.logger.scalar(tag, value, (epoch - 1) * iterations + iteration)
+            if place.rank == 0:
                 images_per_second = ((float(sums[4]) - first_samples) * place.world_size /
                                      max(time.perf_counter() - start, 1e-9))
                 bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.2e}', img_s=f'{images_per_second:.1f}')
@@ -343,13 +298,8 @@ def train_one_epoch(parts: TrainingParts, epoch: int, *, place: RunPlace, amp: s
         if stopped:
             bar.close()
             break
-    control.end_of_epoch()
-    return _epoch_averages(sums, state, place.device, lr=lr, stopped=stopped)
-
-
-def _epoch_averages(sums: torch.Tensor, state: EpochState, device: torch.device, lr: float,
-                    stopped: str | None) -> dict:
-    totals = dict(zip(('loss', 'ce', 'kd', 'correct', 'samples'), utils.global_sum(sums.tolist(), device)))
+    control.drain()  # before the epoch's own checkpoint
+    totals = dict(zip(('loss', 'ce', 'kd', 'correct', 'samples'), utils.global_sum(sums.tolist(), place.device)))
     samples = max(totals['samples'], 1.0)
     return {'lr': lr, 'loss': totals['loss'] / samples, 'ce': totals['ce'] / samples, 'kd': totals['kd'] / samples,
             'accuracy': totals['correct'] / samples, 'samples': totals['samples'], 'stopped': stopped,
@@ -357,26 +307,11 @@ def _epoch_averages(sums: torch.Tensor, state: EpochState, device: torch.device,
             'truncated_images': utils.gather_messages(state.truncated_images)}
 
 
-def advance_progress(progress: RunProgress, epoch: int, validation: dict | None, validating: bool) -> bool:
-    """Mark `epoch` done in `progress`, and as the best epoch when it is (returned): without a validation list the
-    latest epoch is; ties go to the later epoch, as the original."""
-    improved = not validating or (validation is not None and validation['accuracy'] >= progress.best_accuracy)
-    if improved:
-        progress.best_accuracy, progress.best_epoch = (validation['accuracy'] if validation else -1.0), epoch
-    progress.epoch, progress.iteration = epoch, 0
-    return improved
-
-
 class Trainer:
-    """Resume, then the epoch loop: train, validate, keep the best student, write the checkpoints; stop on a signal.
-
-    `flags` (the settings that change the trajectory without naming the run directory) go into every checkpoint;
-    a resume with other values stops (see checkpoints.Checkpoints).
-    """
+    """Resume, then per epoch train, validate, keep the best, checkpoint with `flags` (a resume with others stops)."""
 
     def __init__(self, args, parts: TrainingParts, place: RunPlace, flags: dict, signals: StopSignals):
-        self.args, self.parts, self.place = args, parts, place
-        self.progress = RunProgress()
+        self.args, self.parts, self.place, self.progress = args, parts, place, RunProgress()
         self.files = checkpoints.Checkpoints(
             place.run_dir, rank=place.rank, world_size=place.world_size, logger=place.logger,
             student=parts.distiller.student, optimizer=parts.optimizer, scaler=parts.scaler,
@@ -396,14 +331,15 @@ class Trainer:
             self._end_epoch(epoch, averages)
             state = EpochState()
         if parts.val_loader is not None and self.progress.best_epoch:
-            log_best_epoch(place.logger, self.progress)
+            place.logger.info(f'best epoch {self.progress.best_epoch}: eval_acc={self.progress.best_accuracy:.4f}')
+            place.logger.result('best_epoch', self.progress.best_epoch)
+            place.logger.result('best_accuracy', self.progress.best_accuracy)
 
     def _end_epoch(self, epoch: int, averages: dict):
         """Stop on a signal, or validate, log, and write the epoch's checkpoint (and max_acc.pth if it is best)."""
-        args, parts, place = self.args, self.parts, self.place
+        args, parts, place, progress = self.args, self.parts, self.place, self.progress
         if averages['stopped']:
-            stop_run(place.logger, averages['stopped'], f'in epoch {epoch} after iteration {averages["iteration"]}',
-                     self.files.path(checkpoints.CHECKPOINT_NAME))
+            self._stop(averages['stopped'], f'in epoch {epoch} after iteration {averages["iteration"]}')
         check_bad_images(averages, args.max_bad_images, epoch, place.logger)
         broadcast_batch_norm_statistics(parts.distiller.student)
         validation = None
@@ -412,17 +348,25 @@ class Trainer:
                                   args.amp)
             datasets.report_truncated(validation['truncated_images'], place.logger)
         log_epoch(place.logger, epoch, averages, validation)
-        improved = advance_progress(self.progress, epoch, validation, validating=parts.val_loader is not None)
-        self.files.save_epoch_end(self.progress, improved)
+        # without a validation list the latest epoch is the best; ties go to the later epoch, as the original
+        improved = parts.val_loader is None or (validation is not None and
+                                                validation['accuracy'] >= progress.best_accuracy)
+        if improved:
+            progress.best_accuracy, progress.best_epoch = (validation['accuracy'] if validation else -1.0), epoch
+        progress.epoch, progress.iteration = epoch, 0
+        self.files.save_epoch_end(progress, improved)
         self.control.checkpoint_written()
-        stopped = self.control.stop_requested()
-        if stopped:
-            stop_run(place.logger, stopped, f'after epoch {epoch}', self.files.path(checkpoints.CHECKPOINT_NAME))
+        if stopped := self.control.stop_requested():
+            self._stop(stopped, f'after epoch {epoch}')
+
+    def _stop(self, signal_name: str, where: str):
+        """Say where the run stopped and how to resume it, and end it with the signal's exit status."""
+        self.place.logger.info(f'stopped by {signal_name} {where}: checkpoint written to '
+                               f'{self.files.path(checkpoints.CHECKPOINT_NAME)}; the same command resumes from there')
+        raise RunInterrupted(128 + getattr(signal, signal_name, signal.SIGTERM))
 
     def best_weights(self) -> str | None:
-        """max_acc.pth, the weights of the best epoch; None when no epoch was trained (the test then takes the
-        student as it is: an untrained floor). Its absence after training stops the run: the test would give
-        other weights' figures under the best epoch's name."""
+        """max_acc.pth, or None if no epoch was trained; stop if it is missing: the test would score other weights."""
         best = self.files.path(checkpoints.BEST_NAME)
         if self.progress.best_epoch and not os.path.isfile(best):
             raise utils.RunError(f'{best}, the weights of the best epoch {self.progress.best_epoch}, is missing: put '
@@ -430,22 +374,8 @@ class Trainer:
         return best if self.progress.best_epoch else None
 
 
-def stop_run(logger, signal_name: str, where: str, checkpoint_path: str):
-    """Say where the run stopped and how to resume it, and end it with the signal's exit status."""
-    logger.info(f'stopped by {signal_name} {where}: checkpoint written to {checkpoint_path}; the same command '
-                'resumes from there')
-    raise RunInterrupted(128 + getattr(signal, signal_name, signal.SIGTERM))
-
-
-def log_best_epoch(logger, progress: RunProgress):
-    logger.info(f'best epoch {progress.best_epoch}: eval_acc={progress.best_accuracy:.4f}')
-    logger.result('best_epoch', progress.best_epoch)
-    logger.result('best_accuracy', progress.best_accuracy)
-
-
 def check_bad_images(averages: dict, max_fraction: float, epoch: int, logger):
-    """Log each replaced or truncated image once a run; stop when more than `max_fraction` of the epoch was
-    unreadable (truncated images are used, and do not count)."""
+    """Log each replaced or truncated image once a run; stop when over `max_fraction` of the epoch was unreadable."""
     datasets.report_truncated(averages['truncated_images'], logger)
     bad = sorted(set(averages['bad_images']))
     for message in bad:
@@ -458,8 +388,7 @@ def check_bad_images(averages: dict, max_fraction: float, epoch: int, logger):
 
 
 def log_epoch(logger, epoch: int, averages: dict, validation: dict | None):
-    """The epoch line of record.txt (the original's format) and its tensorboard scalars; an epoch that was not
-    validated has no validation figures."""
+    """The epoch's line in record.txt (the original's format), its results row and its tensorboard scalars."""
     evaluated = ''
     scalars = [('train/accuracy', averages['accuracy']), ('train/epoch_ce_loss', averages['ce']),
                ('train/epoch_kd_loss', averages['kd'])]

@@ -1,5 +1,4 @@
-"""Run names, the logger and results.json, atomic file writes, the collectives every room shares, and the one
-error a run stops with."""
+"""Atomic file writes, plain-data loading, the collectives, digests, and the one error a run stops with."""
 import hashlib
 import json
 import math
@@ -35,9 +34,7 @@ def _json_ready(value):
         return [_json_ready(item) for item in value]
     if isinstance(value, (float, np.floating)):
         return None if math.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+    return int(value) if isinstance(value, np.integer) else value
 
 
 def write_json(value, path: str):
@@ -46,9 +43,8 @@ def write_json(value, path: str):
 
 
 def write_atomically(path: str, write, check=None, previous_path: str | None = None):
-    """write(binary file) into a temporary file beside `path`, flushed to disk, checked by check(temporary path),
-    then renamed over `path` (its old content kept at `previous_path` when given): an interrupted or failed write
-    (a full disk) leaves the previous file whole and no temporary behind."""
+    """write(binary file) into a flushed temporary file beside `path`, check(temporary path), then rename it over
+    `path` (the old content kept at `previous_path`): a failed write leaves the previous file whole, no temporary."""
     directory = os.path.dirname(os.path.abspath(path))
     temporary = None
     try:
@@ -63,7 +59,13 @@ def write_atomically(path: str, write, check=None, previous_path: str | None = N
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files private; run files are shared
         if previous_path is not None and os.path.exists(path):
-            _keep_as(path, previous_path)
+            # a hard link (a copy where links fail) renamed into place: a kill at any moment leaves a latest file
+            link = f'{previous_path}.{os.getpid()}.link'
+            try:
+                os.link(path, link)
+            except OSError:
+                shutil.copyfile(path, link)
+            os.replace(link, previous_path)
         os.replace(temporary, path)
     except BaseException as error:
         if temporary is not None and os.path.exists(temporary):
@@ -74,25 +76,11 @@ def write_atomically(path: str, write, check=None, previous_path: str | None = N
         raise
 
 
-def _keep_as(path: str, kept_path: str):
-    """Make `kept_path` hold what `path` holds while `path` stays in place, so that a kill at any moment leaves a
-    latest file: a hard link renamed over `kept_path` (a copy where links are not supported)."""
-    link = f'{kept_path}.{os.getpid()}.link'
-    try:
-        os.link(path, link)
-    except OSError:
-        shutil.copyfile(path, link)
-    os.replace(link, kept_path)
-
-
 class _PlainDataUnpickler(pickle.Unpickler):
-    """Unpickler for plain python data (containers, numbers, strings) and numpy scalars/arrays only: nothing else is
-    ever constructed."""
-    ALLOWED_GLOBALS = {
-        ('numpy', 'dtype'), ('numpy', 'ndarray'),
-        ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
-        ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-    }
+    """Builds plain Python data and numpy scalars/arrays only: nothing else is ever constructed."""
+    ALLOWED_GLOBALS = {('numpy', 'dtype'), ('numpy', 'ndarray'),
+                       ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+                       ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct')}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED_GLOBALS:
@@ -101,28 +89,34 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 
 def load_plain_data(path: str):
-    """What a `torch.save`, `pickle.dump` or `numpy.save` file holds, read without running any code from it
-    (torch's weights_only loader; an unpickler that refuses every class but numpy's array reconstruction)."""
+    """What a `torch.save`, `pickle.dump` or `numpy.save` file holds, read without running any code from it."""
     if zipfile.is_zipfile(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     with open(path, 'rb') as handle:
         if handle.read(6) != b'\x93NUMPY':
             handle.seek(0)
             return _PlainDataUnpickler(handle).load()
-        handle.seek(0)
-        version = np.lib.format.read_magic(handle)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
+        version = tuple(handle.read(2))  # (major, minor), after the magic string
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         _, _, dtype = read_header(handle)
-        if dtype.hasobject:
-            loaded = _PlainDataUnpickler(handle).load()
-        else:
-            handle.seek(0)
-            loaded = np.load(handle, allow_pickle=False)
+        loaded = _PlainDataUnpickler(handle).load() if dtype.hasobject else np.load(path, allow_pickle=False)
         return loaded.item() if isinstance(loaded, np.ndarray) and loaded.shape == () else loaded
 
 
 # ------------------------------------------------------------------------------------------------------ collectives
+def init_distributed():
+    """(rank, world_size, device) under torchrun (nccl on GPUs, gloo on the CPU), or a single process."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), world_size, device
+
+
 def distributed() -> bool:
     """Whether this process is one of several under torch.distributed."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -151,18 +145,19 @@ def gather_messages(messages: list[str]) -> list[str]:
 
 
 def gather_in_order(local_values: torch.Tensor, local_indices: torch.Tensor, total: int) -> torch.Tensor:
-    """Collect every process's rows (all_gather when distributed) into a (total, ...) tensor in list order.
+    """All processes' rows as one (total, ...) tensor in list order; RuntimeError unless indices are 0..total-1 once."""
+    values, indices = local_values, local_indices.to(device=local_values.device, dtype=torch.long)
+    if distributed():  # shards may differ in length: each is padded to the longest, then cut back
+        counts = gather_objects(values.shape[0])
 
-    Raises RuntimeError unless the indices over all processes are exactly 0..total-1 once each.
-    """
-    local_indices = local_indices.to(device=local_values.device, dtype=torch.long)
-    if distributed():
-        values, indices = _all_gather_rows(local_values, local_indices)
-    else:
-        values, indices = local_values, local_indices
-    if indices.numel() != total or (indices.numel() and (
-            indices.min() < 0 or indices.max() >= total or
-            not bool((torch.bincount(indices, minlength=total) == 1).all()))):
+        def gathered(tensor):
+            padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+            padded[:tensor.shape[0]] = tensor
+            parts = [torch.empty_like(padded) for _ in counts]
+            dist.all_gather(parts, padded)
+            return torch.cat([part[:count] for part, count in zip(parts, counts)])
+        values, indices = gathered(values), gathered(indices)
+    if indices.numel() != total or not torch.equal(indices.sort().values, torch.arange(total, device=indices.device)):
         raise RuntimeError(f"gathered {indices.numel()} rows for {total} images with missing or repeated "
                            f"indices; every process must evaluate its own contiguous shard once")
     ordered = values.new_empty((total, *values.shape[1:]))
@@ -170,36 +165,19 @@ def gather_in_order(local_values: torch.Tensor, local_indices: torch.Tensor, tot
     return ordered
 
 
-def _all_gather_rows(local_values: torch.Tensor, local_indices: torch.Tensor):
-    """Every process's rows and their indices, concatenated in rank order (shards may differ in length)."""
-    counts = gather_objects(local_values.shape[0])
-
-    def gathered(tensor):
-        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-        padded[:tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded)
-        return torch.cat([part[:count] for part, count in zip(parts, counts)])
-    return gathered(local_values), gathered(local_indices)
-
-
 class StopOnEveryRank(RunError):
     """A problem met by one process (an unreadable evaluation image), raised by every process with its message."""
 
 
 def stop_if_any_process_failed(messages: list[str]):
-    """Raise StopOnEveryRank with the first problem of any process, on every process; nothing when none has one.
-
-    Every process calls this at the same point, so that none waits in a collective for one that stopped.
-    """
+    """Raise any process's first problem as StopOnEveryRank on every process (all call it, so none waits alone)."""
     problems = gather_messages(messages[:1])
     if problems:
         raise StopOnEveryRank(problems[0])
 
 
 def on_rank_zero(rank: int, action):
-    """Run `action()` on rank 0 alone while the other processes wait, and return its result on every process; a
-    RunError it raises stops every process with its message (none is left waiting for rank 0)."""
+    """action() on rank 0 while the others wait: its result on every process, or its RunError raised on each."""
     outcome = (None, None)
     if rank == 0:
         try:
@@ -224,7 +202,7 @@ def default_device():
 
 def normalized_features(features, device, name):
     """(N, d) array or tensor -> float32 L2-normalised tensor on `device`."""
-    # a read-only array (a memory-mapped .npy) is copied: torch does not take non-writable memory
+    # a read-only (memory-mapped) array is copied: torch does not take non-writable memory
     tensor = features if torch.is_tensor(features) else torch.from_numpy(np.require(features, requirements='W'))
     if tensor.ndim != 2:
         raise RunError(f'{name} must be a 2-d (N, d) array, got shape {tuple(tensor.shape)}')
@@ -234,19 +212,16 @@ def normalized_features(features, device, name):
     return functional.normalize(tensor, dim=1)
 
 
-# ------------------------------------------------------------------------------------------ the teacher's cache
 def text_digest(text: str) -> str:
-    """sha256 of a text (the suite's one digest: of texts here, of files' bytes in file_digest)."""
+    """sha256 of a text (the suite's one digest, as in file_digest)."""
     return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
 def file_digest(paths) -> str:
     """sha256 of the bytes of the given files, in order (None entries skipped)."""
     digest = hashlib.sha256()
-    for path in paths:
-        if path:
-            for block in file_blocks(path):
-                digest.update(block)
+    for block in (block for path in paths if path for block in file_blocks(path)):
+        digest.update(block)
     return digest.hexdigest()
 
 

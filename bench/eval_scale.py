@@ -45,7 +45,7 @@ def gldv2(arguments):
                 for number, query in enumerate(query_ids)}
     usage = {query: 'Private' if number % 3 else 'Public' for number, query in enumerate(query_ids)}
     images = retrieval.BenchmarkImages('gldv2', [], [], solution=solution, usage=usage, query_ids=query_ids,
-                                     database_ids=index_ids)
+                                       database_ids=index_ids)
     with open('/proc/self/statm') as statm:
         resident_gb = int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
     print(f'resident before scoring: {resident_gb:.2f} GB, of which the index features '

@@ -175,7 +175,7 @@ main.main(main.get_parser().parse_args(sys.argv[1:]))
 
 @pytest.mark.parametrize('task', ['test_only', 'export'])
 def test_sigterm_during_a_test_only_run_or_an_export_ends_at_once_with_one_line(tiny_data, tmp_path, student_file,
-                                                                               task):
+                                                                                task):
     runner = tmp_path / 'runner.py'
     code = SIGNAL_IN_TEST_RUNNER if task == 'test_only' else SIGNAL_IN_EXPORT_RUNNER
     runner.write_text(code.format(root=ROOT))

@@ -111,7 +111,7 @@ def gpu_step_losses(tiny_data, save_dir, runner, *switches) -> list[float]:
 # CPU: bf16 4e-4 at the first step, 1.3% at most over 6).
 @pytest.mark.parametrize('amp, first_tolerance, tolerance', [('bf16', 2e-3, 3e-2), ('fp16', 2e-3, 3e-2)])
 def test_a_mixed_precision_run_on_the_gpu_takes_the_float32_runs_steps(tiny_data, tmp_path, amp, first_tolerance,
-                                                                        tolerance):
+                                                                       tolerance):
     runner = tmp_path / 'runner.py'
     runner.write_text(LOSS_RUNNER.format(root=ROOT))
     reference = gpu_step_losses(tiny_data, tmp_path / 'float32', runner)

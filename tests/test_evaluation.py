@@ -211,7 +211,7 @@ def test_cross_scores_use_gallery_for_the_second_image():
     far, tar = reference_curve(features, positive, gallery=gallery)
     expected = reference_tars(far, tar, FARS)
     assert verification.tar_at_far(features, labels=labels, fars=FARS, gallery_features=gallery,
-                            tile_elements=300) == expected
+                                   tile_elements=300) == expected
     # Swapping the roles scores the other triangle: in general a different answer.
     far_swapped, tar_swapped = reference_curve(gallery, positive, gallery=features)
     assert verification.tar_at_far(gallery, labels=labels, fars=FARS, gallery_features=features) == \
@@ -234,7 +234,7 @@ def test_evaluate_features_shares_one_pass_for_coarse_and_fine(tmp_path):
     fine_mask = os.path.join(tmp_path, 'fine.npy')
     np.save(fine_mask, pairs_from_labels(fine))
     masked = evaluation.evaluate_features(features, coarse, None, coarse_mask=pairs_from_labels(coarse),
-                                     fine_mask=fine_mask, fars=FARS)
+                                          fine_mask=fine_mask, fars=FARS)
     assert masked['coarse'] == result['coarse'] and masked['fine'] == result['fine']
     assert masked['fine_nn_accuracy'] is None
 

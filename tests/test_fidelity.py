@@ -147,6 +147,6 @@ def test_tar_at_far_is_the_originals_by_labels_and_by_mask(name):
 def test_cross_scoring_with_the_same_gallery_is_the_originals(name):
     case = tar_case(name)
     result = evaluation.evaluate_features(case['features'], case['coarse'], case['fine'],
-                                     gallery_features=case['features'].copy())
+                                          gallery_features=case['features'].copy())
     assert_original_tars(result['coarse'], case['expected_coarse'], case['coarse'], name == 'lattice')
     assert_original_tars(result['fine'], case['expected_fine'], case['fine'], name == 'lattice')

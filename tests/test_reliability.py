@@ -97,7 +97,7 @@ def straight_run(tiny_data, tmp_path_factory):
 
 @pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_a_run_stopped_within_an_epoch_resumes_there_and_ends_with_the_same_weights(tiny_data, tmp_path,
-                                                                                       straight_run, signal_number):
+                                                                                    straight_run, signal_number):
     command = [sys.executable, os.path.join(ROOT, 'main.py')] + training_argv(tiny_data) + EVERY_ITERATION + [
         '--save_dir', str(tmp_path)]
     stopped = interrupt_mid_epoch(command, tmp_path, signal_number)
@@ -219,8 +219,8 @@ def test_a_save_dir_that_processes_do_not_share_is_refused_at_start(tiny_data, t
     runner.write_text(SEPARATE_STORAGE_RUNNER.format(root=ROOT))
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                              str(runner)] + training_argv(tiny_data, workers=0) + [
-                                '--batch_size', '8', '--save_dir', str(tmp_path / 'runs')],
-                            env=environment(), capture_output=True, text=True, timeout=300)
+        '--batch_size', '8', '--save_dir', str(tmp_path / 'runs')],
+        env=environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     messages = re.findall(r'^error: .*$', result.stderr, re.M)
     assert len(messages) == 1, result.stderr[-3000:]

@@ -104,14 +104,14 @@ def test_the_benchmark_ranking_is_the_references(case):
 def test_the_running_top_100_gives_the_references_map(case, tile_rows):
     g = case['expected']['gldv2']
     best, scores = retrieval.top_k_neighbours(case['gldv2_queries'], case['index'], k=100, device='cpu',
-                                               tile_rows=tile_rows)
+                                              tile_rows=tile_rows)
     full = case['gldv2_queries'] @ case['index'].T
     np.testing.assert_allclose(scores, -np.sort(-full, axis=1)[:, :100], rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.take_along_axis(full, best, axis=1), scores, rtol=0, atol=1e-6)
     solution = g['retrieval_solution']
     usage = {query: 'Private' if n % 2 else 'Public' for n, query in enumerate(solution)}
     images = retrieval.BenchmarkImages('gldv2', [], [], solution=solution, query_ids=g['query_ids'],
-                                     database_ids=g['index_ids'], usage=usage)
+                                       database_ids=g['index_ids'], usage=usage)
     figures = retrieval.gldv2_figures(case['gldv2_queries'], case['index'], images, device='cpu')
     assert abs(figures['all'] - g['map_at_100']) <= 2e-3
     private = {query: truth for n, (query, truth) in enumerate(solution.items()) if n % 2}

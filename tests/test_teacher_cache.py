@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from conftest import ROOT, classifier_file, data_args, run_main
 from PIL import Image
 
-import checkpoints
 import feature_store  # noqa: E402
 import model as models
 import trainer
@@ -189,7 +188,7 @@ def test_a_run_from_the_cache_killed_mid_epoch_ends_as_an_uninterrupted_one(tiny
 
 
 def test_with_augment_the_student_sees_the_very_image_of_the_stored_view(tiny_data, teachers, tmp_path,
-                                                                          monkeypatch):
+                                                                         monkeypatch):
     import trainer
     seen, step = [], trainer.training_step
 
