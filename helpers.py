@@ -24,7 +24,7 @@ DEFAULT_NUM_CLASSES = 252903
 TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_size', 'num_classes', 'drop_block',
                     'demo_width_divisor', 'teacher_backbone_class', 'teacher_init_weights', 'teacher_eval',
                     'init_head_from_teacher', 'label_map', 'train_root', 'train_list', 'teacher_cache_dtype',
-                    'teacher_cache_views')
+                    'teacher_cache_views', 'feature_kd_weight')
 
 
 def build_training_loaders(train_samples, val_samples, *, val_list: str | None, num_classes: int, img_size: int,
@@ -198,7 +198,7 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
         student=prepare_student(distiller, fused_attention=args.fused_attention, compile_backbone=args.compile,
                                 world_size=world_size, device=device),
         criterion=losses.DistillationLoss(args.kd_loss if args.is_distill else None, args.kd_weight,
-                                          world_size=world_size),
+                                          world_size=world_size, feature_weight=args.feature_kd_weight),
         optimizer=build_optimizer(args.optim, distiller.trainable_parameters(), args.lr, args.weight_decay,
                                   args.momentum),
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'),

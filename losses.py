@@ -12,14 +12,19 @@ class DistillationLoss(nn.Module):
     `KD` (the original): sum over batch and classes of p_t * (log p_t - log_softmax(s / T)), p_t the untempered
     teacher softmax, no T^2. `global_KD`: summed squared error between the features. `tempered_KD`: Hinton's loss,
     both sides tempered, T^2 scaling, batch mean. `kind=None`: cross-entropy alone (how a teacher is trained).
-    Summed terms are multiplied by `world_size`: DDP's gradient averaging then yields the global batch's sum.
+    `feature_weight` > 0 adds that times the sum over the batch of 1 - cos(student feature, teacher feature): the
+    student's feature pulled toward the teacher's direction (the squared distance of the normalised features is
+    twice this, so the two differ by the weight only). Summed terms are multiplied by `world_size`: DDP's gradient
+    averaging then yields the global batch's sum.
     """
 
-    def __init__(self, kind: str | None, weight: float = 1.0, temperature: float = 4.0, world_size: int = 1):
+    def __init__(self, kind: str | None, weight: float = 1.0, temperature: float = 4.0, world_size: int = 1,
+                 feature_weight: float = 0.0):
         super().__init__()
         if kind is not None and kind not in KD_LOSSES:
             raise ValueError(f'unknown --kd_loss {kind!r}; choose one of {", ".join(KD_LOSSES)}')
         self.kind, self.weight, self.temperature, self.world_size = kind, weight, temperature, world_size
+        self.feature_weight = feature_weight
 
     def forward(self, student_features, student_logits, teacher_features, teacher_logits, labels):
         """Return (loss to back-propagate, cross-entropy, distillation term per global batch)."""
@@ -28,7 +33,15 @@ class DistillationLoss(nn.Module):
             return cross_entropy, cross_entropy.detach(), torch.zeros((), device=labels.device)
         distillation = self.distillation_term(student_features.float(), student_logits.float(),
                                               teacher_features.float(), teacher_logits.float())
-        return cross_entropy + self.weight * distillation, cross_entropy.detach(), distillation.detach()
+        loss = cross_entropy + self.weight * distillation
+        if self.feature_weight:
+            loss = loss + self.feature_weight * self.feature_term(student_features.float(), teacher_features.float())
+        return loss, cross_entropy.detach(), distillation.detach()
+
+    def feature_term(self, student_features, teacher_features):
+        """The sum over the batch of 1 - cos(student feature, teacher feature), times `world_size`."""
+        cosines = F.cosine_similarity(student_features, teacher_features, dim=1)
+        return self.world_size * (1 - cosines).sum()
 
     def distillation_term(self, student_features, student_logits, teacher_features, teacher_logits):
         if self.kind == 'global_KD':

@@ -66,6 +66,9 @@ def add_distillation_flags(add):
     add('--teacher_init_weights', default=None, help='teacher file with its cosine classifier')
     add('--kd_loss', default='KD', choices=losses.KD_LOSSES)
     add('--kd_weight', type=float, default=1.0)
+    add('--feature_kd_weight', type=float, default=0.0,
+        help="adds this times 1 - cos(student feature, teacher feature), summed over the batch (default 0: the "
+             'published loss)')
     add('--head_fixed', action='store_true', help="the student uses the teacher's classifier, frozen")
     add('--init_head_from_teacher', action='store_true',
         help="without --head_fixed, start the student's own head as a trainable copy of the teacher's "
@@ -155,6 +158,8 @@ def combination_problems(args, world_size: int) -> list[str]:
          "--teacher_cache stores the teacher's features: add --is_distill and a teacher"),
         (args.head_fixed and not args.is_distill,
          "--head_fixed shares the teacher's classifier: add --is_distill and a teacher"),
+        (args.feature_kd_weight and not args.is_distill,
+         "--feature_kd_weight pulls the student's features toward the teacher's: add --is_distill and a teacher"),
         (len(args.train_root) != len(args.train_list), f'--train_root has {len(args.train_root)} entries, '
                                                        f'--train_list {len(args.train_list)}: give one root per list'),
         (not (args.test_only or args.export_onnx) and not args.train_list,
@@ -218,9 +223,9 @@ def number_problems(args) -> list[str]:
     """Numbers out of range, an --img_size Swin does not take, an unusable --step_size, a run with nothing to do."""
     ranges = ((('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor', 'teacher_cache_views'),
                'be at least 1', lambda value: value < 1),
-              (('max_epoch', 'warmup_epoch', 'min_lr', 'weight_decay', 'momentum', 'kd_weight', 'num_workers',
-                'max_bad_images', 'checkpoint_minutes'), 'not be negative', lambda value: value < 0),
-              (('lr', 'min_lr', 'weight_decay', 'momentum', 'gamma', 'kd_weight', 'max_bad_images',
+              (('max_epoch', 'warmup_epoch', 'min_lr', 'weight_decay', 'momentum', 'kd_weight', 'feature_kd_weight',
+                'num_workers', 'max_bad_images', 'checkpoint_minutes'), 'not be negative', lambda value: value < 0),
+              (('lr', 'min_lr', 'weight_decay', 'momentum', 'gamma', 'kd_weight', 'feature_kd_weight', 'max_bad_images',
                 'checkpoint_minutes'), 'be a finite number', lambda value: not math.isfinite(value)),
               (('lr', 'gamma'), 'be positive', lambda value: value <= 0))
     problems = [f'--{name} must {rule}, not {getattr(args, name)}'

@@ -27,7 +27,8 @@
 #   Smaller or larger demos:
 #   DEMO_LANDMARKS (300), DEMO_VIEWS (40 per training landmark), DEMO_TEST_LANDMARKS (50), DEMO_IMG_SIZE (32),
 #   DEMO_WIDTH_DIVISOR (4), DEMO_TEACHER_EPOCHS (7), DEMO_STUDENT_EPOCHS (3, Swin-tiny), DEMO_RESNET12_EPOCHS (2),
-#   DEMO_AMP (bf16; set none on a CPU without bf16).
+#   DEMO_AMP (bf16; set none on a CPU without bf16), DEMO_SEED (0: the seed of the demo's data and of every run in
+#   it, so that other seeds show how much of the table is the seed).
 set -eu
 # paths stay relative to the caller's directory; the project's scripts are found beside this file
 here=$(dirname "$0")
@@ -37,17 +38,18 @@ run_demo() {
     demo_dir=${DEMO_DIR:-./demo_output}
     size=${DEMO_IMG_SIZE:-32}
     landmarks=${DEMO_LANDMARKS:-300}
+    seed=${DEMO_SEED:-0}
     data="$demo_dir/data"
     runs="$demo_dir/runs"
     echo "demo: synthetic landmarks in $data, runs in $runs"
     teacher_epochs=${DEMO_TEACHER_EPOCHS:-7}
-    "$PYTHON" "$here/demo.py" data "$data" --seed 0 --num_train_landmarks "$landmarks" \
+    "$PYTHON" "$here/demo.py" data "$data" --seed "$seed" --num_train_landmarks "$landmarks" \
         --train_views "${DEMO_VIEWS:-40}" --num_test_landmarks "${DEMO_TEST_LANDMARKS:-50}" > /dev/null
     # the CPU demo narrows every width by DEMO_WIDTH_DIVISOR; the architectures are otherwise the real ones.
     # Batches of 128 keep two CPU cores busy (tiny widths leave small batches to per-operation overheads).
     common="--dataset Synthetic --img_size $size --demo_width_divisor ${DEMO_WIDTH_DIVISOR:-4} --amp ${DEMO_AMP:-bf16}
             --num_workers 1 --batch_size 128 --optim AdamW --weight_decay 0.05 --warmup_epoch 1 --eval_interval 1
-            --log_interval 10
+            --log_interval 10 --seed $seed
             --save_dir $runs --train_root $data --train_list $data/train.txt --val_root $data
             --val_list $data/val.txt --test_root $data --test_list $data/test.txt"
     echo "demo: Swin_base teacher trained with cross-entropy on its cosine head"

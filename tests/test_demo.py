@@ -173,6 +173,13 @@ def test_the_demo_runs_with_the_settings_the_readme_gives(tmp_path):
     assert '--backbone_class Swin_tiny --lr 0.001 --max_epoch 3' in swin and '--teacher_cache' in swin
     assert '--backbone_class Resnet12 --lr 0.002 --max_epoch 2' in resnet and '--teacher_cache' in resnet
     assert '--max_epoch 0 --suffix=-untrained' in floor
+    assert 'demo.py data' in data and '--seed 0 ' in data
+    assert all('--seed 0 ' in command for command in (teacher, swin, resnet, floor))
+    environment['DEMO_SEED'] = '3'  # one seed for the data and every run
+    log.unlink()
+    assert subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, timeout=60).returncode == 0
+    commands = [' '.join(line.split()) for line in log.read_text().splitlines()]
+    assert all('--seed 3 ' in command for command in commands[:5]) and '--seed 0' not in ' '.join(commands)
     assert report.split()[-3:] == ['report', f'{tmp_path}/demo/runs', f'{tmp_path}/demo']
 
 

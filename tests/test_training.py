@@ -93,6 +93,31 @@ def test_kd_is_scaled_by_world_size_so_ddp_averaging_gives_the_global_sum():
     assert two[1].item() == pytest.approx(one[1].item(), rel=1e-6)
 
 
+def test_the_feature_term_is_one_minus_the_cosine_summed_and_pulls_toward_the_teacher():
+    # the first student feature at right angles to the teacher's, the second along it and twice as long
+    student = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 3.0], [0.0, 1.0]])
+    logits, labels = torch.zeros(2, 3), torch.tensor([0, 1])
+    loss, cross_entropy, _ = losses.DistillationLoss('KD', weight=0.0, world_size=2, feature_weight=0.5)(
+        student, logits, teacher, logits, labels)
+    # ln 3 for uniform logits, plus 0.5 x 2 processes x ((1 - cos 90°) + (1 - cos 0°)) = 1
+    assert cross_entropy.item() == pytest.approx(math.log(3), rel=1e-6)
+    assert loss.item() == pytest.approx(math.log(3) + 1.0, rel=1e-6)
+    loss.backward()
+    # d(1 - cos)/ds = -(t / (|s| |t|) - cos s / |s|^2): -(0, 1) at the first, 0 at the aligned second
+    torch.testing.assert_close(student.grad, torch.tensor([[0.0, -1.0], [0.0, 0.0]]))
+    published = losses.DistillationLoss('KD', weight=0.0)(student, logits, teacher, logits, labels)[0]
+    assert published.item() == pytest.approx(math.log(3), rel=1e-6)  # without the weight, the published loss
+
+
+def test_the_feature_term_needs_a_teacher():
+    args = main.get_parser().parse_args(['--train_list', 'l', '--train_root', 'r', '--feature_kd_weight', '0.5'])
+    assert "--feature_kd_weight pulls the student's features toward the teacher's: add --is_distill and a teacher" \
+        in main.combination_problems(args, 1)
+    args = main.get_parser().parse_args(['--feature_kd_weight', '-1'])
+    assert '--feature_kd_weight must not be negative, not -1.0' in main.number_problems(args)
+
+
 def test_global_kd_tempered_kd_and_ce_only():
     torch.manual_seed(2)
     student_features, teacher_features = torch.randn(3, 4), torch.randn(3, 4)
@@ -400,7 +425,7 @@ def test_two_processes_take_the_same_steps_as_one_and_a_wrong_reduction_is_caugh
     argv = SMALL + data_args(tiny_data)[:4] + [
         '--backbone_class', 'Swin_tiny', '--is_distill', '--teacher_backbone_class', 'Swin_tiny',
         '--teacher_init_weights', teacher, '--head_fixed', '--max_epoch', '1', '--warmup_epoch', '0',
-        '--optim', 'SGD', '--lr', '0.5', '--batch_size', '8']
+        '--optim', 'SGD', '--lr', '0.5', '--batch_size', '8', '--feature_kd_weight', '0.5']
     two_processes = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
     for name, launcher, environment in (('one', [sys.executable], subprocess_env()),
                                         ('two', two_processes, subprocess_env()),
