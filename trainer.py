@@ -24,7 +24,7 @@ from checkpoints import EpochState, RunProgress
 def learning_rate(epoch_position: float, epoch: int, *, base_lr: float, min_lr: float, warmup_epochs: int,
                   max_epoch: int, scheduler: str, step_size: list[int], gamma: float) -> float:
     """The rate at epoch_position = epoch + iteration / iterations_per_epoch (epochs from 1): linear warm-up, then
-    cosine over max_epoch (not max_epoch - warmup, as the original), or decay by `gamma` at step_size's epochs."""
+    cosine over max_epoch (as the original, not max_epoch - warmup), or decay by `gamma` at step_size's epochs."""
     if epoch_position < warmup_epochs:
         return base_lr * epoch_position / warmup_epochs
     if scheduler == 'cosine':
