@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 
@@ -207,6 +208,11 @@ def test_gldv2_scores_each_usage_and_a_rerun_reads_the_saved_features(weights, t
     record, = glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'gldv2-other-*' / 'record.txt'))
     assert open(record, encoding='utf-8').read().count('(saved by an earlier run)') == 2
     assert len(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*' / 'features.npy'))) == 6
+    # the same models on other images (a copy elsewhere): nothing is read, four more stores are made
+    shutil.copytree(tmp_path / 'gldv2', tmp_path / 'gldv2_copy')
+    run_main(benchmark_argv(weights, tmp_path / 'runs', 'gldv2', tmp_path / 'gldv2_copy'))
+    assert record_of(tmp_path / 'runs', 'gldv2').count('(saved by an earlier run)') == 4
+    assert len(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*' / 'features.npy'))) == 10
 
 
 def test_two_processes_score_gldv2_as_one_and_a_rerun_of_two_reads_the_saved_features(weights, tmp_path):

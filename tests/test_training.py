@@ -118,6 +118,19 @@ def test_the_feature_term_needs_a_teacher():
     assert '--feature_kd_weight must not be negative, not -1.0' in main.number_problems(args)
 
 
+def test_main_hands_the_feature_weight_to_the_step(tiny_data, teacher_file, tmp_path, monkeypatch):
+    criteria, step = [], trainer.training_step
+
+    def recording_step(parts, *arguments):
+        criteria.append(parts.criterion)
+        return step(parts, *arguments)
+    monkeypatch.setattr(trainer, 'training_step', recording_step)
+    run_main(SMALL + data_args(tiny_data)[:4] + [
+        '--backbone_class', 'Resnet12', '--is_distill', '--teacher_backbone_class', 'Resnet12', '--teacher_init_weights',
+        teacher_file, '--head_fixed', '--max_epoch', '1', '--feature_kd_weight', '0.25', '--save_dir', str(tmp_path)])
+    assert criteria and {criterion.feature_weight for criterion in criteria} == {0.25}
+
+
 def test_global_kd_tempered_kd_and_ce_only():
     torch.manual_seed(2)
     student_features, teacher_features = torch.randn(3, 4), torch.randn(3, 4)
