@@ -126,8 +126,9 @@ def test_main_hands_the_feature_weight_to_the_step(tiny_data, teacher_file, tmp_
         return step(parts, *arguments)
     monkeypatch.setattr(trainer, 'training_step', recording_step)
     run_main(SMALL + data_args(tiny_data)[:4] + [
-        '--backbone_class', 'Resnet12', '--is_distill', '--teacher_backbone_class', 'Resnet12', '--teacher_init_weights',
-        teacher_file, '--head_fixed', '--max_epoch', '1', '--feature_kd_weight', '0.25', '--save_dir', str(tmp_path)])
+        '--backbone_class', 'Resnet12', '--is_distill', '--teacher_backbone_class', 'Resnet12',
+        '--teacher_init_weights', teacher_file, '--head_fixed', '--max_epoch', '1', '--feature_kd_weight', '0.25',
+        '--save_dir', str(tmp_path)])
     assert criteria and {criterion.feature_weight for criterion in criteria} == {0.25}
 
 
