@@ -188,9 +188,15 @@ def decode_eval_image(path: str, img_size: int, box=None) -> torch.Tensor:
     """Full decode, RGB, cropped to `box` (left, top, right, bottom) when one is given, bilinear (antialiased) resize
     to img_size x img_size, as uint8 BGR."""
     with Image.open(path) as image:
+        if box and not (box[0] < image.width and box[1] < image.height and box[2] > 0 and box[3] > 0):
+            raise BoxOutsideImage(f'its bbx {tuple(box)} lies wholly outside the {image.width}x{image.height} image')
         rgb = _rgb(image)
         resized = (rgb.crop(box) if box else rgb).resize((img_size, img_size), Image.Resampling.BILINEAR)
     return _bgr_tensor(resized)
+
+
+class BoxOutsideImage(ValueError):
+    """A query's bbx covers none of its image (a crop would be black)."""
 
 
 def decode_train_crop(path: str, img_size: int) -> torch.Tensor:
@@ -241,6 +247,8 @@ def image_problem(path: str, error: BaseException) -> str:
         return 'empty file'
     if isinstance(error, Image.UnidentifiedImageError):
         return 'not a decodable image'
+    if isinstance(error, BoxOutsideImage):
+        return str(error)
     return f"cannot decode ({error})"
 
 
@@ -399,8 +407,13 @@ def build_eval_loader(dataset, batch_size: int, num_workers: int, rank: int, wor
                        drop_last=False)
 
 
-def make_loader(dataset, sampler, batch_size: int, num_workers: int, drop_last: bool) -> DataLoader:
-    """The suite's loader: persistent workers that leave Ctrl-C to the main process, pinned memory on GPUs."""
+def make_loader(dataset, sampler, batch_size: int | None, num_workers: int, drop_last: bool,
+                batches: list[list] | None = None) -> DataLoader:
+    """The suite's loader: persistent workers that leave Ctrl-C to the main process, pinned memory on GPUs.
+    `batches` (lists of keys) replaces `sampler` and `batch_size`."""
+    if batches is not None:
+        return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       worker_init_fn=_ignore_interrupts if num_workers > 0 else None)

@@ -218,9 +218,11 @@ def teacher_cache_of(args, samples, rank: int) -> feature_store.FeatureStore:
         'teacher': args.teacher_backbone_class, 'teacher_file': utils.file_digest([args.teacher_init_weights]),
         'training_lists': utils.file_digest(args.train_list + [args.label_map]), 'train_root': list(args.train_root),
         'images': len(samples), 'img_size': args.img_size, 'width_divisor': args.demo_width_divisor,
-        'augment': args.augment, 'views': teacher_views(args), 'seed': args.seed, 'dtype': args.teacher_cache_dtype}
+        'augment': args.augment, 'views': teacher_views(args), 'seed': args.seed, 'dtype': args.teacher_cache_dtype,
+        'teacher_mode': 'eval' if args.teacher_eval else 'train', 'chunk': feature_store.CHUNK}
     shape = (teacher_views(args), len(samples), model.FEATURE_DIM // args.demo_width_divisor)
-    return feature_store.FeatureStore(args.teacher_cache, identity, shape, args.teacher_cache_dtype)
+    return feature_store.FeatureStore(args.teacher_cache, identity, shape, args.teacher_cache_dtype,
+                                      images=None if rank else [sample.path for sample in samples])
 
 
 def ready_teacher_cache(args, place: trainer.RunPlace, cache: feature_store.FeatureStore, samples):
@@ -230,22 +232,28 @@ def ready_teacher_cache(args, place: trainer.RunPlace, cache: feature_store.Feat
         if rank == 0:
             os.makedirs(args.teacher_cache, exist_ok=True)
         run_directory.check_shared_storage(args.teacher_cache, rank, '--teacher_cache')
-    teacher = backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(device)
+    # the published DropBlock schedule, as the live teacher's: its draws depend on nothing but the random state
+    teacher = model.load_backbone(args.teacher_backbone_class, args.teacher_init_weights, args.img_size,
+                                  args.demo_width_divisor).to(device)
     dataset = datasets.ImageDataset(samples, args.img_size, train=True, augment=args.augment, seed=args.seed,
                                     views=teacher_views(args))
     transform = datasets.BatchTransform(augment=args.augment)
+    draws = dict(stochastic=not args.teacher_eval, seed=args.seed, device=device, amp=args.amp)
     if feature_store.prepare_teacher_cache(cache, rebuild=args.teacher_cache_rebuild, rank=rank, logger=logger):
-        feature_store.fill_teacher_cache(cache, teacher, dataset, transform, device=device, amp=args.amp,
-                                         batch_size=max(1, 2 * args.batch_size // world_size),
-                                         num_workers=args.num_workers, rank=rank, world_size=world_size, logger=logger)
-    feature_store.check_teacher_cache(cache, teacher, dataset, transform, device=device, amp=args.amp, seed=args.seed)
-    logger.info(f'teacher cache {cache.path}: the teacher is in eval mode (no stochastic depth), its features read '
-                'from the cache')
+        feature_store.fill_teacher_cache(cache, teacher, dataset, transform, **draws, num_workers=args.num_workers,
+                                         rank=rank, world_size=world_size, logger=logger)
+    feature_store.check_teacher_cache(cache, teacher, dataset, transform, **draws)
+    views = teacher_views(args)
+    mode = ('the eval-mode teacher (no stochastic depth)' if args.teacher_eval else
+            f'{views} draws of the train-mode teacher (stochastic depth active, as published)')
+    logger.info(f'teacher cache {cache.path}: {mode}{", each of its own augmented view" if args.augment else ""}; '
+                f'epoch e reads view e mod {views}')
 
 
 def teacher_views(args) -> int:
-    """Views of each image in the teacher cache: --teacher_cache_views with --augment, else the one image."""
-    return args.teacher_cache_views if args.augment else 1
+    """Views of each image in the teacher cache: --teacher_cache_views, each a draw of the train-mode teacher and
+    with --augment its own augmented image; one view of an eval-mode teacher without --augment."""
+    return args.teacher_cache_views if args.augment or not args.teacher_eval else 1
 
 
 def backbone_of(args, weights: str, name: str | None = None):

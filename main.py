@@ -12,6 +12,7 @@ import torch.distributed as dist
 import checkpoints
 import datasets
 import evaluation
+import feature_store
 import helpers
 import losses
 import model
@@ -77,10 +78,11 @@ def add_distillation_flags(add):
         help="run the teacher deterministically (eval mode) while distilling; default: as the published runs, "
              'with its stochastic depth active (never any gradient)')
     add('--teacher_cache', default=None, metavar='DIR',
-        help="store the eval-mode teacher's feature of every training image once in DIR (computed before training "
-             'if DIR holds none for this run) and train from it: the teacher is not run while training')
+        help="store the teacher's feature of every training image once in DIR (computed before training if DIR "
+             'holds none for this run) and train from it: the teacher is not run while training')
     add('--teacher_cache_views', type=int, default=8,
-        help='with --augment: views of each image stored; epoch e trains on view e mod K as the teacher saw it')
+        help='views of each image stored: draws of the train-mode teacher (without --teacher_eval), with --augment '
+             'each its own augmented image; epoch e trains on view e mod K as the teacher saw it')
     add('--teacher_cache_rebuild', action='store_true',
         help="replace a cache in DIR that was built for another teacher, list, size, seed or view count")
     add('--teacher_cache_dtype', default='float16', choices=('float16', 'float32'),
@@ -266,6 +268,8 @@ def main(args):
         check_args(args, world_size)
         run_dir = run_directory.training_directory(args)
         weights = weights_to_use(args, run_dir) if args.test_only or args.export_onnx else None
+        if args.test_only and weights.endswith('.onnx'):
+            serving.check_exported_backbone(weights, args.backbone_class)
         output_dir = run_directory.test_directory(run_dir, weights, args.img_size, args.benchmark,
                                                   args.benchmark_distractors) if args.test_only else run_dir
         lock = run_directory.hold_run_directory(output_dir, rank, world_size)
@@ -302,6 +306,7 @@ def main(args):
             logger.close()
         if lock is not None:
             lock.release()
+        feature_store.release_held()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -349,6 +354,10 @@ def test_only(args, place: trainer.RunPlace, weights: str, feature_dir: str):
     backbones = {name: serving.OnnxBackbone(path, args.img_size) if path.endswith('.onnx')
                  else helpers.backbone_of(args, path, backbone).to(place.device)
                  for name, (path, backbone) in models.items()}
+    if 'teacher' in backbones and backbones['teacher'].feature_dim != backbones['student'].feature_dim:
+        raise utils.RunError(f"{weights} gives {backbones['student'].feature_dim}-d features, the teacher "
+                             f"{args.teacher_init_weights} {backbones['teacher'].feature_dim}-d: the cross figures "
+                             'compare the two; test a student of the teacher\'s width, or leave the teacher out')
     logger.info(f'test only: {weights}')
     logger.start()
     if not args.benchmark:

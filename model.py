@@ -95,6 +95,16 @@ class Classifier(nn.Module):
         return features, self.head(features, labels)
 
 
+def set_stochastic(network: nn.Module, active: bool) -> nn.Module:
+    """Train mode (stochastic depth, dropout, DropBlock drawn at random) when `active`, else eval mode; BatchNorm
+    statistics frozen either way (a frozen teacher's)."""
+    network.train(active)
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return network
+
+
 class DistillationModel(nn.Module):
     """Student classifier and an optional frozen teacher (or only its head, `teacher_head`, beside cached features).
     `stochastic_teacher` (the published runs put the whole model in train mode) keeps the teacher's stochastic depth
@@ -114,10 +124,7 @@ class DistillationModel(nn.Module):
     def train(self, mode: bool = True) -> 'DistillationModel':
         super().train(mode)
         if self.teacher is not None:
-            self.teacher.train(mode and self.stochastic_teacher)
-            for module in self.teacher.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            set_stochastic(self.teacher, mode and self.stochastic_teacher)
         return self
 
     @torch.no_grad()

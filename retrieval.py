@@ -48,7 +48,8 @@ def read_revisitop(root: str, name: str, distractors: list[str] | None = None) -
     try:
         content = utils.load_plain_data(path)
     except Exception as error:  # whatever a damaged or foreign pickle raises, the file is named
-        raise utils.RunError(f'{path}: not a revisitop ground-truth file ({error}); download gnd_{name}.pkl '
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise utils.RunError(f'{path}: not a revisitop ground-truth file ({reason}); download gnd_{name}.pkl '
                              'again') from None
     fields = content if isinstance(content, dict) else {}
     images, query_images, gnd = fields.get('imlist'), fields.get('qimlist'), fields.get('gnd')
@@ -69,6 +70,14 @@ def read_revisitop(root: str, name: str, distractors: list[str] | None = None) -
     database += read_image_paths(*distractors) if distractors else []
     ground_truth = [{key: _database_indices(path, index, key, entry[key], len(images))
                      for key in ('easy', 'hard', 'junk')} for index, entry in enumerate(gnd)]
+    for index, entry in enumerate(ground_truth):
+        for first, second in (('easy', 'hard'), ('easy', 'junk'), ('hard', 'junk')):
+            both = sorted(set(entry[first]) & set(entry[second]))
+            if both:
+                raise utils.RunError(f"{path}: gnd[{index}] lists database image {both[0]} in both '{first}' and "
+                                     f"'{second}' (each image is in one set at most); download the file again")
+    if not queries or not database:
+        raise utils.RunError(f'{path}: no {"queries" if not queries else "database images"}; download the file again')
     return BenchmarkImages(name, queries, database, gnd=ground_truth)
 
 
@@ -91,6 +100,8 @@ def _query_box(path: str, index: int, bbx) -> tuple[float, float, float, float]:
     except (TypeError, ValueError):
         raise utils.RunError(f'{path}: gnd[{index}] bbx {bbx!r} is not four numbers (left, top, right, '
                              'bottom)') from None
+    if not all(math.isfinite(value) for value in (left, top, right, bottom)):
+        raise utils.RunError(f'{path}: gnd[{index}] bbx {bbx!r} is not four finite numbers')
     if not (right > left and bottom > top):
         raise utils.RunError(f'{path}: gnd[{index}] bbx {bbx!r} encloses no area')
     return left, top, right, bottom
@@ -106,19 +117,24 @@ def read_image_paths(root: str, list_path: str) -> list[datasets.Sample]:
 def read_gldv2(root: str) -> BenchmarkImages:
     """Google Landmarks v2 retrieval in its own layout: `index.csv`, `test.csv`, `retrieval_solution_v2.1.csv`
     (`id,images,Usage`), `index/a/b/c/<id>.jpg`, `test/a/b/c/<id>.jpg`; the queries are its Private and Public rows."""
-    index_ids = [row['id'] for _, row in _csv_rows(os.path.join(root, 'index.csv'), ('id',))]
-    test_ids = {row['id'] for _, row in _csv_rows(os.path.join(root, 'test.csv'), ('id',))}
+    index_ids = _unique_ids(os.path.join(root, 'index.csv'))
+    test_ids = set(_unique_ids(os.path.join(root, 'test.csv')))
     known_index = set(index_ids)
     solution_path = os.path.join(root, 'retrieval_solution_v2.1.csv')
-    solution, usage = {}, {}
+    solution, usage, first_line = {}, {}, {}
     for line, row in _csv_rows(solution_path, ('id', 'images', 'Usage')):
-        if row['Usage'] == 'Ignored':
+        problem = (f"query {row['id']} again (first at line {first_line[row['id']]})" if row['id'] in first_line
+                   else None)
+        first_line[row['id']] = line
+        if row['Usage'] == 'Ignored' and not problem:
             continue
         images = row['images'].split()
-        problem = _solution_problem(row, images, test_ids, known_index)
+        problem = problem or _solution_problem(row, images, test_ids, known_index)
         if problem:
             raise utils.RunError(f'{solution_path}:{line}: {problem}; download the GLDv2 files again')
         solution[row['id']], usage[row['id']] = images, row['Usage']
+    if not solution:
+        raise utils.RunError(f'{solution_path}: no Private or Public query; download the GLDv2 files again')
     queries = [datasets.Sample(os.path.join(root, 'test', *query[:3], f'{query}.jpg'), 0, 0,
                                f'{solution_path}: query {query}') for query in solution]
     database = [datasets.Sample(os.path.join(root, 'index', *image[:3], f'{image}.jpg'), 0, 0, f'index.csv: {image}')
@@ -138,17 +154,39 @@ def _solution_problem(row: dict, images: list[str], test_ids: set, index_ids: se
     return next((f'index image {image} is not in index.csv' for image in images if image not in index_ids), None)
 
 
+def _unique_ids(path: str) -> list[str]:
+    """The `id` column of a GLDv2 csv file, refused where an id repeats."""
+    first_line = {}
+    for line, row in _csv_rows(path, ('id',)):
+        if row['id'] in first_line:
+            raise utils.RunError(f"{path}:{line}: id {row['id']} again (first at line {first_line[row['id']]}); "
+                                 'download the GLDv2 files again')
+        first_line[row['id']] = line
+    return list(first_line)
+
+
 def _csv_rows(path: str, columns: tuple[str, ...]):
-    """(line number, row dict) of a CSV file with a header naming at least `columns`."""
+    """(line number, row dict) of a CSV file with a header naming at least `columns`; a row short of fields or a
+    file that is not UTF-8 is refused with its line."""
     if not os.path.isfile(path):
         raise utils.RunError(f'{path}: no such file; --benchmark_root must hold the GLDv2 csv files')
-    with open(path, encoding='utf-8-sig', newline='') as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in columns if column not in (reader.fieldnames or ())]
-        if missing:
-            raise utils.RunError(f'{path}: no column {missing[0]!r} in its header {reader.fieldnames}')
-        for row in reader:
-            yield reader.line_num, row
+    line = 1
+    try:
+        with open(path, encoding='utf-8-sig', newline='') as handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in columns if column not in (reader.fieldnames or ())]
+            if missing:
+                raise utils.RunError(f'{path}: no column {missing[0]!r} in its header {reader.fieldnames}')
+            for row in reader:
+                line = reader.line_num
+                if any(row[column] is None for column in columns):
+                    fields = sum(value is not None for key, value in row.items() if key is not None)
+                    raise utils.RunError(f'{path}:{line}: {fields} fields, fewer than its header names '
+                                         f'({len(reader.fieldnames)})')
+                yield line, row
+    except UnicodeDecodeError as error:
+        raise utils.RunError(f'{path}: near line {line + 1}: not UTF-8 text (byte {error.object[error.start]:#x}); '
+                             'download the GLDv2 files again') from None
 
 
 # ------------------------------------------------------------------------------- the field's retrieval metrics
@@ -326,10 +364,16 @@ def kept_features(feature_dir: str, identity: dict, backbone, loader, *, device,
     an earlier run left it whole, else extracted on every process and stored by rank 0 (all take the same branch)."""
     shape = (1, len(loader.dataset), backbone.feature_dim)
     name = utils.text_digest(json.dumps(identity, sort_keys=True))[:16]
-    store = feature_store.FeatureStore(os.path.join(feature_dir, name), identity, shape)
+    dataset = loader.dataset
+    store = feature_store.FeatureStore(os.path.join(feature_dir, name), identity, shape,
+                                       images=[dataset.paths[index] for index in range(len(dataset))] if rank == 0
+                                       else None)
     if utils.on_rank_zero(rank, store.whole):
         logger.info(f'features read from {store.path} (saved by an earlier run)')
         return store.open()[0] if rank == 0 else None
+    if rank == 0 and store.manifest() is not None:
+        logger.info(f'features saved in {store.path} are damaged or of images changed on disk since: extracting '
+                    'again')
     features = evaluation.features_of(backbone, loader, device, amp, rank, logger)
     utils.on_rank_zero(rank, lambda: store.create(features.numpy()[None]))
     return features

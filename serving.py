@@ -2,6 +2,8 @@
 exported file scored where the test expects a backbone."""
 import logging
 import os
+import shutil
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +13,9 @@ import datasets
 import model
 import utils
 
-# Images calibration reads at most: enough for stable activation ranges, and each is held with all its activations.
-CALIBRATION_IMAGES = 256
+# Images calibration reads at most: enough for stable activation ranges, and each is held with all its activations;
+# fewer than the least give ranges that real images overflow (one image: feature cosines to the float graph of 0.8)
+CALIBRATION_IMAGES, LEAST_CALIBRATION_IMAGES = 256, 16
 
 
 class ServingNetwork(nn.Module):
@@ -30,15 +33,22 @@ class ServingNetwork(nn.Module):
 
 
 def export(backbone: nn.Module, path: str, img_size: int, description: dict, calibration: list | None = None) -> dict:
-    """Write `backbone` as an ONNX serving graph at `path`, int8 when `calibration` is given; returns its metadata."""
-    float_path = path if calibration is None else f'{path}.float32.tmp'
-    contract = export_onnx(backbone, float_path, img_size, description)
-    if calibration is None:
-        return contract
+    """Write `backbone` as an ONNX serving graph at `path`, int8 when `calibration` is given; returns its metadata.
+    Everything is written in a private directory beside `path` and renamed over it once whole: a full disk, an
+    error or Ctrl-C leaves the file that was there as it was, and no temporary file."""
+    workspace = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.', dir=os.path.dirname(os.path.abspath(path)))
     try:
-        return quantize_onnx(float_path, path, calibration, contract)
+        float_path = os.path.join(workspace, 'float32.onnx')
+        contract = export_onnx(backbone, float_path, img_size, description)
+        if calibration is not None:
+            contract = quantize_onnx(float_path, os.path.join(workspace, 'int8.onnx'), calibration, contract)
+        os.replace(os.path.join(workspace, 'float32.onnx' if calibration is None else 'int8.onnx'), path)
+        return contract
+    except OSError as error:
+        raise utils.RunError(f'could not write {path} ({error.strerror or error}); nothing was written and the file '
+                             'that was there is as it was: free space or fix the storage, then rerun') from None
     finally:
-        os.remove(float_path)
+        shutil.rmtree(workspace, ignore_errors=True)
 
 
 def export_onnx(backbone: nn.Module, path: str, img_size: int, description: dict) -> dict:
@@ -89,6 +99,10 @@ def calibration_images(root: str, list_path: str, img_size: int) -> list:
     """Up to CALIBRATION_IMAGES images of a list as serving input (BGR in [0, 1], float32), each a batch of one:
     calibration holds every intermediate tensor of a batch at once."""
     samples = datasets.read_checked_list(root, list_path, '--calibration_root')[:CALIBRATION_IMAGES]
+    if len(samples) < LEAST_CALIBRATION_IMAGES:
+        raise utils.RunError(f'{list_path} holds {len(samples)} images: calibrating int8 activation ranges takes at '
+                             f'least {LEAST_CALIBRATION_IMAGES} ({CALIBRATION_IMAGES} are read); give a longer '
+                             '--calibration_list')
     dataset = datasets.ImageDataset(samples, img_size, train=False, augment=False)
     images = []
     for index in range(len(dataset)):
@@ -97,6 +111,19 @@ def calibration_images(root: str, list_path: str, img_size: int) -> list:
             raise utils.RunError(item['bad'])
         images.append(item['image'].float().div(255).numpy()[None])
     return images
+
+
+def check_exported_backbone(path: str, backbone_class: str):
+    """Stop unless the export at `path` is of `backbone_class` (as its metadata says; a file without says nothing):
+    its test would be filed under another backbone's run name."""
+    import onnx
+    try:
+        metadata = {entry.key: entry.value for entry in onnx.load(path, load_external_data=False).metadata_props}
+    except Exception:  # not an ONNX file: OnnxBackbone names the problem
+        return
+    exported = metadata.get('backbone')
+    if exported and exported != backbone_class:
+        raise utils.RunError(f'{path} is an export of a {exported}: run with --backbone_class {exported}')
 
 
 class OnnxBackbone(nn.Module):

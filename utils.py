@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import time
@@ -91,7 +92,12 @@ class _PlainDataUnpickler(pickle.Unpickler):
 def load_plain_data(path: str):
     """What a `torch.save`, `pickle.dump` or `numpy.save` file holds, read without running any code from it."""
     if zipfile.is_zipfile(path):
-        return torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as error:  # torch's paragraphs of advice, reduced to what was refused
+            refused = re.search(r'GLOBAL (\S+)', str(error))
+            raise pickle.UnpicklingError(f"refusing to load {refused.group(1) if refused else 'an object'}: only "
+                                         'plain data is read') from None
     with open(path, 'rb') as handle:
         if handle.read(6) != b'\x93NUMPY':
             handle.seek(0)
@@ -229,6 +235,15 @@ def file_blocks(path: str, size: int = 1 << 24):
     """The bytes of a file, `size` at a time."""
     with open(path, 'rb') as handle:
         yield from iter(lambda: handle.read(size), b'')
+
+
+def size_text(size: int) -> str:
+    """A number of bytes as '52.0 KB', '1.5 GB'."""
+    for unit in ('B', 'KB', 'MB', 'GB'):
+        if size < 1024:
+            return f'{size:.1f} {unit}' if unit != 'B' else f'{size} B'
+        size /= 1024
+    return f'{size:.1f} TB'
 
 
 def first_line(error: Exception) -> str:

@@ -1,4 +1,5 @@
 """ONNX export of a student: ONNX Runtime's features equal PyTorch's, --test_only scores an exported file; int8."""
+import errno
 import glob
 import os
 import re
@@ -16,6 +17,7 @@ from conftest import run_main, write_image_list
 import datasets  # noqa: E402
 import model
 import serving  # noqa: E402
+import utils
 import verification  # noqa: E402
 
 SMALL = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '4']
@@ -156,3 +158,69 @@ def test_calibration_takes_at_most_256_images_one_a_batch(tmp_path):
     batches = serving.calibration_images(str(tmp_path), list_path, 32)
     assert len(batches) == 256 and {batch.shape for batch in batches} == {(1, 3, 32, 32)}
     assert all(0.0 <= batch.min() and batch.max() <= 1.0 for batch in batches)
+
+
+def full_disk_after_half(write):
+    """`write(self_or_model, path, ...)` that writes half its output to `path`, then fails as a full disk does."""
+    def failing(first, path, *arguments, **keywords):
+        write(first, path, *arguments, **keywords)
+        with open(path, 'r+b') as handle:
+            handle.truncate(os.path.getsize(path) // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return failing
+
+
+@pytest.mark.parametrize('precision', ['float32', 'int8'])
+def test_an_export_on_a_full_disk_leaves_the_previous_file_whole_and_no_temporary(tiny_data, tmp_path, monkeypatch,
+                                                                                  precision):
+    weights = student_file(tmp_path, 'Resnet12')
+    out = str(tmp_path / 'out' / 'student.onnx')
+    os.makedirs(os.path.dirname(out))
+    int8 = ['--quantize', 'int8', '--calibration_root', tiny_data['root'], '--calibration_list', tiny_data['train']]
+    argv = SMALL + ['--backbone_class', 'Resnet12', '--init_weights', weights, '--export_onnx', out, '--save_dir',
+                    str(tmp_path / 'runs')] + (int8 if precision == 'int8' else [])
+    run_main(argv)
+    with open(out, 'rb') as handle:
+        previous = handle.read()
+    # the last write of each path: the float graph's save, or the int8 graph's once its metadata is set
+    if precision == 'int8':
+        monkeypatch.setattr(onnx, 'save', full_disk_after_half(onnx.save))
+    else:
+        monkeypatch.setattr(torch.onnx.ONNXProgram, 'save', full_disk_after_half(torch.onnx.ONNXProgram.save))
+    with pytest.raises(SystemExit) as stopped:
+        run_main(argv)
+    message = str(stopped.value.code)
+    assert message == (f'error: could not write {out} (No space left on device); nothing was written and the file '
+                       'that was there is as it was: free space or fix the storage, then rerun')
+    with open(out, 'rb') as handle:
+        assert handle.read() == previous
+    assert os.listdir(os.path.dirname(out)) == ['student.onnx']
+
+
+def test_calibration_on_too_few_images_is_refused_in_one_line(tmp_path):
+    list_path = write_image_list(str(tmp_path), 'calibration.txt', [0] * 15, size=8)
+    with pytest.raises(utils.RunError, match=re.escape(
+            f'{list_path} holds 15 images: calibrating int8 activation ranges takes at least 16 (256 are read); '
+            'give a longer --calibration_list')):
+        serving.calibration_images(str(tmp_path), list_path, 32)
+    assert len(serving.calibration_images(str(tmp_path), write_image_list(str(tmp_path), 'enough.txt', [0] * 16,
+                                                                          size=8), 32)) == 16
+
+
+def test_an_export_tested_as_another_backbone_or_beside_a_teacher_of_another_width_is_one_line(tiny_data, tmp_path):
+    path = export(tmp_path, 'Swin_tiny', student_file(tmp_path, 'Swin_tiny'))
+    test = ['--test_only', '--init_weights', path, '--test_root', tiny_data['root'], '--test_list',
+            tiny_data['test'], '--save_dir', str(tmp_path / 'tests')]
+    with pytest.raises(SystemExit) as stopped:
+        run_main(SMALL + ['--backbone_class', 'Resnet12'] + test)
+    assert str(stopped.value.code) == f'error: {path} is an export of a Swin_tiny: run with --backbone_class Swin_tiny'
+    assert not (tmp_path / 'tests').exists()
+    # a 128-d export (width divisor 8) against a 256-d teacher (divisor 4): no cross figure can compare them
+    teacher = str(tmp_path / 'teacher.pth')
+    torch.save({'params': model.create_backbone('Resnet12', 96, width_divisor=4).state_dict()}, teacher)
+    with pytest.raises(SystemExit) as stopped:
+        run_main(SMALL[:4] + ['--demo_width_divisor', '4', '--backbone_class', 'Swin_tiny', '--teacher_backbone_class',
+                              'Resnet12', '--teacher_init_weights', teacher] + test)
+    assert str(stopped.value.code) == (f'error: {path} gives 128-d features, the teacher {teacher} 256-d: the cross '
+                                       "figures compare the two; test a student of the teacher's width, or leave "
+                                       'the teacher out')

@@ -1,9 +1,11 @@
-"""--teacher_cache: the eval-mode teacher's features stored once, exact, refused when foreign, repaired when
-damaged, resumed when the pre-pass was killed."""
+"""--teacher_cache: the teacher's features stored once (the eval-mode teacher's, or K draws of the train-mode one),
+exact, refused when foreign, repaired when damaged, resumed when the pre-pass was killed."""
+import errno
 import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,8 +48,14 @@ def epochs_of(save_dir) -> list[dict]:
 
 
 def live_teacher_features(tiny_data, teacher) -> torch.Tensor:
-    """The teacher's features of the training images, decoded independently (PIL resize, BGR, normalised)."""
+    """The eval-mode teacher's features of the training images."""
     backbone = models.load_backbone('Resnet12', teacher, 96, 8)
+    with torch.no_grad():
+        return backbone(live_teacher_images(tiny_data))
+
+
+def live_teacher_images(tiny_data) -> torch.Tensor:
+    """The training images in list order, decoded independently (PIL resize, BGR, normalised)."""
     mean, std = torch.tensor([0.406, 0.456, 0.485]), torch.tensor([0.225, 0.224, 0.229])
     images = []
     with open(tiny_data['train'], encoding='utf-8') as handle:
@@ -56,19 +64,65 @@ def live_teacher_features(tiny_data, teacher) -> torch.Tensor:
             pixels = np.asarray(image.resize((96, 96), Image.BILINEAR))[:, :, ::-1].copy()
             tensor = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
             images.append((tensor - mean[:, None, None]) / std[:, None, None])
-    with torch.no_grad():
-        return backbone(torch.stack(images))
+    return torch.stack(images)
 
 
 def test_float32_cached_features_are_the_eval_teachers(tiny_data, teachers, tmp_path):
     cache = tmp_path / 'cache'
-    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
-                          str(cache), '--teacher_cache_dtype', 'float32'))
+    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_eval',
+                          '--teacher_cache', str(cache), '--teacher_cache_dtype', 'float32'))
+    assert cached_features(cache).shape == (1, 24, 128)
     stored = torch.from_numpy(cached_features(cache)[0])
     live = live_teacher_features(tiny_data, teachers[0])
     assert stored.shape == (24, 128)
     torch.testing.assert_close(stored, live, atol=1e-5, rtol=1e-5)
     assert F.cosine_similarity(stored, live).min() > 0.99999
+
+
+def live_teacher_draw(backbone, images: torch.Tensor, seed: int) -> torch.Tensor:
+    """The train-mode teacher's features (its dropout drawn, BatchNorm frozen) after seeding torch with `seed`."""
+    backbone.train()
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return backbone(images)
+
+
+def test_a_float32_cache_holds_draws_of_the_train_mode_teacher_and_epoch_e_reads_draw_e_mod_k(
+        tiny_data, teachers, tmp_path, monkeypatch):
+    seen, step = [], trainer.training_step
+
+    def recording_step(parts, batch, *arguments):
+        seen.append(dict(zip(batch['index'].tolist(), batch['teacher_feature'])))
+        return step(parts, batch, *arguments)
+    monkeypatch.setattr(trainer, 'training_step', recording_step)
+    monkeypatch.setattr(feature_store, 'CHUNK', 16)  # two chunks of the 24 images
+    cache = tmp_path / 'cache'
+    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '3', '--teacher_cache',
+                          str(cache), '--teacher_cache_views', '2', '--teacher_cache_dtype', 'float32'))
+    stored = torch.from_numpy(cached_features(cache))
+    assert stored.shape == (2, 24, 128)
+    # the images decoded independently of the product, each chunk of 16 (in list order) one train-mode batch
+    # under the random state the cache's chunk is seeded with (--seed 3)
+    images = live_teacher_images(tiny_data)
+    backbone = models.load_backbone('Resnet12', teachers[0], 96, 8)
+    for view in range(2):
+        for chunk, rows in enumerate((slice(0, 16), slice(16, 24))):
+            live = live_teacher_draw(backbone, images[rows], feature_store.draw_seed(3, view, chunk))
+            torch.testing.assert_close(stored[view, rows], live, atol=1e-5, rtol=1e-5)
+    # the draws differ from each other and from the eval-mode teacher: its dropout was active
+    eval_mode = backbone.eval()(images).detach()
+    for view in range(2):
+        assert F.cosine_similarity(stored[view], eval_mode).max() < 0.9999
+    assert F.cosine_similarity(stored[0], stored[1]).max() < 0.9999
+    # epochs 1 and 3 train on draw 1, epoch 2 on draw 0
+    by_epoch = [{index: feature for batch in seen[epoch * 6:(epoch + 1) * 6] for index, feature in batch.items()}
+                for epoch in range(3)]
+    for epoch, view in zip(range(3), (1, 0, 1)):
+        assert sorted(by_epoch[epoch]) == list(range(24))
+        assert all(torch.equal(feature, stored[view, index]) for index, feature in by_epoch[epoch].items())
 
 
 def test_a_run_from_the_cache_trains_as_the_live_eval_teacher(tiny_data, teachers, tmp_path):
@@ -114,13 +168,14 @@ def test_a_truncated_cache_is_computed_again_not_used(tiny_data, teachers, tmp_p
 
 def test_a_killed_pre_pass_continues_where_it_stopped(tiny_data, teachers, tmp_path, monkeypatch):
     cache = tmp_path / 'cache'
+    monkeypatch.setattr(feature_store, 'CHUNK', 16)
     argv = distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache', str(cache),
-                        '--teacher_cache_dtype', 'float32')
+                        '--teacher_cache_dtype', 'float32', '--teacher_cache_views', '2')
     run_main(argv)
     whole = cached_features(cache)
-    # as a kill would leave it: rows 10 onwards not yet written, the manifest not complete
+    # as a kill would leave it: view 1's rows 10 onwards not yet written, the manifest not complete
     features = np.load(os.path.join(str(cache), 'features.npy'), mmap_mode='r+')
-    features[0, 10:] = np.nan
+    features[1, 10:] = np.nan
     features.flush()
     del features
     manifest_path = os.path.join(str(cache), 'manifest.json')
@@ -146,8 +201,9 @@ def test_a_killed_pre_pass_continues_where_it_stopped(tiny_data, teachers, tmp_p
             teacher_backbone.forward = original_forward
     monkeypatch.setattr(feature_store, 'fill_teacher_cache', counting_fill)
     run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'again')] + argv[argv.index('--save_dir') + 2:])
-    assert sum(computed) == 14
-    np.testing.assert_allclose(cached_features(cache), whole, atol=1e-6, rtol=0)
+    # the chunks holding an unfinished row (images 0-15 and 16-23) are computed again whole, with the same draws
+    assert sum(computed) == 24
+    np.testing.assert_array_equal(cached_features(cache), whole)
 
 
 def test_a_cache_built_by_two_processes_equals_one_built_by_one(tiny_data, teachers, tmp_path):
@@ -197,7 +253,7 @@ def test_with_augment_the_student_sees_the_very_image_of_the_stored_view(tiny_da
         seen.append((images, batch['teacher_feature'], batch['index'].clone()))
         return step(parts, batch, *arguments)
     monkeypatch.setattr(trainer, 'training_step', recording_step)
-    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '3', '--augment',
+    run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '3', '--augment', '--teacher_eval',
                           '--teacher_cache', str(tmp_path / 'cache'), '--teacher_cache_views', '2',
                           '--teacher_cache_dtype', 'float32'))
     assert cached_features(tmp_path / 'cache').shape == (2, 24, 128)
@@ -214,7 +270,7 @@ def test_with_augment_the_student_sees_the_very_image_of_the_stored_view(tiny_da
 
 def test_a_disk_too_small_for_the_cache_stops_before_any_work(tiny_data, teachers, tmp_path, monkeypatch):
     cache = tmp_path / 'cache'
-    # 24 training images x 1 view x 128 float16 values (width divisor 8) = 6 KiB: 1 KiB free cannot hold it
+    # 24 training images x 8 views x 128 float16 values (width divisor 8) = 48 KiB: 1 KiB free cannot hold it
     monkeypatch.setattr(feature_store.shutil, 'disk_usage', lambda path: feature_store.shutil._ntuple_diskusage(
         10 ** 9, 10 ** 9 - 1024, 1024))
     with pytest.raises(SystemExit) as stopped:
@@ -222,7 +278,7 @@ def test_a_disk_too_small_for_the_cache_stops_before_any_work(tiny_data, teacher
                               str(cache)))
     message = str(stopped.value.code)
     assert len(message.splitlines()) == 1
-    assert re.search(re.escape(f'{cache} has 0.0 GB free, too little for the teacher cache (0.00 GB)'), message)
+    assert re.search(re.escape(f'{cache} has 1.0 KB free, too little for the teacher cache (52.0 KB)'), message)
     assert not os.path.exists(cache / 'features.npy')
 
 
@@ -230,6 +286,7 @@ def test_a_disk_too_small_for_the_cache_stops_before_any_work(tiny_data, teacher
     (['--img_size', '32'], 'img_size 96 (this run: 32)'),
     (['--seed', '4'], 'seed 3 (this run: 4)'),
     (['--augment', '--teacher_cache_views', '2'], 'augment False (this run: True)'),
+    (['--teacher_eval'], "teacher_mode 'train' (this run: 'eval')"),
 ])
 def test_a_cache_of_other_settings_is_refused_naming_what_differs(tiny_data, teachers, tmp_path, change, differs):
     cache = str(tmp_path / 'cache')
@@ -243,11 +300,11 @@ def test_a_cache_of_other_settings_is_refused_naming_what_differs(tiny_data, tea
 
 
 def rewrite_rows(cache, rows, value, keep_checksum: bool):
-    """Overwrite `rows` of view 0 with `value`; with keep_checksum, make the manifest's checksum match the new bytes
+    """Overwrite `rows` of every view with `value`; with keep_checksum, make the manifest's checksum match the new bytes
     (a cache that looks whole but holds other features)."""
     path = os.path.join(str(cache), 'features.npy')
     features = np.load(path, mmap_mode='r+')
-    features[0, rows] = value
+    features[:, rows] = value
     features.flush()
     del features
     if keep_checksum:
@@ -280,8 +337,8 @@ def test_a_whole_looking_cache_of_other_features_fails_the_check_against_the_tea
                  argv[argv.index('--save_dir') + 2:])
     message = str(stopped.value.code)
     assert len(message.splitlines()) == 1
-    assert re.search(r"features\.npy: the stored teacher features of rows \[.*\] differ from the teacher's "
-                     r'\(relative error .*\): the cache is stale or another teacher\'s; rerun with '
+    assert re.search(r"features\.npy: the stored teacher features of view \d, rows \d+ to \d+ differ from the "
+                     r"teacher's \(relative error .*\): the cache is stale or another teacher's; rerun with "
                      r'--teacher_cache_rebuild', message)
 
 
@@ -352,3 +409,117 @@ def test_sigterm_during_the_pre_pass_stops_at_once_and_the_rerun_completes_the_c
     assert 'epoch 1' not in finished.stdout  # it did not go on to train
     run_main(argv)
     assert not np.isnan(cached_features(tmp_path / 'cache')).any()
+
+
+def copied_data(tiny_data, tmp_path) -> dict:
+    """A copy of the tiny data set whose images a test may change (lists and images under one root)."""
+    root = str(tmp_path / 'data')
+    shutil.copytree(tiny_data['root'], root)
+    return {key: os.path.join(root, os.path.basename(value)) if key != 'root' else root
+            for key, value in tiny_data.items()}
+
+
+def image_path(data, row: int) -> str:
+    with open(data['train'], encoding='utf-8') as handle:
+        return os.path.join(data['root'], handle.read().splitlines()[row].split('\t')[0])
+
+
+def test_rows_of_images_changed_on_disk_or_repaired_since_the_pre_pass_are_computed_again(tiny_data, teachers,
+                                                                                          tmp_path):
+    data = copied_data(tiny_data, tmp_path)
+    changed, repaired = image_path(data, 3), image_path(data, 7)
+    with open(repaired, 'rb') as handle:
+        good_bytes = handle.read()
+    with open(repaired, 'wb') as handle:
+        handle.write(b'not an image')  # unreadable during the pre-pass: its row holds the next image's feature
+    cache = tmp_path / 'cache'
+    argv = distill_argv(data, teachers[0], tmp_path / 'first', '--max_epoch', '1', '--teacher_eval',
+                        '--teacher_cache', str(cache), '--teacher_cache_dtype', 'float32', '--max_bad_images', '0.5')
+    run_main(argv)
+    before = cached_features(cache)
+    with open(repaired, 'wb') as handle:
+        handle.write(good_bytes)
+    Image.open(image_path(data, 11)).save(changed)  # another image's content at the same path
+    for path in (changed, repaired):  # later than the pre-pass, even on a file system of coarse times
+        os.utime(path, ns=(os.stat(path).st_mtime_ns + 10 ** 10,) * 2)
+    run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'second')] + argv[argv.index('--save_dir') + 2:])
+    after, live = cached_features(cache)[0], live_teacher_features(data, teachers[0]).numpy()
+    np.testing.assert_allclose(after[[3, 7]], live[[3, 7]], atol=1e-5, rtol=1e-5)
+    assert np.abs(before[0, [3, 7]] - live[[3, 7]]).max() > 0.01  # the rows were stale
+    np.testing.assert_array_equal(np.delete(after, [3, 7], axis=0), np.delete(before[0], [3, 7], axis=0))
+    record, = glob.glob(str(tmp_path / 'second' / '*' / '*' / 'record.txt'))
+    assert (f'teacher cache: 2 images changed on disk since their features were computed (the first: {changed}); '
+            'computing their rows again') in open(record, encoding='utf-8').read()
+
+
+def test_a_rebuild_while_another_run_trains_from_the_cache_is_refused_in_one_line(tiny_data, teachers, tmp_path):
+    cache = tmp_path / 'cache'
+    training = distill_argv(tiny_data, teachers[0], tmp_path / 'long', '--max_epoch', '500', '--teacher_cache',
+                            str(cache))
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py')] + training, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
+    try:
+        for line in process.stdout:  # until the cache is complete and the run trains from it
+            if line.startswith('epoch 1 '):
+                break
+        assert process.poll() is None
+        before = cached_features(cache)
+        with pytest.raises(SystemExit) as stopped:
+            run_main(distill_argv(tiny_data, teachers[1], tmp_path / 'other', '--max_epoch', '1', '--teacher_cache',
+                                  str(cache), '--teacher_cache_rebuild'))
+        assert str(stopped.value.code) == (
+            f'error: {cache} is in use by another run that trains from it, which would read features being '
+            'rewritten: wait for that run to end, or give another --teacher_cache directory')
+        np.testing.assert_array_equal(cached_features(cache), before)
+    finally:
+        process.kill()
+        process.wait()
+    # once that run has ended, the rebuild goes ahead
+    run_main(distill_argv(tiny_data, teachers[1], tmp_path / 'other', '--max_epoch', '1', '--teacher_cache',
+                          str(cache), '--teacher_cache_rebuild'))
+
+
+@pytest.mark.parametrize('free', ['data_only', 'none'])
+def test_free_space_for_the_features_but_not_the_file_header_is_refused_before_any_work(
+        tiny_data, teachers, tmp_path, monkeypatch, free):
+    cache = tmp_path / 'cache'
+    data_bytes = 8 * 24 * 128 * 2  # 8 draws x 24 images x 128 float16 values, the .npy header besides
+    available = data_bytes if free == 'data_only' else 0
+    monkeypatch.setattr(feature_store.shutil, 'disk_usage', lambda path: feature_store.shutil._ntuple_diskusage(
+        10 ** 9, 10 ** 9 - available, available))
+    with pytest.raises(SystemExit) as stopped:
+        run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
+                              str(cache)))
+    shown = '48.0 KB' if free == 'data_only' else '0 B'
+    assert str(stopped.value.code) == (f'error: {cache} has {shown} free, too little for the teacher cache (52.0 KB): '
+                                       'free space or give another --teacher_cache')
+    assert not os.path.exists(cache / 'features.npy')
+
+
+def test_a_full_disk_while_the_features_file_is_made_is_one_line_and_leaves_no_file_without_manifest(
+        tiny_data, teachers, tmp_path, monkeypatch):
+    def no_space(descriptor, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(feature_store.os, 'posix_fallocate', no_space)
+    cache = tmp_path / 'cache'
+    with pytest.raises(SystemExit) as stopped:
+        run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
+                              str(cache)))
+    assert str(stopped.value.code) == (f'error: --teacher_cache {cache}: No space left on device: give a writable '
+                                       'directory with room for the cache')
+    assert not os.path.exists(cache / 'features.npy')
+
+
+def test_an_empty_features_file_is_computed_again_and_a_file_given_as_the_directory_is_one_line(tiny_data, teachers,
+                                                                                              tmp_path):
+    cache = tmp_path / 'cache'
+    argv = distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache', str(cache))
+    run_main(argv)
+    whole = cached_features(cache)
+    open(cache / 'features.npy', 'wb').close()
+    run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'again')] + argv[argv.index('--save_dir') + 2:])
+    np.testing.assert_array_equal(cached_features(cache), whole)
+    with pytest.raises(SystemExit) as stopped:
+        run_main(argv[:argv.index('--teacher_cache') + 1] + [str(cache / 'features.npy')] +
+                 argv[argv.index('--teacher_cache') + 2:])
+    assert str(stopped.value.code) == f"error: --teacher_cache {cache / 'features.npy'} is a file: give a directory"
