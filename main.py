@@ -343,7 +343,7 @@ def test_only(args, place: trainer.RunPlace, weights: str, feature_dir: str):
     rank, world_size, logger = place.rank, place.world_size, place.logger
     if args.benchmark:
         images = retrieval.read_benchmark(args.benchmark, args.benchmark_root, args.benchmark_distractors)
-        datasets.check_images_exist(images.queries + images.database, '--benchmark_root', rank, world_size)
+        retrieval.check_benchmark_images(images, rank, world_size)
         logger.info(f'{args.benchmark}: {len(images.queries)} queries, {len(images.database)} database images')
     else:
         samples = datasets.read_checked_list(args.test_root, args.test_list, '--test_root', rank, world_size)

@@ -31,6 +31,14 @@ class BenchmarkImages:
     usage: dict | None = None
     query_ids: list[str] | None = None
     database_ids: list[str] | None = None
+    distractors: int = 0  # the last database images, from --benchmark_distractors
+
+
+def check_benchmark_images(images: BenchmarkImages, rank: int, world_size: int):
+    """Stop, naming the entry and the flag that gives its root, when an image of the benchmark does not exist."""
+    own = len(images.database) - images.distractors
+    datasets.check_images_exist(images.queries + images.database[:own], '--benchmark_root', rank, world_size)
+    datasets.check_images_exist(images.database[own:], '--benchmark_distractors', rank, world_size)
 
 
 def read_benchmark(name: str, root: str, distractors: list[str] | None = None) -> BenchmarkImages:
@@ -67,7 +75,8 @@ def read_revisitop(root: str, name: str, distractors: list[str] | None = None) -
     queries = [datasets.Sample(os.path.join(root, 'jpg', f'{image}.jpg'), 0, 0, f"{path}: qimlist[{index}] '{image}'",
                                box=_query_box(path, index, entry.get('bbx')))
                for index, (image, entry) in enumerate(zip(query_images, gnd))]
-    database += read_image_paths(*distractors) if distractors else []
+    extra = read_image_paths(*distractors) if distractors else []
+    database += extra
     ground_truth = [{key: _database_indices(path, index, key, entry[key], len(images))
                      for key in ('easy', 'hard', 'junk')} for index, entry in enumerate(gnd)]
     for index, entry in enumerate(ground_truth):
@@ -78,7 +87,7 @@ def read_revisitop(root: str, name: str, distractors: list[str] | None = None) -
                                      f"'{second}' (each image is in one set at most); download the file again")
     if not queries or not database:
         raise utils.RunError(f'{path}: no {"queries" if not queries else "database images"}; download the file again')
-    return BenchmarkImages(name, queries, database, gnd=ground_truth)
+    return BenchmarkImages(name, queries, database, gnd=ground_truth, distractors=len(extra))
 
 
 def _database_indices(path: str, query: int, key: str, values, database_size: int) -> list[int]:

@@ -115,3 +115,46 @@ def test_a_gnd_saved_by_torch_with_arrays_is_refused_in_one_line(weights, tmp_pa
     message = str(stopped.value.code)
     assert len(message.splitlines()) == 1, message
     assert message.startswith(f'error: {path}: not a revisitop ground-truth file ('), message
+
+
+@pytest.mark.parametrize('damage', ['empty file', 'NaN rows'])
+def test_saved_features_that_are_empty_or_not_finite_are_extracted_again(weights, tmp_path, damage):  # noqa: F811
+    import glob
+    import json
+
+    import numpy as np
+
+    import feature_store
+    gldv2_set(tmp_path / 'gldv2')
+    argv = benchmark_argv(weights, tmp_path / 'runs', 'gldv2', tmp_path / 'gldv2')
+    run_main(argv)
+    report = results_of(tmp_path / 'runs', 'gldv2')
+    saved = sorted(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*' / 'features.npy')))[0]
+    if damage == 'empty file':
+        open(saved, 'wb').close()
+    else:  # NaN written as a bad extraction would leave it, the checksum made to match
+        features = np.load(saved)
+        features[0, 0] = np.nan
+        np.save(saved, features)
+        manifest_path = os.path.join(os.path.dirname(saved), 'manifest.json')
+        manifest = json.load(open(manifest_path, encoding='utf-8'))
+        manifest['crc32'] = feature_store.checksum(saved)
+        with open(manifest_path, 'w', encoding='utf-8') as handle:
+            json.dump(manifest, handle)
+    run_main(argv)
+    assert results_of(tmp_path / 'runs', 'gldv2') == report
+    assert f'features saved in {saved} are damaged' in record_of(tmp_path / 'runs', 'gldv2')
+    assert np.isfinite(np.load(saved)).all()
+
+
+def test_a_missing_distractor_is_named_with_the_distractor_flag(weights, tmp_path):  # noqa: F811
+    root = tmp_path / 'roxford5k'
+    revisitop_set(root)
+    distractors = tmp_path / 'distractors'
+    os.makedirs(distractors)
+    (distractors / 'list.txt').write_text('jpg/nowhere.jpg\n', encoding='utf-8')
+    with pytest.raises(SystemExit) as stopped:
+        run_main(benchmark_argv(weights, tmp_path / 'runs', 'roxford5k', root, '--benchmark_distractors',
+                                str(distractors), str(distractors / 'list.txt')))
+    assert str(stopped.value.code) == (f"error: {distractors / 'list.txt'}:1: {distractors / 'jpg' / 'nowhere.jpg'}: "
+                                       'no such image; fix the list or --benchmark_distractors')
