@@ -24,7 +24,7 @@ DEFAULT_NUM_CLASSES = 252903
 TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_size', 'num_classes', 'drop_block',
                     'demo_width_divisor', 'teacher_backbone_class', 'teacher_init_weights', 'teacher_eval',
                     'init_head_from_teacher', 'label_map', 'train_root', 'train_list', 'teacher_cache_dtype',
-                    'teacher_cache_views', 'feature_kd_weight')
+                    'teacher_cache_views', 'teacher_cache_mode', 'feature_kd_weight')
 
 
 def build_training_loaders(train_samples, val_samples, *, val_list: str | None, num_classes: int, img_size: int,
@@ -219,7 +219,7 @@ def teacher_cache_of(args, samples, rank: int) -> feature_store.FeatureStore:
         'training_lists': utils.file_digest(args.train_list + [args.label_map]), 'train_root': list(args.train_root),
         'images': len(samples), 'img_size': args.img_size, 'width_divisor': args.demo_width_divisor,
         'augment': args.augment, 'views': teacher_views(args), 'seed': args.seed, 'dtype': args.teacher_cache_dtype,
-        'teacher_mode': 'eval' if args.teacher_eval else 'train', 'chunk': feature_store.CHUNK}
+        'teacher_mode': 'train' if draws_cache(args) else 'eval', 'chunk': feature_store.CHUNK}
     shape = (teacher_views(args), len(samples), model.FEATURE_DIM // args.demo_width_divisor)
     return feature_store.FeatureStore(args.teacher_cache, identity, shape, args.teacher_cache_dtype,
                                       images=None if rank else [sample.path for sample in samples])
@@ -238,22 +238,27 @@ def ready_teacher_cache(args, place: trainer.RunPlace, cache: feature_store.Feat
     dataset = datasets.ImageDataset(samples, args.img_size, train=True, augment=args.augment, seed=args.seed,
                                     views=teacher_views(args))
     transform = datasets.BatchTransform(augment=args.augment)
-    draws = dict(stochastic=not args.teacher_eval, seed=args.seed, device=device, amp=args.amp)
+    draws = dict(stochastic=draws_cache(args), seed=args.seed, device=device, amp=args.amp)
     if feature_store.prepare_teacher_cache(cache, rebuild=args.teacher_cache_rebuild, rank=rank, logger=logger):
         feature_store.fill_teacher_cache(cache, teacher, dataset, transform, **draws, num_workers=args.num_workers,
                                          rank=rank, world_size=world_size, logger=logger)
     feature_store.check_teacher_cache(cache, teacher, dataset, transform, **draws)
     views = teacher_views(args)
-    mode = ('the eval-mode teacher (no stochastic depth)' if args.teacher_eval else
-            f'{views} draws of the train-mode teacher (stochastic depth active, as published)')
+    mode = (f'{views} draws of the train-mode teacher (stochastic depth active, as published)' if draws_cache(args)
+            else 'the eval-mode teacher (no stochastic depth)')
     logger.info(f'teacher cache {cache.path}: {mode}{", each of its own augmented view" if args.augment else ""}; '
                 f'epoch e reads view e mod {views}')
 
 
 def teacher_views(args) -> int:
-    """Views of each image in the teacher cache: --teacher_cache_views, each a draw of the train-mode teacher and
-    with --augment its own augmented image; one view of an eval-mode teacher without --augment."""
-    return args.teacher_cache_views if args.augment or not args.teacher_eval else 1
+    """Views of each image in the teacher cache: --teacher_cache_views, each a draw of the train-mode teacher
+    (--teacher_cache_mode draws) and with --augment its own augmented image; else the eval-mode teacher's one."""
+    return args.teacher_cache_views if args.augment or draws_cache(args) else 1
+
+
+def draws_cache(args) -> bool:
+    """Whether the teacher cache holds draws of the train-mode teacher (else the eval-mode teacher's features)."""
+    return args.teacher_cache_mode == 'draws'
 
 
 def backbone_of(args, weights: str, name: str | None = None):

@@ -78,15 +78,14 @@ def add_distillation_flags(add):
         help="run the teacher deterministically (eval mode) while distilling; default: as the published runs, "
              'with its stochastic depth active (never any gradient)')
     add('--teacher_cache', default=None, metavar='DIR',
-        help="store the teacher's feature of every training image once in DIR (computed before training if DIR "
-             'holds none for this run) and train from it: the teacher is not run while training')
+        help="store the teacher's feature of every training image once in DIR and train from it, no teacher run")
+    add('--teacher_cache_mode', default='eval', choices=('eval', 'draws'),
+        help='eval: the eval-mode teacher (as good as the live published one, bench/distill_quality.py); draws: K '
+             'draws of the train-mode teacher, stochastic depth active as published, epoch e reading draw e mod K')
     add('--teacher_cache_views', type=int, default=8,
-        help='views of each image stored: draws of the train-mode teacher (without --teacher_eval), with --augment '
-             'each its own augmented image; epoch e trains on view e mod K as the teacher saw it')
-    add('--teacher_cache_rebuild', action='store_true',
-        help="replace a cache in DIR that was built for another teacher, list, size, seed or view count")
-    add('--teacher_cache_dtype', default='float16', choices=('float16', 'float32'),
-        help='how the cached features are stored (float32 for exactness checks)')
+        help='K: the draws stored (--teacher_cache_mode draws) and, with --augment, augmented views of each image')
+    add('--teacher_cache_rebuild', action='store_true', help='replace a cache in DIR built for other settings')
+    add('--teacher_cache_dtype', default='float16', choices=('float16', 'float32'), help='float32: exactness checks')
 
 
 def add_data_flags(add):
@@ -158,6 +157,8 @@ def combination_problems(args, world_size: int) -> list[str]:
          '--is_distill needs --teacher_init_weights (the teacher file)'),
         (args.teacher_cache and not args.is_distill,
          "--teacher_cache stores the teacher's features: add --is_distill and a teacher"),
+        (args.teacher_cache_mode == 'draws' and args.teacher_eval, '--teacher_eval runs the teacher in eval mode; '
+         '--teacher_cache_mode draws stores the train-mode teacher: choose one'),
         (args.head_fixed and not args.is_distill,
          "--head_fixed shares the teacher's classifier: add --is_distill and a teacher"),
         (args.feature_kd_weight and not args.is_distill,

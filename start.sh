@@ -21,12 +21,12 @@
 #   TEST_ROOT=/data/test TEST_LIST=/data/test.txt [TEACHER=...] [STUDENT=Resnet12] \
 #   sh start.sh --test_only --init_weights /path/max_acc.pth
 #
-#   With none of TEACHER, TRAIN_LIST, TEST_LIST and --test_only: the demo (synthetic landmarks, CPU, about 7
+#   With none of TEACHER, TRAIN_LIST, TEST_LIST and --test_only: the demo (synthetic landmarks, CPU, about 5
 #   minutes on 2 cores), written to DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md, its
 #   figure DEMO_DIR/summary.png.
 #   Smaller or larger demos:
 #   DEMO_LANDMARKS (300), DEMO_VIEWS (40 per training landmark), DEMO_TEST_LANDMARKS (50), DEMO_IMG_SIZE (32),
-#   DEMO_WIDTH_DIVISOR (4), DEMO_TEACHER_EPOCHS (7), DEMO_STUDENT_EPOCHS (3, Swin-tiny), DEMO_RESNET12_EPOCHS (2),
+#   DEMO_WIDTH_DIVISOR (4), DEMO_TEACHER_EPOCHS (7), DEMO_STUDENT_EPOCHS (3, Swin-tiny), DEMO_RESNET12_EPOCHS (4),
 #   DEMO_AMP (bf16; set none on a CPU without bf16), DEMO_SEED (0: the seed of the demo's data and of every run in
 #   it, so that other seeds show how much of the table is the seed).
 set -eu
@@ -59,8 +59,9 @@ run_demo() {
     teacher="$runs/Synthetic-Swin_base-no_distill-NoAug/lr0.001_AdamW_cosine_epoch${teacher_epochs}_warmup1_bs128/max_acc.pth"
     distill="--is_distill --teacher_backbone_class Swin_base --teacher_init_weights $teacher --head_fixed
              --kd_loss KD --kd_weight 1.0"
-    # both students read the teacher's features from one cache, computed by the first: no teacher while training
-    cached="--teacher_cache $runs/teacher_cache"
+    # both students read the teacher's features from one cache (the eval-mode teacher's, computed by the first: no
+    # teacher while training) and add the feature term: the configuration bench/distill_quality.py chose (README)
+    cached="--teacher_cache $runs/teacher_cache --feature_kd_weight 1"
     echo "demo: Swin_tiny student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
     "$PYTHON" "$here/main.py" $common $distill $cached --backbone_class Swin_tiny --lr 0.001 \
@@ -68,7 +69,7 @@ run_demo() {
     echo "demo: Resnet12 student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
     "$PYTHON" "$here/main.py" $common $distill $cached --backbone_class Resnet12 --lr 0.002 \
-        --max_epoch "${DEMO_RESNET12_EPOCHS:-2}"
+        --max_epoch "${DEMO_RESNET12_EPOCHS:-4}"
     echo "demo: untrained Swin_tiny student (the floor)"
     # shellcheck disable=SC2086
     "$PYTHON" "$here/main.py" $common $distill --backbone_class Swin_tiny --lr 0.001 --max_epoch 0 --suffix=-untrained

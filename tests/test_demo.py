@@ -170,8 +170,11 @@ def test_the_demo_runs_with_the_settings_the_readme_gives(tmp_path):
         assert ('--img_size 32 --demo_width_divisor 4 --amp bf16 --num_workers 1 --batch_size 128 --optim AdamW '
                 '--weight_decay 0.05 --warmup_epoch 1') in command
     assert '--backbone_class Swin_base --num_classes 300 --max_epoch 7 --lr 0.001' in teacher
-    assert '--backbone_class Swin_tiny --lr 0.001 --max_epoch 3' in swin and '--teacher_cache' in swin
-    assert '--backbone_class Resnet12 --lr 0.002 --max_epoch 2' in resnet and '--teacher_cache' in resnet
+    for student in (swin, resnet):
+        assert '--teacher_cache' in student and '--feature_kd_weight 1 ' in student
+        assert '--teacher_cache_mode' not in student and '--teacher_eval' not in student  # the eval-mode cache
+    assert '--backbone_class Swin_tiny --lr 0.001 --max_epoch 3' in swin
+    assert '--backbone_class Resnet12 --lr 0.002 --max_epoch 4' in resnet
     assert '--max_epoch 0 --suffix=-untrained' in floor
     assert 'demo.py data' in data and '--seed 0 ' in data
     assert all('--seed 0 ' in command for command in (teacher, swin, resnet, floor))

@@ -224,3 +224,19 @@ def test_an_export_tested_as_another_backbone_or_beside_a_teacher_of_another_wid
     assert str(stopped.value.code) == (f'error: {path} gives 128-d features, the teacher {teacher} 256-d: the cross '
                                        "figures compare the two; test a student of the teacher's width, or leave "
                                        'the teacher out')
+
+
+def test_a_calibration_list_naming_a_missing_image_stops_before_anything_is_exported(tiny_data, tmp_path):
+    weights = student_file(tmp_path, 'Resnet12')
+    calibration = tmp_path / 'calibration.txt'
+    lines = open(tiny_data['train'], encoding='utf-8').read().splitlines()
+    calibration.write_text('\n'.join(lines + ['nowhere.jpg\tnowhere\t0']) + '\n', encoding='utf-8')
+    out = tmp_path / 'out' / 'student.onnx'
+    os.makedirs(out.parent)
+    with pytest.raises(SystemExit) as stopped:
+        run_main(SMALL + ['--backbone_class', 'Resnet12', '--init_weights', weights, '--export_onnx', str(out),
+                          '--quantize', 'int8', '--calibration_root', tiny_data['root'], '--calibration_list',
+                          str(calibration), '--save_dir', str(tmp_path / 'runs')])
+    assert str(stopped.value.code).startswith(f"error: {calibration}:25: {tiny_data['root']}/nowhere.jpg: no such "
+                                              'image')
+    assert os.listdir(out.parent) == []

@@ -101,7 +101,8 @@ def test_a_float32_cache_holds_draws_of_the_train_mode_teacher_and_epoch_e_reads
     monkeypatch.setattr(feature_store, 'CHUNK', 16)  # two chunks of the 24 images
     cache = tmp_path / 'cache'
     run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '3', '--teacher_cache',
-                          str(cache), '--teacher_cache_views', '2', '--teacher_cache_dtype', 'float32'))
+                          str(cache), '--teacher_cache_mode', 'draws', '--teacher_cache_views', '2',
+                          '--teacher_cache_dtype', 'float32'))
     stored = torch.from_numpy(cached_features(cache))
     assert stored.shape == (2, 24, 128)
     # the images decoded independently of the product, each chunk of 16 (in list order) one train-mode batch
@@ -170,7 +171,8 @@ def test_a_killed_pre_pass_continues_where_it_stopped(tiny_data, teachers, tmp_p
     cache = tmp_path / 'cache'
     monkeypatch.setattr(feature_store, 'CHUNK', 16)
     argv = distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache', str(cache),
-                        '--teacher_cache_dtype', 'float32', '--teacher_cache_views', '2')
+                        '--teacher_cache_dtype', 'float32', '--teacher_cache_mode', 'draws',
+                        '--teacher_cache_views', '2')
     run_main(argv)
     whole = cached_features(cache)
     # as a kill would leave it: view 1's rows 10 onwards not yet written, the manifest not complete
@@ -210,7 +212,8 @@ def test_a_cache_built_by_two_processes_equals_one_built_by_one(tiny_data, teach
     caches = {processes: tmp_path / f'cache{processes}' for processes in (1, 2)}
     for processes, cache in caches.items():
         argv = distill_argv(tiny_data, teachers[0], tmp_path / f'runs{processes}', '--max_epoch', '1',
-                            '--batch_size', '8', '--teacher_cache', str(cache), '--teacher_cache_dtype', 'float32')
+                            '--batch_size', '8', '--teacher_cache', str(cache), '--teacher_cache_dtype', 'float32',
+                            '--teacher_cache_mode', 'draws')
         command = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
                    if processes == 2 else [sys.executable])
         finished = subprocess.run(command + [os.path.join(ROOT, 'main.py')] + argv, capture_output=True, text=True,
@@ -270,7 +273,7 @@ def test_with_augment_the_student_sees_the_very_image_of_the_stored_view(tiny_da
 
 def test_a_disk_too_small_for_the_cache_stops_before_any_work(tiny_data, teachers, tmp_path, monkeypatch):
     cache = tmp_path / 'cache'
-    # 24 training images x 8 views x 128 float16 values (width divisor 8) = 48 KiB: 1 KiB free cannot hold it
+    # 24 training images x 128 float16 values (width divisor 8) = 6 KiB, 10 KiB with the header: 1 KiB cannot hold it
     monkeypatch.setattr(feature_store.shutil, 'disk_usage', lambda path: feature_store.shutil._ntuple_diskusage(
         10 ** 9, 10 ** 9 - 1024, 1024))
     with pytest.raises(SystemExit) as stopped:
@@ -278,7 +281,7 @@ def test_a_disk_too_small_for_the_cache_stops_before_any_work(tiny_data, teacher
                               str(cache)))
     message = str(stopped.value.code)
     assert len(message.splitlines()) == 1
-    assert re.search(re.escape(f'{cache} has 1.0 KB free, too little for the teacher cache (52.0 KB)'), message)
+    assert re.search(re.escape(f'{cache} has 1.0 KB free, too little for the teacher cache (10.0 KB)'), message)
     assert not os.path.exists(cache / 'features.npy')
 
 
@@ -286,7 +289,7 @@ def test_a_disk_too_small_for_the_cache_stops_before_any_work(tiny_data, teacher
     (['--img_size', '32'], 'img_size 96 (this run: 32)'),
     (['--seed', '4'], 'seed 3 (this run: 4)'),
     (['--augment', '--teacher_cache_views', '2'], 'augment False (this run: True)'),
-    (['--teacher_eval'], "teacher_mode 'train' (this run: 'eval')"),
+    (['--teacher_cache_mode', 'draws'], "teacher_mode 'eval' (this run: 'train')"),
 ])
 def test_a_cache_of_other_settings_is_refused_naming_what_differs(tiny_data, teachers, tmp_path, change, differs):
     cache = str(tmp_path / 'cache')
@@ -483,15 +486,15 @@ def test_a_rebuild_while_another_run_trains_from_the_cache_is_refused_in_one_lin
 def test_free_space_for_the_features_but_not_the_file_header_is_refused_before_any_work(
         tiny_data, teachers, tmp_path, monkeypatch, free):
     cache = tmp_path / 'cache'
-    data_bytes = 8 * 24 * 128 * 2  # 8 draws x 24 images x 128 float16 values, the .npy header besides
+    data_bytes = 24 * 128 * 2  # 24 images x 128 float16 values, the .npy header besides
     available = data_bytes if free == 'data_only' else 0
     monkeypatch.setattr(feature_store.shutil, 'disk_usage', lambda path: feature_store.shutil._ntuple_diskusage(
         10 ** 9, 10 ** 9 - available, available))
     with pytest.raises(SystemExit) as stopped:
         run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
                               str(cache)))
-    shown = '48.0 KB' if free == 'data_only' else '0 B'
-    assert str(stopped.value.code) == (f'error: {cache} has {shown} free, too little for the teacher cache (52.0 KB): '
+    shown = '6.0 KB' if free == 'data_only' else '0 B'
+    assert str(stopped.value.code) == (f'error: {cache} has {shown} free, too little for the teacher cache (10.0 KB): '
                                        'free space or give another --teacher_cache')
     assert not os.path.exists(cache / 'features.npy')
 
@@ -523,3 +526,12 @@ def test_an_empty_features_file_is_computed_again_and_a_file_given_as_the_direct
         run_main(argv[:argv.index('--teacher_cache') + 1] + [str(cache / 'features.npy')] +
                  argv[argv.index('--teacher_cache') + 2:])
     assert str(stopped.value.code) == f"error: --teacher_cache {cache / 'features.npy'} is a file: give a directory"
+
+
+def test_draws_of_the_train_mode_teacher_with_an_eval_mode_teacher_is_refused_in_one_line(tiny_data, teachers,
+                                                                                        tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--teacher_eval', '--teacher_cache',
+                              str(tmp_path / 'cache'), '--teacher_cache_mode', 'draws'))
+    assert str(stopped.value.code) == ('error: --teacher_eval runs the teacher in eval mode; --teacher_cache_mode '
+                                       'draws stores the train-mode teacher: choose one')
