@@ -535,3 +535,15 @@ def test_draws_of_the_train_mode_teacher_with_an_eval_mode_teacher_is_refused_in
                               str(tmp_path / 'cache'), '--teacher_cache_mode', 'draws'))
     assert str(stopped.value.code) == ('error: --teacher_eval runs the teacher in eval mode; --teacher_cache_mode '
                                        'draws stores the train-mode teacher: choose one')
+
+
+def test_a_read_only_cache_directory_is_one_line(tiny_data, teachers, tmp_path, monkeypatch):
+    def read_only(*arguments, **keywords):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(np.lib.format, 'open_memmap', read_only)  # as a read-only mount answers the first write
+    cache = tmp_path / 'cache'
+    with pytest.raises(SystemExit) as stopped:
+        run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
+                              str(cache)))
+    assert str(stopped.value.code) == (f'error: --teacher_cache {cache}: Read-only file system: give a writable '
+                                       'directory with room for the cache')
