@@ -62,12 +62,18 @@ def shared_memory_free_bytes() -> int | None:
 
 
 def loader_workers_that_fit(requested: int, batch_size: int, img_size: int, logger) -> int:
-    """As many loader workers as asked, unless their batches in flight (two per worker, for every process of this
-    host, with room to spare) would not fit in /dev/shm: then fewer, said in one line."""
+    """As many loader workers as asked, unless this host's cores shared by its processes are fewer, or their batches
+    in flight (two per worker, for every process of this host, with room to spare) would not fit in /dev/shm: then
+    fewer, said in one line."""
+    processes = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    cores = max(1, len(os.sched_getaffinity(0)) // processes)
+    if requested > cores:
+        logger.info(f'--num_workers {requested} is more than the {cores} cores each of the {processes} processes '
+                    f'of this host has: using {cores}')
+        requested = cores
     free = shared_memory_free_bytes()
     if requested == 0 or free is None:
         return requested
-    processes = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
     per_worker = 2 * 2 * processes * batch_size * 3 * img_size * img_size
     fitting = min(requested, int(free // per_worker))
     if fitting < requested:

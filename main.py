@@ -27,11 +27,12 @@ import utils
 
 def get_parser() -> argparse.ArgumentParser:
     """The original's flags, under their names, plus this project's, in groups."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_flags(parser.add_argument_group('model and schedule').add_argument)
-    add_distillation_flags(parser.add_argument_group('distillation').add_argument)
-    add_data_flags(parser.add_argument_group('data').add_argument)
-    add_run_flags(parser.add_argument_group('the run').add_argument)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
+        'HelpFormatter', (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    for title, add_flags in (('model and schedule', add_recipe_flags), ('distillation', add_distillation_flags),
+                             ('data', add_data_flags), ('the run', add_run_flags)):
+        group = parser.add_argument_group(title)  # a flag without help text still shows its default
+        add_flags(lambda *names, help='default: %(default)s', **rest: group.add_argument(*names, help=help, **rest))
     return parser
 
 
@@ -241,10 +242,7 @@ def number_problems(args) -> list[str]:
         problems.append('--max_epoch 0 trains nothing and there is no --test_list to evaluate: nothing to do')
     if args.num_classes is not None and args.num_classes < 1:
         problems.append(f'--num_classes must be at least 1, not {args.num_classes}')
-    try:
-        sizes = trainer.step_sizes(args.step_size)
-    except ValueError:
-        sizes = []
+    sizes = trainer.step_sizes(args.step_size)
     if args.lr_scheduler != 'cosine' and (not sizes or min(sizes) < 1):
         problems.append(f'--step_size {args.step_size!r}: give a positive integer (step) or comma-separated '
                         'positive integers (multistep)')

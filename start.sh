@@ -1,5 +1,6 @@
 #!/bin/sh
-# Run a published recipe with torchrun on all local GPUs, or, given no data and no teacher, the CPU demo.
+# Run a published recipe with torchrun on all local GPUs (one process: main.py itself, so that an error is the last
+# line printed), or, given no data and no teacher, the CPU demo.
 #
 #   TEACHER=/path/teacher.pyth TRAIN_ROOT=/data/train TRAIN_LIST=/data/train.txt \
 #   VAL_ROOT=/data/val VAL_LIST=/data/val.txt TEST_ROOT=/data/test TEST_LIST=/data/test.txt sh start.sh
@@ -127,17 +128,21 @@ else
     launcher="--standalone --nproc_per_node $NPROC"
 fi
 
+# one process on one host runs main.py itself: its one-line error or stop message is then the last line printed,
+# with no launcher traceback after it
+if [ "$NPROC" = 1 ] && [ "${HOST_NUM:-1}" -le 1 ]; then launch=""; else launch="-m torch.distributed.run $launcher"; fi
+
 if [ "$test_only" = 1 ]; then
     # the recipe's flags only name the run directory; a teacher adds its own and the cross figures
     teacher=""
     [ -z "${TEACHER:-}" ] || teacher="--teacher_backbone_class Swin_base --teacher_init_weights $TEACHER"
     # shellcheck disable=SC2086
-    exec "$PYTHON" -m torch.distributed.run $launcher "$here/main.py" $recipe $data $teacher \
+    exec "$PYTHON" $launch "$here/main.py" $recipe $data $teacher \
         --batch_size 256 --lr_scheduler cosine --augment --amp "$AMP" --save_dir "${SAVE_DIR:-./checkpoints}" "$@"
 fi
 
 # shellcheck disable=SC2086
-exec "$PYTHON" -m torch.distributed.run $launcher "$here/main.py" $recipe $data \
+exec "$PYTHON" $launch "$here/main.py" $recipe $data \
     --batch_size 256 --lr_scheduler cosine --augment --is_distill --teacher_backbone_class Swin_base \
     --teacher_init_weights "$TEACHER" --kd_loss KD --kd_weight 1.0 --head_fixed --amp "$AMP" \
     --save_dir "${SAVE_DIR:-./checkpoints}" "$@"

@@ -407,5 +407,8 @@ def log_epoch(logger, epoch: int, averages: dict, validation: dict | None):
 
 
 def step_sizes(text: str) -> list[int]:
-    """'30' -> [30]; '30,60' -> [30, 60]."""
-    return [int(part) for part in str(text).split(',') if part.strip()]
+    """'30' -> [30]; '30,60' -> [30, 60]; [] for text that is not integers."""
+    try:
+        return [int(part) for part in str(text).split(',') if part.strip()]
+    except ValueError:
+        return []

@@ -328,3 +328,22 @@ def test_a_run_stopped_by_a_start_up_check_writes_nothing_in_its_run_directory(t
     }[case]
     stops_with(train_argv(data, save_dir, *extra), pattern)
     assert files_under(save_dir) == []
+
+
+def test_help_shows_every_default():
+    shown = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), '--help'], capture_output=True, text=True,
+                           env=dict(os.environ, COLUMNS='200'), check=True).stdout
+    for flag, default in (('--img_size IMG_SIZE', '384'), ('--max_epoch MAX_EPOCH', '200'),
+                          ('--batch_size BATCH_SIZE', '256'), ('--num_workers NUM_WORKERS', '8'),
+                          ('--lr LR', '0.001'), ('--teacher_cache_mode {eval,draws}', 'eval')):
+        entry = ' '.join(shown[shown.index(f'\n  {flag}'):].split('\n  -')[1].split())  # the flag's entry, wrapped
+        assert re.search(rf'\(?default: {re.escape(default)}\)?$', entry), entry
+
+
+def test_more_loader_workers_than_cores_are_reduced_to_the_cores_in_one_line(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
+    run_main(train_argv(tiny_data, tmp_path / 'runs', '--num_workers', '8'))
+    record = read(os.path.join(run_dirs(tmp_path / 'runs')[0], 'record.txt'))
+    assert ('--num_workers 8 is more than the 2 cores each of the 1 processes of this host has: using 2\n'
+            in record)
+    assert record.count('is more than the') == 1

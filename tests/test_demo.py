@@ -200,3 +200,21 @@ def test_the_cluster_job_runs_the_recipe_on_every_host(tmp_path):
                  f"--train_list {settings['TRAIN_LIST']}", f"--val_root {settings['VAL_ROOT']}",
                  f"--test_list {settings['TEST_LIST']}", f"--save_dir {settings['SAVE_DIR']}"):
         assert flag in command
+
+
+def test_a_recipe_run_with_a_wrong_train_root_ends_on_its_one_line_error(tiny_data, tmp_path):
+    from conftest import classifier_file
+    teacher = classifier_file(tmp_path / 'teacher.pth', seed=1)
+    environment = demo_environment(tmp_path, TEACHER=teacher, TRAIN_ROOT=str(tmp_path / 'nowhere'),
+                                   TRAIN_LIST=tiny_data['train'], NPROC='1', SAVE_DIR=str(tmp_path / 'runs'))
+    finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh'), '--img_size', '96', '--demo_width_divisor', '8'],
+                              env=environment, capture_output=True, text=True, timeout=300)
+    printed = (finished.stdout + finished.stderr).strip().splitlines()
+    assert finished.returncode != 0
+    assert len(printed) <= 3, printed
+    assert printed[-1] == f"error: --train_root {tmp_path / 'nowhere'}: no such directory", printed
+
+
+def test_one_process_on_one_host_runs_main_py_itself(tmp_path):
+    command = launched_command(tmp_path, NPROC='1')
+    assert command.startswith(f'{ROOT}/main.py --backbone_class Swin_tiny') and 'torch.distributed.run' not in command

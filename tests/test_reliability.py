@@ -232,6 +232,7 @@ def test_a_save_dir_that_processes_do_not_share_is_refused_at_start(tiny_data, t
 def test_small_shared_memory_lowers_the_loader_workers_and_says_so(tiny_data, tmp_path, monkeypatch):
     import helpers
     monkeypatch.setattr(helpers, 'shared_memory_free_bytes', lambda: 2 * 2 * 4 * 3 * 96 * 96 + 1)
+    monkeypatch.setattr(helpers.os, 'sched_getaffinity', lambda pid: set(range(8)))  # cores enough for 3 workers
     run_main(training_argv(tiny_data, workers=3) + ['--max_epoch', '1', '--save_dir', str(tmp_path)])
     record = record_of(only_run_dir(tmp_path))
     assert re.search(r'^/dev/shm has 0 MB free, too little for 3 loader workers in each of 1 processes '
