@@ -36,19 +36,22 @@ def export(backbone: nn.Module, path: str, img_size: int, description: dict, cal
     """Write `backbone` as an ONNX serving graph at `path`, int8 when `calibration` is given; returns its metadata.
     Everything is written in a private directory beside `path` and renamed over it once whole: a full disk, an
     error or Ctrl-C leaves the file that was there as it was, and no temporary file."""
-    workspace = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.', dir=os.path.dirname(os.path.abspath(path)))
+    workspace = None
     try:
-        float_path = os.path.join(workspace, 'float32.onnx')
-        contract = export_onnx(backbone, float_path, img_size, description)
+        workspace = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.', dir=os.path.dirname(os.path.abspath(path)))
+        written = os.path.join(workspace, 'float32.onnx')
+        contract = export_onnx(backbone, written, img_size, description)
         if calibration is not None:
-            contract = quantize_onnx(float_path, os.path.join(workspace, 'int8.onnx'), calibration, contract)
-        os.replace(os.path.join(workspace, 'float32.onnx' if calibration is None else 'int8.onnx'), path)
+            float_path, written = written, os.path.join(workspace, 'int8.onnx')
+            contract = quantize_onnx(float_path, written, calibration, contract)
+        os.replace(written, path)
         return contract
     except OSError as error:
         raise utils.RunError(f'could not write {path} ({error.strerror or error}); nothing was written and the file '
                              'that was there is as it was: free space or fix the storage, then rerun') from None
     finally:
-        shutil.rmtree(workspace, ignore_errors=True)
+        if workspace is not None:
+            shutil.rmtree(workspace, ignore_errors=True)
 
 
 def export_onnx(backbone: nn.Module, path: str, img_size: int, description: dict) -> dict:

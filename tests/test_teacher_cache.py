@@ -499,16 +499,18 @@ def test_free_space_for_the_features_but_not_the_file_header_is_refused_before_a
     assert not os.path.exists(cache / 'features.npy')
 
 
-def test_a_full_disk_while_the_features_file_is_made_is_one_line_and_leaves_no_file_without_manifest(
-        tiny_data, teachers, tmp_path, monkeypatch):
-    def no_space(descriptor, offset, length):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(feature_store.os, 'posix_fallocate', no_space)
+@pytest.mark.parametrize('where, code', [('posix_fallocate', errno.ENOSPC), ('open_memmap', errno.EROFS)])
+def test_a_full_disk_or_a_read_only_one_while_the_features_file_is_made_is_one_line_and_leaves_no_file(
+        tiny_data, teachers, tmp_path, monkeypatch, where, code):
+    def failing(*arguments, **keywords):
+        raise OSError(code, os.strerror(code))
+    # the space reservation of a full disk, or the first write on a read-only mount
+    monkeypatch.setattr(feature_store.os if where == 'posix_fallocate' else np.lib.format, where, failing)
     cache = tmp_path / 'cache'
     with pytest.raises(SystemExit) as stopped:
         run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
                               str(cache)))
-    assert str(stopped.value.code) == (f'error: --teacher_cache {cache}: No space left on device: give a writable '
+    assert str(stopped.value.code) == (f'error: --teacher_cache {cache}: {os.strerror(code)}: give a writable '
                                        'directory with room for the cache')
     assert not os.path.exists(cache / 'features.npy')
 
@@ -536,14 +538,3 @@ def test_draws_of_the_train_mode_teacher_with_an_eval_mode_teacher_is_refused_in
     assert str(stopped.value.code) == ('error: --teacher_eval runs the teacher in eval mode; --teacher_cache_mode '
                                        'draws stores the train-mode teacher: choose one')
 
-
-def test_a_read_only_cache_directory_is_one_line(tiny_data, teachers, tmp_path, monkeypatch):
-    def read_only(*arguments, **keywords):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-    monkeypatch.setattr(np.lib.format, 'open_memmap', read_only)  # as a read-only mount answers the first write
-    cache = tmp_path / 'cache'
-    with pytest.raises(SystemExit) as stopped:
-        run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache',
-                              str(cache)))
-    assert str(stopped.value.code) == (f'error: --teacher_cache {cache}: Read-only file system: give a writable '
-                                       'directory with room for the cache')
