@@ -82,13 +82,14 @@ def save_atomically(obj, path: str, previous_path: str | None = None, verify: bo
 class Checkpoints:
     """The latest training state (the previous one kept beside it) and max_acc.pth, written by rank 0 while every
     process waits. `flags`, the settings that change the run's trajectory without naming its directory, are stored
-    in every checkpoint: a resume with other values stops before anything is loaded or written."""
+    in every checkpoint: a resume with other values stops before anything is loaded or written. `architecture` (the
+    student's backbone, img_size and width_divisor) is written beside the weights: the files describe their model."""
 
     def __init__(self, run_dir: str, *, rank: int, world_size: int, logger, student, optimizer, scaler,
-                 head_fixed: bool, flags: dict):
+                 head_fixed: bool, flags: dict, architecture: dict):
         self.run_dir, self.rank, self.world_size, self.logger = run_dir, rank, world_size, logger
         self.student, self.optimizer, self.scaler = student, optimizer, scaler
-        self.head_fixed, self.flags = head_fixed, dict(flags)
+        self.head_fixed, self.flags, self.architecture = head_fixed, dict(flags), dict(architecture)
 
     def path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
@@ -97,7 +98,7 @@ class Checkpoints:
         """The checkpoint after an epoch, and max_acc.pth when the epoch improved."""
         def write():
             if improved:
-                save_atomically(model.student_weights(self.student, include_head=not self.head_fixed),
+                save_atomically(model.student_weights(self.student, not self.head_fixed, self.architecture),
                                 self.path(BEST_NAME))
             self._save(self.training_state(progress))
         self._write_on_rank_zero(write)
@@ -115,7 +116,9 @@ class Checkpoints:
         return {'student': student_state, 'optimizer': self.optimizer.state_dict(),
                 'scaler': self.scaler.state_dict(), 'progress': dataclasses.asdict(progress),
                 'seed': self.flags.get('seed'), 'flags': self.flags,
-                'batches_seen': getattr(self.student.backbone, 'batches_seen', 0)}
+                'batches_seen': getattr(self.student.backbone, 'batches_seen', 0),
+                model.ARCHITECTURE_KEY: model.describe(getattr(self.student, 'module', self.student).head,
+                                                       **self.architecture)}
 
     def resume(self) -> tuple[RunProgress | None, EpochState]:
         """Load the checkpoint choose_checkpoint picks: (its progress, or None for a new run; where in the epoch)."""
@@ -176,6 +179,22 @@ class Checkpoints:
                 problems.append(f'could not write a checkpoint in {self.run_dir}: {utils.first_line(error)}; '
                                 'the files already there are whole: free space or fix the storage, then rerun')
         utils.stop_if_any_process_failed(problems)
+
+
+def finished(run_dir: str, flags: dict, max_epoch: int, rank: int) -> bool:
+    """Whether `run_dir`'s checkpoint (read by rank 0, its tensors memory-mapped) closes epoch `max_epoch` and was
+    written with `flags`; False for anything else (no checkpoint, a damaged one), which resume() then handles."""
+    answer = []
+    if rank == 0:
+        try:
+            state = torch.load(os.path.join(run_dir, CHECKPOINT_NAME), map_location='cpu', weights_only=True,
+                               mmap=True)
+            progress, stored = state['progress'], state['flags']
+            same = all(stored[name] == value for name, value in flags.items() if name in stored)
+            answer = ['finished'] if same and progress['epoch'] >= max_epoch and not progress['iteration'] else []
+        except Exception:  # whatever the file is, resume() names it
+            answer = []
+    return bool(utils.gather_messages(answer))
 
 
 def choose_checkpoint(run_dir: str, rank: int, logger) -> tuple[str | None, dict | None]:

@@ -92,6 +92,19 @@ def plot_roc(curves: dict, path: str):
     plt.close(figure)
 
 
+def far_label(far: float) -> str:
+    """'TAR@1e-2' for FAR 0.01: the name of a TAR in printed lines and in results.json."""
+    mantissa, exponent = f'{far:.0e}'.split('e')
+    return f'TAR@{mantissa}e{int(exponent)}'
+
+
+def format_labelled_tars(name: str, result: dict) -> str:
+    """'student TARs, coarse: TAR@1e-1=0.9, ...; fine: ...': each figure named by its FAR."""
+    grains = [f'{grain}: ' + ', '.join(f'{far_label(far)}={float(tar):.5f}' for far, tar in
+                                      zip(verification.DEFAULT_FARS, result[grain])) for grain in ('coarse', 'fine')]
+    return f'{name} TARs, ' + '; '.join(grains)
+
+
 def format_tar_line(prefix: str, coarse: list, fine: list) -> str:
     """'test acc: coarsegrained:[0.9, ...]--finegrained:[...]' (prefix 'test acc' or 'cross acc')."""
     coarse_text, fine_text = (str([round(float(value), 5) for value in values]) for values in (coarse, fine))
@@ -198,7 +211,8 @@ def log_report(logger, report: dict, roc_path: str):
     names = {'student': 'test acc', 'teacher': 'teacher acc', 'cross': 'cross acc'}
     curves = {}
     for name, result in report.items():
-        logger.info(format_tar_line(names[name], result['coarse'], result['fine']))
+        logger.info(format_tar_line(names[name], result['coarse'], result['fine']))  # the original's line
+        logger.info(format_labelled_tars(name, result))
         logger.info(f'{name} nearest-neighbour top-1: coarse={result["coarse_nn_accuracy"]:.5f}, '
                     f'fine={result["fine_nn_accuracy"]:.5f}; GAP: coarse={result["coarse_gap"]:.5f}, '
                     f'fine={result["fine_gap"]:.5f}')
@@ -211,5 +225,8 @@ def log_report(logger, report: dict, roc_path: str):
             else:
                 curves[f'{name} {grain}'] = result[f'{grain}_curve']
     logger.result('test', {name: dict(result, **{f'{grain}_curve': dict(zip(('far', 'tar'), result[f'{grain}_curve']))
-                                                 for grain in ('coarse', 'fine')}) for name, result in report.items()})
+                                                 for grain in ('coarse', 'fine')},
+                                      tar_at_far={grain: dict(zip(map(far_label, verification.DEFAULT_FARS),
+                                                                  result[grain])) for grain in ('coarse', 'fine')})
+                           for name, result in report.items()})
     plot_roc(curves, roc_path)

@@ -19,7 +19,6 @@ import swin_transformer
 import trainer
 import utils
 
-DEFAULT_NUM_CLASSES = 252903
 # Settings that change a run's trajectory without naming its directory: a resume with other values is refused.
 TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_size', 'num_classes', 'drop_block',
                     'demo_width_divisor', 'teacher_backbone_class', 'teacher_init_weights', 'teacher_eval',
@@ -104,7 +103,8 @@ def build_model(student_name: str, img_size: int, num_classes: int | None, stude
             raise utils.RunError(f'--num_classes {num_classes} but the teacher {teacher_weights} classifies '
                                  f'{teacher_classes} classes; drop --num_classes')
         num_classes = teacher_classes
-    num_classes = num_classes or DEFAULT_NUM_CLASSES
+    if num_classes is None:
+        raise utils.RunError('a student without a teacher needs its number of classes: give --num_classes')
     backbone = (model.load_backbone(student_name, student_weights, img_size, width_divisor, drop_block_schedule).train()
                 if student_weights else
                 model.create_backbone(student_name, img_size, width_divisor, drop_block_schedule))
@@ -172,14 +172,18 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     """(The Trainer of the run the flags describe, the test list's samples)."""
     logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
     trainer.seed_epoch(args.seed, 0, rank)
-    train_samples, _ = datasets.read_train_samples(args.train_root, args.train_list, args.label_map)
+    train_samples, listed_classes = datasets.read_train_samples(args.train_root, args.train_list, args.label_map)
+    num_classes = args.num_classes
+    if num_classes is None and not args.is_distill:  # no teacher's classifier to decide: the lists do
+        num_classes = listed_classes
+        logger.info(f"classes: {num_classes}, the training lists' largest label + 1 (--num_classes gives another)")
     datasets.check_training_roots(train_samples)
     # what would only fail after the last epoch (or after the teacher cache's pre-pass) is found now
     val_samples = datasets.read_checked_list(args.val_root, args.val_list, '--val_root', rank, world_size)
     test_samples = datasets.read_checked_list(args.test_root, args.test_list, '--test_root', rank, world_size)
     evaluation.check_test_list(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
     distiller = build_model(
-        args.backbone_class, args.img_size, args.num_classes, args.init_weights, head_fixed=args.head_fixed,
+        args.backbone_class, args.img_size, num_classes, args.init_weights, head_fixed=args.head_fixed,
         teacher_name=args.teacher_backbone_class if args.is_distill else None, width_divisor=args.demo_width_divisor,
         teacher_weights=args.teacher_init_weights, grad_checkpointing=args.grad_checkpointing,
         channels_last=args.channels_last, stochastic_teacher=not args.teacher_eval, drop_block_schedule=args.drop_block,
@@ -214,8 +218,12 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
                                    scheduler=args.lr_scheduler, step_size=trainer.step_sizes(args.step_size)),
         batch_transform=datasets.BatchTransform(args.augment, memory_format=torch.channels_last if args.channels_last
                                                 else torch.contiguous_format))
-    flags = dict({name: getattr(args, name) for name in TRAJECTORY_FLAGS}, teacher_cache=cache is not None)
-    return trainer.Trainer(args, parts, place, flags, signals), test_samples
+    return trainer.Trainer(args, parts, place, trajectory_flags(args), signals), test_samples
+
+
+def trajectory_flags(args) -> dict:
+    """The settings stored in every checkpoint, which a resume must repeat (TRAJECTORY_FLAGS, the cache's use)."""
+    return dict({name: getattr(args, name) for name in TRAJECTORY_FLAGS}, teacher_cache=bool(args.teacher_cache))
 
 
 def teacher_cache_of(args, samples, rank: int) -> feature_store.FeatureStore:

@@ -10,8 +10,6 @@ import os
 import torch.distributed as dist
 
 import checkpoints
-import datasets
-import evaluation
 import feature_store
 import helpers
 import losses
@@ -19,21 +17,31 @@ import model
 import resnet12
 import retrieval
 import run_directory
-import serving
+import scoring
 import swin_transformer
 import trainer
 import utils
 
 
-def get_parser() -> argparse.ArgumentParser:
-    """The original's flags, under their names, plus this project's, in groups."""
+def get_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The original's flags, under their names, plus this project's, in groups (without `defaults`: only the flags
+    given appear in what it parses)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
         'HelpFormatter', (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
     for title, add_flags in (('model and schedule', add_recipe_flags), ('distillation', add_distillation_flags),
                              ('data', add_data_flags), ('the run', add_run_flags)):
         group = parser.add_argument_group(title)  # a flag without help text still shows its default
-        add_flags(lambda *names, help='default: %(default)s', **rest: group.add_argument(*names, help=help, **rest))
+        add_flags(lambda *names, help='default: %(default)s', **rest: group.add_argument(
+            *names, help=help, **(rest if defaults else dict(rest, default=argparse.SUPPRESS))))
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with `given`: the names of those on the command line (a weights file's description fills the
+    others of its model)."""
+    args = get_parser().parse_args(argv)
+    args.given = set(vars(get_parser(defaults=False).parse_args(argv)))
+    return args
 
 
 def add_recipe_flags(add):
@@ -41,7 +49,8 @@ def add_recipe_flags(add):
     add('--backbone_class', default='Swin_tiny', choices=model.BACKBONE_NAMES)
     add('--init_weights', default=None, help='student weights to start from (or to test with --test_only)')
     add('--img_size', type=int, default=384)
-    add('--num_classes', type=int, default=None, help="default: the teacher's classifier, else 252903")
+    add('--num_classes', type=int, default=None,
+        help="default: the teacher's classifier's, else the training lists' largest label + 1")
     add('--max_epoch', type=int, default=200)
     add('--warmup_epoch', type=int, default=10)
     add('--batch_size', type=int, default=256, help='global batch over all processes')
@@ -264,17 +273,22 @@ def main(args):
     rank, world_size, device = utils.init_distributed()
     lock, logger, signals = None, None, trainer.StopSignals()
     try:
+        run_dir, weights, notes = run_directory.training_directory(args), None, []
+        if (args.test_only or args.export_onnx) and not path_problems(args):  # the checks see the file's values
+            weights = weights_to_use(args, run_dir)
+            updates, notes = scoring.described_flags(weights, args.teacher_init_weights, vars(args), given_flags(args),
+                                                     other_size_allowed=args.test_only)
+            vars(args).update(updates)
         check_args(args, world_size)
-        run_dir = run_directory.training_directory(args)
-        weights = weights_to_use(args, run_dir) if args.test_only or args.export_onnx else None
-        if args.test_only and weights.endswith('.onnx'):
-            serving.check_exported_backbone(weights, args.backbone_class)
-        output_dir = run_directory.test_directory(run_dir, weights, args.img_size, args.benchmark,
-                                                  args.benchmark_distractors) if args.test_only else run_dir
-        lock = run_directory.hold_run_directory(output_dir, rank, world_size)
+        output_dir = output_directory(args, run_dir, weights)
+        lock = run_directory.hold_run_directory(output_dir, rank, world_size) if output_dir else None
         logger = run_directory.Logger(output_dir, rank=rank)
         signals.install()
-        logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())))
+        logger.info(f'export: {weights} -> {args.export_onnx}' if args.export_onnx else f'run directory: {output_dir}')
+        logger.info('args: ' + ' '.join(f'{key}={value}' for key, value in sorted(vars(args).items())
+                                        if key != 'given'))
+        for note in notes:
+            logger.info(note)
         if args.amp == 'fp16' and device.type == 'cpu':
             logger.info('note: --amp fp16 on a CPU runs many times slower than fp32 (it has no fp16 kernels); '
                         '--amp bf16 is the fast choice here')
@@ -283,12 +297,13 @@ def main(args):
         place = trainer.RunPlace(output_dir, logger, rank, world_size, device)
         if args.export_onnx:
             signals.at_once = 'during the export: nothing was written; the same command exports again'
-            export(args, place, weights)
-        elif args.test_only:
+            return scoring.export(args, logger, weights)
+        if args.test_only:
             signals.at_once = 'during the test: the files of the earlier tests are whole; the same command tests again'
-            test_only(args, place, weights, feature_dir=os.path.join(run_dir, 'benchmark_features'))
-        else:
-            train_and_test(args, place, signals)
+            scoring.test_only(args, place, weights, os.path.join(os.path.dirname(output_dir), 'benchmark_features'))
+        elif not train_and_test(args, place, signals):
+            return
+        logger.info(f'results: {os.path.join(output_dir, run_directory.RESULTS_NAME)} (record.txt beside it)')
     except utils.RunError as error:
         # bad lists, labels, weights files, images or a diverged loss: the message says what to fix, said once
         raise SystemExit(f'error: {error}' if rank == 0 else 1) from None
@@ -310,8 +325,11 @@ def main(args):
             dist.destroy_process_group()
 
 
-def train_and_test(args, place: trainer.RunPlace, signals: trainer.StopSignals):
-    """Train (resuming where the run directory left off), then test the best epoch's student."""
+def train_and_test(args, place: trainer.RunPlace, signals: trainer.StopSignals) -> bool:
+    """Train (resuming where the run directory left off), then test the best epoch's student; False (and a line) for a
+    run that finished before, which is left as it was."""
+    if finished_before(args, place):
+        return False
     signals.at_once = ('during start-up: the teacher cache keeps the rows computed so far; the same command starts '
                        'again')
     run, test_samples = helpers.build_training(args, place, signals)
@@ -325,64 +343,43 @@ def train_and_test(args, place: trainer.RunPlace, signals: trainer.StopSignals):
         teacher = distiller.teacher.backbone if distiller.teacher else None
         if args.teacher_cache:  # the teacher is built for its own and the cross figures only
             teacher = helpers.backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class)
-        test(args, place, test_samples, student, teacher.to(place.device) if teacher else None)
+        scoring.final_test(args, place, test_samples, student, teacher.to(place.device) if teacher else None)
+    return True
 
 
-def test(args, place: trainer.RunPlace, samples, student_backbone, teacher_backbone):
-    """The final test of `student_backbone` (and of the teacher's backbone, with the cross figures) on the test list."""
-    loader = helpers.build_test_loader(samples, args.img_size, args.batch_size, args.num_workers, place.rank,
-                                       place.world_size)
-    evaluation.run_test(loader, student_backbone, teacher_backbone, device=place.device, amp=args.amp,
-                        rank=place.rank, logger=place.logger, output_dir=place.run_dir,
-                        coarse_mask=args.test_mask_coarse, fine_mask=args.test_mask_fine)
+def finished_before(args, place: trainer.RunPlace) -> bool:
+    """Whether the run directory holds this run finished: its last epoch's checkpoint, written with these settings,
+    and the final test's figures when there is a test list (said in a line; nothing is written)."""
+    try:
+        results = run_directory.read_results(place.run_dir)
+    except utils.RunError:  # a damaged results.json: the run goes on, and its logger sets the file aside
+        return False
+    best_lost = results.get('best_epoch') and not os.path.isfile(os.path.join(place.run_dir, checkpoints.BEST_NAME))
+    if args.test_list and ('test' not in results or best_lost):  # the test is still to run, or cannot: resume says
+        return False
+    if not checkpoints.finished(place.run_dir, helpers.trajectory_flags(args), args.max_epoch, place.rank):
+        return False
+    place.logger.info(f'this run is finished ({args.max_epoch} epochs{", tested" if args.test_list else ""}); nothing '
+                      f'was changed: its results are in {os.path.join(place.run_dir, run_directory.RESULTS_NAME)}')
+    return True
 
 
-def test_only(args, place: trainer.RunPlace, weights: str, feature_dir: str):
-    """Score `weights` (.onnx too) and any teacher on the test list or a --benchmark (features in `feature_dir`)."""
-    rank, world_size, logger = place.rank, place.world_size, place.logger
-    if args.benchmark:
-        images = retrieval.read_benchmark(args.benchmark, args.benchmark_root, args.benchmark_distractors)
-        retrieval.check_benchmark_images(images, rank, world_size)
-        logger.info(f'{args.benchmark}: {len(images.queries)} queries, {len(images.database)} database images')
-    else:
-        samples = datasets.read_checked_list(args.test_root, args.test_list, '--test_root', rank, world_size)
-        evaluation.check_test_list(samples, args.test_mask_coarse, args.test_mask_fine, logger)
-    models = {'student': (weights, args.backbone_class)}
-    if args.teacher_init_weights:
-        models['teacher'] = (args.teacher_init_weights, args.teacher_backbone_class)
-    backbones = {name: serving.OnnxBackbone(path, args.img_size) if path.endswith('.onnx')
-                 else helpers.backbone_of(args, path, backbone).to(place.device)
-                 for name, (path, backbone) in models.items()}
-    if 'teacher' in backbones and backbones['teacher'].feature_dim != backbones['student'].feature_dim:
-        raise utils.RunError(f"{weights} gives {backbones['student'].feature_dim}-d features, the teacher "
-                             f"{args.teacher_init_weights} {backbones['teacher'].feature_dim}-d: the cross figures "
-                             'compare the two; test a student of the teacher\'s width, or leave the teacher out')
-    logger.info(f'test only: {weights}')
-    logger.start()
-    if not args.benchmark:
-        return test(args, place, samples, backbones['student'], backbones.get('teacher'))
-    # what each model's features depend on: its weights' bytes (read by rank 0 alone, which decides on reuse)
-    identities = {name: {'weights': utils.file_digest([path]) if rank == 0 else '', 'backbone': backbone,
-                         'img_size': args.img_size, 'width_divisor': args.demo_width_divisor, 'amp': args.amp}
-                  for name, (path, backbone) in models.items()}
-    loaders = {part: helpers.build_test_loader(part_images, args.img_size, args.batch_size, args.num_workers, rank,
-                                               world_size)
-               for part, part_images in (('queries', images.queries), ('database', images.database))}
-    retrieval.run_benchmark(images, backbones, identities, loaders, feature_dir, device=place.device, amp=args.amp,
-                            rank=rank, logger=logger)
+def output_directory(args, run_dir: str, weights: str | None) -> str | None:
+    """Where the run writes: its run directory (training); beside the weights, or in a --save_dir given with them (a
+    test); nowhere (an export writes its .onnx file alone)."""
+    if args.export_onnx:
+        return None
+    if not args.test_only:
+        return run_dir
+    save_dir = args.save_dir if args.init_weights and 'save_dir' in given_flags(args) else None
+    return scoring.output_directory(weights, args.img_size, args.benchmark, args.benchmark_distractors, save_dir)
 
 
-def export(args, place: trainer.RunPlace, weights: str):
-    """Write `weights` as an ONNX serving graph (int8 with --quantize, calibrated on --calibration_list)."""
-    backbone = helpers.backbone_of(args, weights)
-    description, calibration = {'backbone': args.backbone_class, 'weights': weights}, None
-    if args.quantize == 'int8':
-        calibration = serving.calibration_images(args.calibration_root, args.calibration_list, args.img_size)
-        description['calibration'] = f'{len(calibration)} images of {args.calibration_list}'
-    place.logger.start()
-    contract = serving.export(backbone, args.export_onnx, args.img_size, description, calibration)
-    place.logger.info(f'exported {weights} to {args.export_onnx}: ' +
-                      '; '.join(f'{key}: {value}' for key, value in contract.items()))
+def given_flags(args) -> set[str]:
+    """The flags given on the command line (parse_args); without that record, those that differ from the defaults."""
+    given = getattr(args, 'given', None)
+    defaults = vars(get_parser().parse_args([]))
+    return given if given is not None else {name for name, value in defaults.items() if getattr(args, name) != value}
 
 
 def weights_to_use(args, run_dir: str) -> str:
@@ -395,4 +392,4 @@ def weights_to_use(args, run_dir: str) -> str:
 
 
 if __name__ == '__main__':
-    main(get_parser().parse_args())
+    main(parse_args())

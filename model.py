@@ -19,6 +19,8 @@ LINEAR_CLASSIFIER_KEYS = ('head.weight', 'head.bias', 'head.fc.weight', 'head.fc
 KEY_PREFIXES = ('encoder.', 'module.', 'backbone.')
 IGNORED_KEY_PREFIXES = ('distill_layer',)
 STATE_DICT_CONTAINERS = ('model_state', 'params', 'model', 'state_dict', 'student')
+# beside the weights in this suite's files: how to build the model again (see describe)
+ARCHITECTURE_KEY = 'architecture'
 _LISTED_KEYS = 6
 
 
@@ -148,10 +150,11 @@ class WeightsFileError(utils.RunError):
     """A weights file that cannot be used; the message is one line naming the file and what to do."""
 
 
-def _load_file(path: str):
-    """torch.load with weights_only=True; every failure becomes one line naming the file."""
+def _load_file(path: str, mmap: bool = False):
+    """torch.load with weights_only=True (tensors memory-mapped with `mmap`); every failure becomes one line naming the
+    file."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise WeightsFileError(f'{path}: no such weights file') from None
     except IsADirectoryError:
@@ -274,18 +277,55 @@ def _head_of(head_weight: torch.Tensor | None, feature_dim: int, name: str, path
     if head_weight.shape[1] != feature_dim:
         raise utils.RunError(f'{path}: head weight {tuple(head_weight.shape)} does not match the '
                              f'{feature_dim}-d features of {name}')
+    described = read_architecture(path) or {}  # the scale and margin it was trained with; the original's: 32, 0.1
     # build the head without allocating and initialising a second num_classes x feature_dim matrix
     with torch.device('meta'):
-        head = CosFaceHead(head_weight.shape[0], head_weight.shape[1])
+        head = CosFaceHead(head_weight.shape[0], head_weight.shape[1], scale=described.get('head_scale', 32.0),
+                           margin=described.get('head_margin', 0.1))
     head.weight = nn.Parameter(head_weight.float())
     return head
 
 
-def student_weights(classifier: Classifier, include_head: bool) -> dict:
-    """{'params': {backbone keys..., 'head.weight' if include_head}}, this project's format; the tensors share
-    storage with the model."""
+def student_weights(classifier: Classifier, include_head: bool, architecture: dict | None = None) -> dict:
+    """{'params': {backbone keys..., 'head.weight' if include_head}, 'architecture': describe(...)}, this project's
+    format, `architecture` giving the backbone's name, image size and width divisor; the tensors share storage with
+    the model."""
     classifier = getattr(classifier, 'module', classifier)
     params = dict(classifier.backbone.state_dict())
     if include_head:
         params[HEAD_KEY] = classifier.head.weight.detach()
-    return {'params': params}
+    weights = {'params': params}
+    if architecture is not None:
+        weights[ARCHITECTURE_KEY] = describe(classifier.head, **architecture)
+    return weights
+
+
+def describe(head: CosFaceHead, backbone: str, img_size: int, width_divisor: int) -> dict:
+    """How to build a model again, kept beside its weights: backbone, image size, widths, classes, head scale and
+    margin (plain numbers and text, which a weights-only load reads)."""
+    return {'backbone': backbone, 'img_size': int(img_size), 'width_divisor': int(width_divisor),
+            'feature_dim': int(head.weight.shape[1]), 'num_classes': int(head.num_classes),
+            'head_scale': float(head.scale), 'head_margin': float(head.margin)}
+
+
+def read_architecture(path: str) -> dict | None:
+    """The description a weights file of this suite holds (see describe); None for files without one (the original's,
+    older ones of this suite, timm's), which are built from the flags."""
+    loaded = _load_file(path, mmap=True) if _is_zip(path) else _load_file(path)
+    described = loaded.get(ARCHITECTURE_KEY) if isinstance(loaded, dict) else None
+    if described is None:
+        return None
+    numbers = ('img_size', 'width_divisor', 'feature_dim', 'num_classes')
+    if not (isinstance(described, dict) and described.get('backbone') in BACKBONE_NAMES and
+            all(isinstance(described.get(name), int) and described[name] >= 1 for name in numbers)):
+        raise WeightsFileError(f'{path}: its {ARCHITECTURE_KEY!r} entry is not a description this suite wrote '
+                               f'({str(described)[:80]}); remove it to build the model from the flags')
+    return described
+
+
+def _is_zip(path: str) -> bool:
+    """Whether torch.save wrote `path` in its zip format (which memory-maps; the legacy format does not)."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False

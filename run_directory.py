@@ -47,9 +47,10 @@ class RunName:
 
 class Logger:
     """Append-only `record.txt` + console + tensorboardX scalars + results.json, silent when rank != 0. Nothing is
-    written in the run directory before `start`: a run stopped by a start-up check leaves no files there."""
+    written in the run directory before `start`: a run stopped by a start-up check leaves no files there. Without a
+    run directory (an export): the console alone."""
 
-    def __init__(self, run_dir: str, rank: int = 0, tensorboard: bool = True):
+    def __init__(self, run_dir: str | None, rank: int = 0, tensorboard: bool = True):
         self.run_dir, self.active, self.tensorboard = run_dir, rank == 0, tensorboard
         self.writer, self.results, self.started = None, {}, False
         self._pending, self._said = [], set()  # record.txt's lines not written yet; the keys `once` was given
@@ -57,7 +58,7 @@ class Logger:
     def start(self):
         """The run has passed its start-up checks: write the lines said so far, open tensorboard, read results.json."""
         was_started, self.started = self.started, True
-        if was_started or not self.active:
+        if was_started or not self.active or self.run_dir is None:
             return
         os.makedirs(self.run_dir, exist_ok=True)
         self._write_pending()
@@ -80,6 +81,9 @@ class Logger:
             sys.stdout.flush()
 
     def _write_pending(self):
+        if self.run_dir is None:
+            self._pending = []
+            return
         with open(os.path.join(self.run_dir, 'record.txt'), 'a', encoding='utf-8') as record:
             record.writelines(f'{line}\n' for line in self._pending)
         self._pending = []
@@ -98,7 +102,7 @@ class Logger:
     def result(self, key: str, value):
         """Set one top-level entry of results.json (see RESULTS_NAME) and rewrite the file."""
         self.start()
-        if self.active:
+        if self.active and self.run_dir is not None:
             self.results[key] = value
             utils.write_json(self.results, os.path.join(self.run_dir, RESULTS_NAME))
 
@@ -117,8 +121,8 @@ class Logger:
 # backbone), 'epochs' (epoch, lr, train_accuracy, loss, ce, kd, val_loss, val_accuracy or null), 'best_epoch',
 # 'best_accuracy', 'test': {'student' | 'teacher' | 'cross': {'coarse', 'fine' (TARs at FAR 1e-1 ... 1e-8, null where
 # undefined), '<grain>_undefined' (why, or null), '<grain>_nn_accuracy', '<grain>_gap' (of the nearest-neighbour
-# predictions), '<grain>_curve' ({'far': [...], 'tar': [...]})}}; a --benchmark's figures under its name (see
-# retrieval.benchmark_report).
+# predictions), '<grain>_curve' ({'far': [...], 'tar': [...]}), 'tar_at_far' ({'coarse' | 'fine': {'TAR@1e-1': ...}},
+# the names the printed lines use)}}; a --benchmark's figures under its name (see retrieval.benchmark_report).
 RESULTS_NAME = 'results.json'
 
 
@@ -280,12 +284,3 @@ def training_directory(args) -> str:
     """The run directory the flags name (see RunName)."""
     return RunName(**{field.name: getattr(args, field.name) for field in dataclasses.fields(RunName)}).directory(
         args.save_dir)
-
-
-def test_directory(run_dir: str, weights: str, img_size: int, benchmark: str | None = None,
-                   distractors: list[str] | None = None) -> str:
-    """Where a --test_only run writes: `<test or benchmark(+distractors)>-<weights name>-<digest of its path>-<size>px`
-    in the run directory, so that its figures are never taken for (or written over) another run's."""
-    test = (benchmark or 'test') + (f'+{os.path.splitext(os.path.basename(distractors[1]))[0]}' if distractors else '')
-    name = os.path.splitext(os.path.basename(weights))[0]
-    return os.path.join(run_dir, f'{test}-{name}-{utils.text_digest(os.path.abspath(weights))[:8]}-{img_size}px')

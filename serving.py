@@ -116,17 +116,20 @@ def calibration_images(root: str, list_path: str, img_size: int) -> list:
     return images
 
 
-def check_exported_backbone(path: str, backbone_class: str):
-    """Stop unless the export at `path` is of `backbone_class` (as its metadata says; a file without says nothing):
-    its test would be filed under another backbone's run name."""
+def read_architecture(path: str) -> dict | None:
+    """What an export says of its model: the backbone its metadata names and the image size its input takes; None for
+    a file that is not ONNX (OnnxBackbone names the problem)."""
     import onnx
     try:
-        metadata = {entry.key: entry.value for entry in onnx.load(path, load_external_data=False).metadata_props}
-    except Exception:  # not an ONNX file: OnnxBackbone names the problem
-        return
-    exported = metadata.get('backbone')
-    if exported and exported != backbone_class:
-        raise utils.RunError(f'{path} is an export of a {exported}: run with --backbone_class {exported}')
+        graph = onnx.load(path, load_external_data=False)
+    except Exception:  # not an ONNX file
+        return None
+    metadata = {entry.key: entry.value for entry in graph.metadata_props}
+    described = {'backbone': metadata['backbone']} if metadata.get('backbone') in model.BACKBONE_NAMES else {}
+    dimensions = graph.graph.input[0].type.tensor_type.shape.dim if graph.graph.input else []
+    if len(dimensions) == 4 and dimensions[3].dim_value:
+        described['img_size'] = dimensions[3].dim_value
+    return described
 
 
 class OnnxBackbone(nn.Module):

@@ -128,17 +128,19 @@ else
     launcher="--standalone --nproc_per_node $NPROC"
 fi
 
-# one process on one host runs main.py itself: its one-line error or stop message is then the last line printed,
-# with no launcher traceback after it
-if [ "$NPROC" = 1 ] && [ "${HOST_NUM:-1}" -le 1 ]; then launch=""; else launch="-m torch.distributed.run $launcher"; fi
+# one process on one host runs main.py itself; several go through launch.py (torchrun without its traceback): the
+# run's one-line error or stop message is the last line printed either way
+if [ "$NPROC" = 1 ] && [ "${HOST_NUM:-1}" -le 1 ]; then launch=""; else launch="$here/launch.py $launcher"; fi
 
 if [ "$test_only" = 1 ]; then
-    # the recipe's flags only name the run directory; a teacher adds its own and the cross figures
-    teacher=""
-    [ -z "${TEACHER:-}" ] || teacher="--teacher_backbone_class Swin_base --teacher_init_weights $TEACHER"
+    # the weights file says how to build its model (the original's files: STUDENT names their backbone) and the
+    # results go beside it (or in SAVE_DIR); TEACHER adds its own and the cross figures
+    extra=""
+    [ -z "${STUDENT:-}" ] || extra="--backbone_class $STUDENT"
+    [ -z "${TEACHER:-}" ] || extra="$extra --teacher_init_weights $TEACHER"
+    [ -z "${SAVE_DIR:-}" ] || extra="$extra --save_dir $SAVE_DIR"
     # shellcheck disable=SC2086
-    exec "$PYTHON" $launch "$here/main.py" $recipe $data $teacher \
-        --batch_size 256 --lr_scheduler cosine --augment --amp "$AMP" --save_dir "${SAVE_DIR:-./checkpoints}" "$@"
+    exec "$PYTHON" $launch "$here/main.py" $data $extra --batch_size 256 --amp "$AMP" "$@"
 fi
 
 # shellcheck disable=SC2086

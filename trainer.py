@@ -315,7 +315,8 @@ class Trainer:
         self.files = checkpoints.Checkpoints(
             place.run_dir, rank=place.rank, world_size=place.world_size, logger=place.logger,
             student=parts.distiller.student, optimizer=parts.optimizer, scaler=parts.scaler,
-            head_fixed=args.head_fixed, flags=flags)
+            head_fixed=args.head_fixed, flags=flags, architecture={
+                'backbone': args.backbone_class, 'img_size': args.img_size, 'width_divisor': args.demo_width_divisor})
         self.control = RunControl(args.checkpoint_minutes * 60, signals)
 
     def fit(self):

@@ -87,13 +87,13 @@ def benchmark_argv(weights, save_dir, benchmark, root, *extra):
 
 
 def results_of(save_dir, benchmark) -> dict:
-    path, = glob.glob(os.path.join(str(save_dir), '*', '*', f'{benchmark}-student-*', 'results.json'))
+    path, = glob.glob(os.path.join(str(save_dir), f'{benchmark}-student-*', 'results.json'))
     with open(path, encoding='utf-8') as handle:
         return json.load(handle)[benchmark]
 
 
 def record_of(save_dir, benchmark) -> str:
-    path, = glob.glob(os.path.join(str(save_dir), '*', '*', f'{benchmark}-student-*', 'record.txt'))
+    path, = glob.glob(os.path.join(str(save_dir), f'{benchmark}-student-*', 'record.txt'))
     with open(path, encoding='utf-8') as handle:
         return handle.read()
 
@@ -134,7 +134,7 @@ def test_distractors_join_the_database(weights, tmp_path):
     write_text(str(distractors / 'list.txt'), 'jpg/d0.jpg\njpg/d1.jpg\n\njpg/d2.jpg\n')
     run_main(benchmark_argv(weights, tmp_path / 'runs', 'roxford5k', tmp_path / 'roxford5k',
                             '--benchmark_distractors', str(distractors), str(distractors / 'list.txt')))
-    record, = glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'roxford5k+list-*' / 'record.txt'))
+    record, = glob.glob(str(tmp_path / 'runs' / 'roxford5k+list-*' / 'record.txt'))
     assert 'roxford5k: 4 queries, 15 database images' in open(record, encoding='utf-8').read()
 
 
@@ -196,7 +196,7 @@ def test_gldv2_scores_each_usage_and_a_rerun_reads_the_saved_features(weights, t
     for model in ('student', 'teacher'):
         assert report[model] == {'all': 1.0, 'private': 1.0, 'public': 1.0}
     assert 'gldv2: 4 queries, 12 database images' in record_of(tmp_path / 'runs', 'gldv2')
-    saved = sorted(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*' / 'features.npy')))
+    saved = sorted(glob.glob(str(tmp_path / 'runs' / 'benchmark_features' / '*' / 'features.npy')))
     assert len(saved) == 4  # student and teacher, queries and index
     assert {np.load(path).shape for path in saved} == {(1, 4, 128), (1, 12, 128)}
     run_main(argv)
@@ -205,14 +205,14 @@ def test_gldv2_scores_each_usage_and_a_rerun_reads_the_saved_features(weights, t
     # another student against the same teacher: the teacher's features are read, the student's extracted
     other = classifier_file(tmp_path / 'other.pth', seed=3)
     run_main(benchmark_argv((other, weights[1]), tmp_path / 'runs', 'gldv2', tmp_path / 'gldv2'))
-    record, = glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'gldv2-other-*' / 'record.txt'))
+    record, = glob.glob(str(tmp_path / 'runs' / 'gldv2-other-*' / 'record.txt'))
     assert open(record, encoding='utf-8').read().count('(saved by an earlier run)') == 2
-    assert len(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*' / 'features.npy'))) == 6
+    assert len(glob.glob(str(tmp_path / 'runs' / 'benchmark_features' / '*' / 'features.npy'))) == 6
     # the same models on other images (a copy elsewhere): nothing is read, four more stores are made
     shutil.copytree(tmp_path / 'gldv2', tmp_path / 'gldv2_copy')
     run_main(benchmark_argv(weights, tmp_path / 'runs', 'gldv2', tmp_path / 'gldv2_copy'))
     assert record_of(tmp_path / 'runs', 'gldv2').count('(saved by an earlier run)') == 4
-    assert len(glob.glob(str(tmp_path / 'runs' / '*' / '*' / 'benchmark_features' / '*' / 'features.npy'))) == 10
+    assert len(glob.glob(str(tmp_path / 'runs' / 'benchmark_features' / '*' / 'features.npy'))) == 10
 
 
 def test_two_processes_score_gldv2_as_one_and_a_rerun_of_two_reads_the_saved_features(weights, tmp_path):

@@ -91,7 +91,7 @@ def recording(*arguments, **keywords):
 
 trainer.training_step = recording
 model.create_backbone = lambda *arguments, **keywords: regularisers_off(create_backbone(*arguments, **keywords))
-main.main(main.get_parser().parse_args(sys.argv[1:]))
+main.main(main.parse_args(sys.argv[1:]))
 '''
 
 

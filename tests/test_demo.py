@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -83,7 +85,7 @@ def launched_command(tmp_path, **extra) -> str:
 
 def test_recipes_launch_torchrun_on_every_gpu(tmp_path):
     swin = launched_command(tmp_path)
-    assert swin.startswith(f'-m torch.distributed.run --standalone --nproc_per_node 8 {ROOT}/main.py '
+    assert swin.startswith(f'{ROOT}/launch.py --standalone --nproc_per_node 8 {ROOT}/main.py '
                            '--backbone_class Swin_tiny --max_epoch 200 --warmup_epoch 10 --lr 0.001 --optim AdamW')
     for flag in ('--batch_size 256', '--lr_scheduler cosine', '--augment', '--is_distill',
                  '--teacher_backbone_class Swin_base', '--teacher_init_weights /t/teacher.pyth', '--kd_loss KD',
@@ -101,7 +103,7 @@ def test_recipes_launch_torchrun_on_every_gpu(tmp_path):
 
 def test_cluster_variables_make_a_multi_host_launch(tmp_path):
     command = launched_command(tmp_path, HOST_NUM='2', HOST_GPU_NUM='8', INDEX='1', CHIEF_IP='10.0.0.5')
-    assert command.startswith('-m torch.distributed.run --nnodes 2 --node_rank 1 --master_addr 10.0.0.5 '
+    assert command.startswith(f'{ROOT}/launch.py --nnodes 2 --node_rank 1 --master_addr 10.0.0.5 '
                               f'--master_port 29500 --nproc_per_node 8 {ROOT}/main.py')
 
 
@@ -127,7 +129,7 @@ def test_test_only_launch_needs_the_weights_and_the_test_list_only(tmp_path):
         finished = subprocess.run(arguments, env=environment, capture_output=True, text=True, timeout=60)
         assert finished.returncode == 0, finished.stderr
         command = ' '.join(finished.stdout.split())
-        assert command.startswith(f'-m torch.distributed.run --standalone --nproc_per_node 8 {ROOT}/main.py')
+        assert command.startswith(f'{ROOT}/launch.py --standalone --nproc_per_node 8 {ROOT}/main.py')
         assert '--test_root /d/test --test_list /d/test.txt' in command
         assert command.endswith('--test_only --init_weights /w/max_acc.pth')
         assert '--train_list' not in command and '--is_distill' not in command
@@ -195,18 +197,19 @@ def test_the_cluster_job_runs_the_recipe_on_every_host(tmp_path):
     assert job['start_cmd'].endswith(' sh start.sh')
     # what the cluster sets on host 1 of 2, then the job's own variables
     command = launched_command(tmp_path, HOST_NUM='2', HOST_GPU_NUM='8', INDEX='1', CHIEF_IP='10.0.0.5', **settings)
-    assert command.startswith('-m torch.distributed.run --nnodes 2 --node_rank 1 --master_addr 10.0.0.5 ')
+    assert command.startswith(f'{ROOT}/launch.py --nnodes 2 --node_rank 1 --master_addr 10.0.0.5 ')
     for flag in (f"--teacher_init_weights {settings['TEACHER']}", f"--train_root {settings['TRAIN_ROOT']}",
                  f"--train_list {settings['TRAIN_LIST']}", f"--val_root {settings['VAL_ROOT']}",
                  f"--test_list {settings['TEST_LIST']}", f"--save_dir {settings['SAVE_DIR']}"):
         assert flag in command
 
 
-def test_a_recipe_run_with_a_wrong_train_root_ends_on_its_one_line_error(tiny_data, tmp_path):
+@pytest.mark.parametrize('processes', ['1', '2'])
+def test_a_recipe_run_with_a_wrong_train_root_ends_on_its_one_line_error(tiny_data, tmp_path, processes):
     from conftest import classifier_file
     teacher = classifier_file(tmp_path / 'teacher.pth', seed=1)
     environment = demo_environment(tmp_path, TEACHER=teacher, TRAIN_ROOT=str(tmp_path / 'nowhere'),
-                                   TRAIN_LIST=tiny_data['train'], NPROC='1', SAVE_DIR=str(tmp_path / 'runs'))
+                                   TRAIN_LIST=tiny_data['train'], NPROC=processes, SAVE_DIR=str(tmp_path / 'runs'))
     finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh'), '--img_size', '96', '--demo_width_divisor', '8'],
                               env=environment, capture_output=True, text=True, timeout=300)
     printed = (finished.stdout + finished.stderr).strip().splitlines()

@@ -401,6 +401,13 @@ def test_save_atomically_replaces_whole_files_only(tmp_path, monkeypatch):
 def test_format_tar_line_and_roc_plot(tmp_path):
     line = evaluation.format_tar_line('test acc', [0.917654, 0.5], [0.1, 0.0])
     assert line == 'test acc: coarsegrained:[0.91765, 0.5]--finegrained:[0.1, 0.0]'
+    assert [evaluation.far_label(far) for far in (1e-1, 1e-2, 1e-8)] == ['TAR@1e-1', 'TAR@1e-2', 'TAR@1e-8']
+    coarse, fine = [0.917654, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.0, float('nan')], [0.1] * 8
+    assert evaluation.format_labelled_tars('cross', {'coarse': coarse, 'fine': fine}) == (
+        'cross TARs, coarse: TAR@1e-1=0.91765, TAR@1e-2=0.50000, TAR@1e-3=0.25000, TAR@1e-4=0.12500, '
+        'TAR@1e-5=0.06250, TAR@1e-6=0.03125, TAR@1e-7=0.00000, TAR@1e-8=nan; fine: TAR@1e-1=0.10000, '
+        'TAR@1e-2=0.10000, TAR@1e-3=0.10000, TAR@1e-4=0.10000, TAR@1e-5=0.10000, TAR@1e-6=0.10000, '
+        'TAR@1e-7=0.10000, TAR@1e-8=0.10000')
     labels = np.repeat(np.arange(6), 5)
     curve = verification.far_tar_curve(sign_features(labels), labels=labels)
     path = os.path.join(tmp_path, 'roc.png')

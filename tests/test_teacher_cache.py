@@ -367,7 +367,7 @@ import main
 argv = sys.argv[1:]
 if os.environ['RANK'] == '1':  # this process's --teacher_cache is another disk, as on a host without shared storage
     argv[argv.index('--teacher_cache') + 1] += '_elsewhere'
-main.main(main.get_parser().parse_args(argv))
+main.main(main.parse_args(argv))
 """
 
 
@@ -395,7 +395,7 @@ def signal_then_fill(*arguments, **keywords):
     os.kill(os.getpid(), signal.SIGTERM)  # the pre-pass is under way: an eviction
     return fill(*arguments, **keywords)
 feature_store.fill_teacher_cache = signal_then_fill
-main.main(main.get_parser().parse_args(sys.argv[1:]))
+main.main(main.parse_args(sys.argv[1:]))
 """
 
 
@@ -524,8 +524,9 @@ def test_an_empty_features_file_is_computed_again_and_a_file_given_as_the_direct
     open(cache / 'features.npy', 'wb').close()
     run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'again')] + argv[argv.index('--save_dir') + 2:])
     np.testing.assert_array_equal(cached_features(cache), whole)
-    with pytest.raises(SystemExit) as stopped:
-        run_main(argv[:argv.index('--teacher_cache') + 1] + [str(cache / 'features.npy')] +
+    with pytest.raises(SystemExit) as stopped:  # in a new run directory: the first run is finished
+        run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'third')] +
+                 argv[argv.index('--save_dir') + 2:argv.index('--teacher_cache') + 1] + [str(cache / 'features.npy')] +
                  argv[argv.index('--teacher_cache') + 2:])
     assert str(stopped.value.code) == f"error: --teacher_cache {cache / 'features.npy'} is a file: give a directory"
 

@@ -50,8 +50,9 @@ def record_of(run_dir: str) -> str:
 
 
 def only_run_dir(save_dir) -> str:
-    """The one directory with a record.txt: a training run's, or a --test_only run's inside it."""
+    """The one directory with a record.txt: a training run's, or a --test_only run's in `save_dir` or in a run's."""
     records = (glob.glob(os.path.join(str(save_dir), '*', '*', 'record.txt')) +
+               glob.glob(os.path.join(str(save_dir), 'test-*', 'record.txt')) +
                glob.glob(os.path.join(str(save_dir), '*', '*', 'test-*', 'record.txt')))
     assert len(records) == 1, records
     return os.path.dirname(records[0])
@@ -1008,5 +1009,5 @@ def test_test_only_without_init_weights_scores_the_runs_max_acc(tiny_data, tmp_p
     run_main(argv)
     run_dir = only_run_dir(tmp_path)
     run_main(argv + ['--test_only', '--test_root', tiny_data['root'], '--test_list', tiny_data['test']])
-    record, = glob.glob(os.path.join(run_dir, 'test-max_acc-*-96px', 'record.txt'))
+    record = os.path.join(run_dir, 'test-max_acc-96px', 'record.txt')
     assert f'test only: {run_dir}/max_acc.pth' in open(record, encoding='utf-8').read()

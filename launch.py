@@ -1,0 +1,26 @@
+"""torchrun for start.sh: the same launcher and flags, but a run that fails or is stopped by a signal ends with its
+own processes' last line and exit status, not the launcher's traceback and failure report."""
+import logging
+import sys
+
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+
+def main(argv: list[str]) -> int:
+    """Launch as `torchrun argv` does; the exit status of the first process that failed, 128 + N for signal N."""
+    # the launcher's warnings and per-process failure report repeat, in 30 lines, what rank 0 said in one
+    for logger in (logging.getLogger('torch.distributed'), torchrun.logger):
+        logger.setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except ChildFailedError as failure:
+        return failure.get_first_failure()[1].exitcode or 1
+    except SignalException as stop:  # each process got the signal too, and said where it stopped
+        return 128 + int(stop.sigval)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
