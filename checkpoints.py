@@ -143,12 +143,7 @@ class Checkpoints:
 
     def load_training_state(self, state: dict, path: str):
         """Load the student, optimizer, scaler and DropBlock progress of a checkpoint of this configuration."""
-        stored = state['flags']
-        changed = [f'--{name} {self.flags[name]} (the checkpoint has {stored[name]})'
-                   for name in self.flags if name in stored and stored[name] != self.flags[name]]
-        if changed:
-            raise utils.RunError(f'{path} was written with other settings: {"; ".join(changed)}; rerun with the '
-                                 "checkpoint's values to resume, or give another --suffix for a new run")
+        check_flags(state['flags'], self.flags, path)
         current = self.student.state_dict()
         misfits = [f'{key} {tuple(value.shape)} here, {tuple(current[key].shape)} in the file'
                    for key, value in state['student'].items() if key in current and value.shape != current[key].shape]
@@ -181,20 +176,27 @@ class Checkpoints:
         utils.stop_if_any_process_failed(problems)
 
 
-def finished(run_dir: str, flags: dict, max_epoch: int, rank: int) -> bool:
-    """Whether `run_dir`'s checkpoint (read by rank 0, its tensors memory-mapped) closes epoch `max_epoch` and was
-    written with `flags`; False for anything else (no checkpoint, a damaged one), which resume() then handles."""
-    answer = []
+def latest_progress(run_dir: str, rank: int) -> tuple[dict, dict] | None:
+    """(progress, flags) of `run_dir`'s latest checkpoint, read by rank 0 (tensors memory-mapped) and given to every
+    process; None when there is none, or it does not load (resume() then names it or falls back)."""
+    found = None
     if rank == 0:
         try:
             state = torch.load(os.path.join(run_dir, CHECKPOINT_NAME), map_location='cpu', weights_only=True,
                                mmap=True)
-            progress, stored = state['progress'], state['flags']
-            same = all(stored[name] == value for name, value in flags.items() if name in stored)
-            answer = ['finished'] if same and progress['epoch'] >= max_epoch and not progress['iteration'] else []
-        except Exception:  # whatever the file is, resume() names it
-            answer = []
-    return bool(utils.gather_messages(answer))
+            found = (dict(state['progress']), dict(state['flags']))
+        except Exception:  # whatever the file is, resume() handles it
+            found = None
+    return utils.gather_objects(found)[0]
+
+
+def check_flags(stored: dict, flags: dict, path: str):
+    """Stop, naming each flag and both values, where `flags` differ from those a checkpoint at `path` stored."""
+    changed = [f'--{name} {flags[name]} (the checkpoint has {stored[name]})'
+               for name in flags if name in stored and stored[name] != flags[name]]
+    if changed:
+        raise utils.RunError(f'{path} was written with other settings: {"; ".join(changed)}; rerun with the '
+                             "checkpoint's values to resume, or give another --suffix for a new run")
 
 
 def choose_checkpoint(run_dir: str, rank: int, logger) -> tuple[str | None, dict | None]:

@@ -348,16 +348,21 @@ def train_and_test(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
 
 
 def finished_before(args, place: trainer.RunPlace) -> bool:
-    """Whether the run directory holds this run finished: its last epoch's checkpoint, written with these settings,
-    and the final test's figures when there is a test list (said in a line; nothing is written)."""
+    """Whether the run directory holds this run finished (its last epoch's checkpoint, and the final test's figures
+    when there is a test list), said in a line; a checkpoint of other settings stops. Either way nothing is written."""
+    latest = checkpoints.latest_progress(place.run_dir, place.rank)
+    if latest is None:
+        return False
+    progress, stored_flags = latest
+    checkpoints.check_flags(stored_flags, helpers.trajectory_flags(args),
+                            os.path.join(place.run_dir, checkpoints.CHECKPOINT_NAME))
     try:
         results = run_directory.read_results(place.run_dir)
     except utils.RunError:  # a damaged results.json: the run goes on, and its logger sets the file aside
         return False
     best_lost = results.get('best_epoch') and not os.path.isfile(os.path.join(place.run_dir, checkpoints.BEST_NAME))
-    if args.test_list and ('test' not in results or best_lost):  # the test is still to run, or cannot: resume says
-        return False
-    if not checkpoints.finished(place.run_dir, helpers.trajectory_flags(args), args.max_epoch, place.rank):
+    tested = not args.test_list or ('test' in results and not best_lost)  # else the test runs (or names the loss)
+    if progress['epoch'] < args.max_epoch or progress['iteration'] or not tested:
         return False
     place.logger.info(f'this run is finished ({args.max_epoch} epochs{", tested" if args.test_list else ""}); nothing '
                       f'was changed: its results are in {os.path.join(place.run_dir, run_directory.RESULTS_NAME)}')

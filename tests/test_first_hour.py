@@ -4,13 +4,14 @@ import glob
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import onnxruntime
 import pytest
 import torch
 
-from conftest import data_args, run_main
+from conftest import ROOT, data_args, run_main
 
 import datasets  # noqa: E402
 import model  # noqa: E402
@@ -108,6 +109,13 @@ def test_an_export_needs_only_the_weights_and_writes_only_its_file(trained, tiny
     # the export is tested from its own file too: its size and backbone come from the graph
     run_main(['--test_only', '--init_weights', out, '--test_root', tiny_data['root'], '--test_list', tiny_data['test'],
               '--num_workers', '0'])
+    # the README's snippet scores one image as the test does
+    shutil.copy(os.path.join(tiny_data['root'], 'test_0000.jpg'), tmp_path / 'photo.jpg')
+    snippet = {}
+    exec(re.search(r'One image:\n\n```python\n(.*?)```', open(os.path.join(ROOT, 'README.md')).read(), re.S).group(1),
+         snippet)
+    np.testing.assert_allclose(snippet['feature'], np.load(tmp_path / 'test-student-32px' / 'opensetFeat.npy')[0],
+                               atol=1e-5)
     run_main(['--test_only', '--init_weights', trained['weights'], '--test_root', tiny_data['root'], '--test_list',
               tiny_data['test'], '--num_workers', '0', '--save_dir', str(tmp_path / 'pth')])
     np.testing.assert_allclose(np.load(tmp_path / 'test-student-32px' / 'opensetFeat.npy'),
@@ -135,3 +143,14 @@ def test_a_finished_run_run_again_says_so_and_changes_nothing(trained, capsys):
     with pytest.raises(SystemExit, match=r'was written with other settings: --seed 1 \(the checkpoint has 0\)'):
         run_main(trained['argv'] + ['--seed', '1'])  # finished with other settings: not this run
     assert listing() == before
+
+
+def test_the_readme_is_in_the_order_a_user_needs_it():
+    text = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    assert len(text.splitlines()) <= 320
+    assert re.findall('^## (.*)$', text, re.M) == [
+        'Two commands', 'Quick start on your own images', 'Training', 'Test only', "The field's benchmarks",
+        'Export and serving', 'Outputs and resume', 'The cluster', 'The method, and what differs from the original',
+        'Layout and benchmarks']
+    assert 'GPU status' in text[:text.index('## Two commands')]
+    assert 'jizhi_client`, the job-submission command' in text
