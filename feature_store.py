@@ -157,9 +157,9 @@ def _stamp(path: str) -> tuple[int, int]:
     return status.st_size, status.st_mtime_ns
 
 
-def checksum(path: str) -> int:
-    """crc32 of a file's bytes."""
-    return functools.reduce(lambda value, block: zlib.crc32(block, value), utils.file_blocks(path), 0)
+def checksum(path: str, block_size: int = 1 << 24) -> int:
+    """crc32 of a file's bytes, read `block_size` at a time."""
+    return functools.reduce(lambda value, block: zlib.crc32(block, value), utils.file_blocks(path, block_size), 0)
 
 
 def prepare_teacher_cache(cache: FeatureStore, *, rebuild: bool, rank: int, logger) -> bool:

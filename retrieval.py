@@ -316,7 +316,7 @@ def revisitop_figures(queries, database, gnd, device=None) -> dict:
 
 def gldv2_figures(queries, database, images, device=None) -> dict:
     """GLDv2 retrieval mAP@100 of the features' 100 best index images: {'private', 'public', 'all'}."""
-    best, _ = top_k_neighbours(queries, database, k=100, device=device)
+    best, _ = top_k_neighbours(queries, database, k=100, device=device, tile_rows=BENCHMARK_TILE_ROWS)
     predictions = {query: [images.database_ids[index] for index in row]
                    for query, row in zip(images.query_ids, best.tolist())}
     figures = {'all': gldv2_map_at_k(predictions, images.solution)}

@@ -16,6 +16,7 @@ from conftest import (
     ORIGINAL_CUDA_VISIBLE_DEVICES,
     ROOT,
     UPDATE_TOLERANCE,
+    classifier_file,
     data_args,
     update_difference,
 )
@@ -130,8 +131,11 @@ def test_two_gpus_with_nccl_take_the_steps_of_one(tiny_data, tmp_path):
         pytest.skip('one GPU: no NCCL run')
     runner = tmp_path / 'runner.py'
     runner.write_text(DDP_RUNNER.format(root=ROOT))
+    # distilling, so that the KD term's scaling by the process count is exercised over NCCL too
+    teacher = classifier_file(str(tmp_path / 'teacher.pth'), 'Swin_tiny', num_classes=4)
     common = ['--img_size', '96', '--demo_width_divisor', '8', '--num_workers', '0', '--batch_size', '8',
-              '--backbone_class', 'Swin_tiny', '--num_classes', '4', '--max_epoch', '1', '--warmup_epoch', '0',
+              '--backbone_class', 'Swin_tiny', '--is_distill', '--teacher_backbone_class', 'Swin_tiny',
+              '--teacher_init_weights', teacher, '--head_fixed', '--max_epoch', '1', '--warmup_epoch', '0',
               '--optim', 'SGD', '--lr', '0.05'] + data_args(tiny_data)[:4]
     for processes, save_dir in ((1, 'one'), (2, 'two')):
         finished = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
@@ -141,5 +145,6 @@ def test_two_gpus_with_nccl_take_the_steps_of_one(tiny_data, tmp_path):
     one, two = (torch.load(glob.glob(str(tmp_path / name / '*' / '*' / 'max_acc.pth'))[0], map_location='cpu',
                            weights_only=True)['params'] for name in ('one', 'two'))
     trainer.seed_epoch(0, 0, 0)
-    initial = helpers.build_model('Swin_tiny', 96, 4, None, width_divisor=8).student.backbone.state_dict()
+    initial = helpers.build_model('Swin_tiny', 96, None, None, teacher_name='Swin_tiny', teacher_weights=teacher,
+                                  head_fixed=True, width_divisor=8).student.backbone.state_dict()
     assert update_difference(initial, one, two) < UPDATE_TOLERANCE

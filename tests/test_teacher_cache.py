@@ -290,10 +290,17 @@ def test_a_disk_too_small_for_the_cache_stops_before_any_work(tiny_data, teacher
     (['--seed', '4'], 'seed 3 (this run: 4)'),
     (['--augment', '--teacher_cache_views', '2'], 'augment False (this run: True)'),
     (['--teacher_cache_mode', 'draws'], "teacher_mode 'eval' (this run: 'train')"),
+    ('reordered list', 'training_lists '),
 ])
-def test_a_cache_of_other_settings_is_refused_naming_what_differs(tiny_data, teachers, tmp_path, change, differs):
+def test_a_cache_of_other_settings_is_refused_naming_what_differs(tiny_data, teachers, tmp_path, change, differs,
+                                                                  monkeypatch):
     cache = str(tmp_path / 'cache')
     run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'first', '--max_epoch', '1', '--teacher_cache', cache))
+    if change == 'reordered list':  # the same images in another order: each row would be another image's feature
+        lines = open(tiny_data['train'], encoding='utf-8').read().splitlines()
+        (tmp_path / 'train.txt').write_text('\n'.join(lines[::-1]) + '\n', encoding='utf-8')
+        change = []
+        monkeypatch.setitem(tiny_data, 'train', str(tmp_path / 'train.txt'))
     with pytest.raises(SystemExit) as stopped:
         run_main(distill_argv(tiny_data, teachers[0], tmp_path / 'second', '--max_epoch', '1', '--teacher_cache',
                               cache, *change))
@@ -334,7 +341,12 @@ def test_a_whole_looking_cache_of_other_features_fails_the_check_against_the_tea
     cache = tmp_path / 'cache'
     argv = distill_argv(tiny_data, teachers[0], tmp_path / 'runs', '--max_epoch', '1', '--teacher_cache', str(cache))
     run_main(argv)
-    rewrite_rows(cache, slice(None), 0.25, keep_checksum=True)  # every row, so that the random rows checked hit one
+    # every row, so that the random rows checked hit one: the real features moved by 20% of their norm, 4 times the
+    # check's tolerance for a float16 cache (a gross forgery, a constant, would pass a far looser check)
+    stored = cached_features(cache).astype(np.float32)
+    noise = np.random.default_rng(0).standard_normal(stored.shape).astype(np.float32)
+    noise *= 0.2 * np.linalg.norm(stored, axis=-1, keepdims=True) / np.linalg.norm(noise, axis=-1, keepdims=True)
+    rewrite_rows(cache, slice(None), stored + noise, keep_checksum=True)
     with pytest.raises(SystemExit) as stopped:
         run_main(argv[:argv.index('--save_dir') + 1] + [str(tmp_path / 'again')] +
                  argv[argv.index('--save_dir') + 2:])

@@ -279,6 +279,21 @@ def test_distillation_run_writes_every_output_of_a_run(tiny_data, teacher_file, 
     assert results['test']['student']['coarse'] == pytest.approx([float(value) for value in line.split(',')])
     assert set(results['test']) == {'student', 'teacher', 'cross'}
     assert len(results['test']['cross']['fine_curve']['far']) == 2000
+    # the teacher's test features, decoded and computed here: the cross figures score the student's queries against
+    # them (each image's nearest other image in the teacher's gallery), the teacher's its own
+    with torch.no_grad():
+        teacher = F.normalize(models.load_backbone('Resnet12', teacher_file, 96, 8)(evaluation_batch(tiny_data)),
+                              dim=1).numpy()
+    labels = np.array([10 + label for label in range(3) for _ in range(4)])
+    for name, queries, gallery in (('cross', features, teacher), ('teacher', teacher, teacher),
+                                   ('student', features, features)):
+        scores = queries @ gallery.T
+        np.fill_diagonal(scores, -np.inf)
+        assert results['test'][name]['coarse_nn_accuracy'] == pytest.approx(
+            float((labels[scores.argmax(axis=1)] == labels).mean())), name
+    assert results['test']['cross']['coarse'] == pytest.approx(
+        evaluation.evaluate_features(features, labels, None, gallery_features=teacher)['coarse'], abs=1e-6)
+    assert results['test']['cross']['coarse'] != results['test']['student']['coarse']
 
 
 def test_only_validated_epochs_compete_for_max_acc(tiny_data, tmp_path):
@@ -455,6 +470,11 @@ def test_two_processes_take_the_same_steps_as_one_and_a_wrong_reduction_is_caugh
                                   head_fixed=True, width_divisor=8).student.backbone.state_dict()
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5)
+    # the epoch's logged figures are over the global batch: the two processes' sums, as one process's
+    logged = {name: json.load(open(os.path.join(only_run_dir(tmp_path / name), 'results.json'), encoding='utf-8'))
+              ['epochs'][0] for name in ('one', 'two')}
+    for figure in ('loss', 'ce', 'kd', 'train_accuracy'):
+        assert logged['two'][figure] == pytest.approx(logged['one'][figure], rel=1e-5), figure
     # the check tests/test_cuda.py makes of two GPUs: it passes the right reduction and fails the wrong one
     assert update_difference(initial, one, two) < 1e-3
     assert update_difference(initial, one, wrong) > UPDATE_TOLERANCE
@@ -622,6 +642,8 @@ def test_precision_and_memory_switches_take_the_float32_runs_steps(tiny_data, tm
     losses = step_losses(switch_argv(tiny_data, backbone, tmp_path, *switches))
     assert len(losses) == len(reference) == 6
     assert losses[0] == pytest.approx(reference[0], rel=first_tolerance)
+    if '--amp' in switches:  # and in effect: its rounding is seen (a switch that does nothing would pass the above)
+        assert max(abs(loss / expected - 1) for loss, expected in zip(losses[:steps], reference)) > 1e-6
     assert losses[:steps] == pytest.approx(reference[:steps], rel=tolerance)
     trained = torch.load(os.path.join(only_run_dir(tmp_path), 'max_acc.pth'), weights_only=True)['params']
     trainer.seed_epoch(0, 0, 0)
@@ -983,7 +1005,8 @@ def test_label_map_two_lists_masks_and_init_weights_through_main(tiny_data, tmp_
     test_labels = np.array([10 + label for label in range(3) for _ in range(4)])
     fine_labels = np.array([20 + 2 * (index // 4) + index % 2 for index in range(12)])  # as conftest writes them
     masks = {}
-    for grain, labels in (('coarse', test_labels), ('fine', fine_labels)):
+    # each grain's mask built from the other grain's labels: the figures follow the masks, not the list's labels
+    for grain, labels in (('coarse', fine_labels), ('fine', test_labels)):
         rows, columns = np.triu_indices(12, 1)
         masks[grain] = str(tmp_path / f'{grain}.npy')
         np.save(masks[grain], labels[rows] == labels[columns])
@@ -997,8 +1020,9 @@ def test_label_map_two_lists_masks_and_init_weights_through_main(tiny_data, tmp_
     with open(os.path.join(run_dir, 'results.json'), encoding='utf-8') as handle:
         results = json.load(handle)
     features = np.load(os.path.join(run_dir, 'opensetFeat.npy'))
-    assert results['test']['student']['coarse'] == pytest.approx(verification.tar_at_far(features, test_labels))
-    assert results['test']['student']['fine'] == pytest.approx(verification.tar_at_far(features, fine_labels))
+    assert verification.tar_at_far(features, test_labels) != verification.tar_at_far(features, fine_labels)
+    assert results['test']['student']['coarse'] == pytest.approx(verification.tar_at_far(features, fine_labels))
+    assert results['test']['student']['fine'] == pytest.approx(verification.tar_at_far(features, test_labels))
     epoch, = results['epochs']
     assert math.isfinite(epoch['loss'])  # 48 samples (two lists) in 4 classes, through the map
 
