@@ -1,5 +1,6 @@
 """The data: file lists and label maps, image decoding, the data set, its samplers and loaders, and the batch
 transform that turns uint8 BGR batches into the network's input."""
+import io
 import itertools
 import os
 import signal
@@ -157,7 +158,7 @@ def check_training_roots(samples):
         if len(first) < FIRST_IMAGES_CHECKED:
             first.append(sample.path)
     for list_path, first in by_list.items():
-        if not any(os.path.isfile(path) for path in first):
+        if not any(image_exists(path) for path in first):
             raise utils.RunError(f"{list_path}: none of its first {len(first)} images exists (the first: {first[0]}); "
                                  "check its --train_root")
 
@@ -184,10 +185,39 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == 'RGB' else image.convert('RGB')
 
 
+SHARD_MEMBER = '::'  # an image read in place from a tar shard: `SHARD::OFFSET:SIZE` (gldv2.py names them)
+
+
+def image_file(path: str) -> str:
+    """The file that holds an image: the image's own, or its tar shard."""
+    return path.split(SHARD_MEMBER, 1)[0]
+
+
+def image_exists(path: str) -> bool:
+    """Whether the image's file exists (for a shard member: whether the shard holds all of its bytes)."""
+    if SHARD_MEMBER not in path:
+        return os.path.isfile(path)
+    offset, size = (int(part) for part in path.split(SHARD_MEMBER, 1)[1].split(':'))
+    return os.path.isfile(image_file(path)) and os.path.getsize(image_file(path)) >= offset + size
+
+
+def open_image(path: str) -> Image.Image:
+    """PIL's image of a file, or of a shard member's bytes (read in place, no extraction)."""
+    if SHARD_MEMBER not in path:
+        return Image.open(path)
+    offset, size = (int(part) for part in path.split(SHARD_MEMBER, 1)[1].split(':'))
+    with open(image_file(path), 'rb') as handle:
+        handle.seek(offset)
+        data = handle.read(size)
+    if len(data) < size:
+        raise OSError(f'{image_file(path)} is truncated: the member at byte {offset} ends past the file')
+    return Image.open(io.BytesIO(data))
+
+
 def decode_eval_image(path: str, img_size: int, box=None) -> torch.Tensor:
     """Full decode, RGB, cropped to `box` (left, top, right, bottom) when one is given, bilinear (antialiased) resize
     to img_size x img_size, as uint8 BGR."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         if box and not (box[0] < image.width and box[1] < image.height and box[2] > 0 and box[3] > 0):
             raise BoxOutsideImage(f'its bbx {tuple(box)} lies wholly outside the {image.width}x{image.height} image')
         rgb = _rgb(image)
@@ -202,7 +232,7 @@ class BoxOutsideImage(ValueError):
 def decode_train_crop(path: str, img_size: int) -> torch.Tensor:
     """Random resized crop (torchvision's geometry and random draws) + horizontal flip, as uint8 BGR; a JPEG whose
     crop is at least 2x img_size on both sides is decoded at a reduced DCT scale (PIL draft mode)."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         top, left, height, width = RandomResizedCrop.get_params(image, list(CROP_SCALE), list(CROP_RATIO))
         box = (left, top, left + width, top + height)
         full_width = image.width
@@ -243,7 +273,7 @@ def image_problem(path: str, error: BaseException) -> str:
     """Short reason why `path` could not be read."""
     if isinstance(error, FileNotFoundError):
         return 'missing file'
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    if SHARD_MEMBER not in path and os.path.isfile(path) and os.path.getsize(path) == 0:
         return 'empty file'
     if isinstance(error, Image.UnidentifiedImageError):
         return 'not a decodable image'
@@ -433,7 +463,7 @@ def check_images_exist(samples, root_flag: str, rank: int, world_size: int):
     """Each process checks that the images of its own contiguous part exist (the part it evaluates); a missing one
     stops every process, named with its list line: 'list:line: path: no such image (and 3 more); fix ...'."""
     shard = ContiguousShardSampler(len(samples), rank, world_size)
-    missing = [sample for sample in samples[shard.start:shard.end] if not os.path.isfile(sample.path)]
+    missing = [sample for sample in samples[shard.start:shard.end] if not image_exists(sample.path)]
     more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
     utils.stop_if_any_process_failed([f"{missing[0].origin}: {missing[0].path}: no such image{more}; fix the list or "
                                       f"{root_flag}"] if missing else [])

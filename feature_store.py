@@ -151,7 +151,7 @@ def release_held():
 
 def _stamp(path: str) -> tuple[int, int]:
     try:
-        status = os.stat(path)
+        status = os.stat(datasets.image_file(path))  # a shard member: its shard's
     except OSError:
         return -1, -1
     return status.st_size, status.st_mtime_ns

@@ -12,6 +12,7 @@ import checkpoints
 import datasets
 import evaluation
 import feature_store
+import gldv2
 import losses
 import model
 import run_directory
@@ -23,7 +24,8 @@ import utils
 TRAJECTORY_FLAGS = ('seed', 'min_lr', 'weight_decay', 'momentum', 'amp', 'img_size', 'num_classes', 'drop_block',
                     'demo_width_divisor', 'teacher_backbone_class', 'teacher_init_weights', 'teacher_eval',
                     'init_head_from_teacher', 'label_map', 'train_root', 'train_list', 'teacher_cache_dtype',
-                    'teacher_cache_views', 'teacher_cache_mode', 'feature_kd_weight')
+                    'teacher_cache_views', 'teacher_cache_mode', 'feature_kd_weight', 'train_format', 'gldv2_csv',
+                    'gldv2_val_share', 'exclude_landmarks')
 
 
 def build_training_loaders(train_samples, val_samples, *, val_list: str | None, num_classes: int, img_size: int,
@@ -172,14 +174,13 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     """(The Trainer of the run the flags describe, the test list's samples)."""
     logger, rank, world_size, device = place.logger, place.rank, place.world_size, place.device
     trainer.seed_epoch(args.seed, 0, rank)
-    train_samples, listed_classes = datasets.read_train_samples(args.train_root, args.train_list, args.label_map)
+    train_samples, val_samples, listed_classes, landmark_classes = training_samples(args, place)
     num_classes = args.num_classes
     if num_classes is None and not args.is_distill:  # no teacher's classifier to decide: the lists do
         num_classes = listed_classes
         logger.info(f"classes: {num_classes}, the training lists' largest label + 1 (--num_classes gives another)")
     datasets.check_training_roots(train_samples)
     # what would only fail after the last epoch (or after the teacher cache's pre-pass) is found now
-    val_samples = datasets.read_checked_list(args.val_root, args.val_list, '--val_root', rank, world_size)
     test_samples = datasets.read_checked_list(args.test_root, args.test_list, '--test_root', rank, world_size)
     evaluation.check_test_list(test_samples, args.test_mask_coarse, args.test_mask_fine, logger)
     distiller = build_model(
@@ -190,11 +191,14 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
         init_head_from_teacher=args.init_head_from_teacher, cached_teacher=bool(args.teacher_cache)).to(device)
     cache = teacher_cache_of(args, train_samples, rank) if args.teacher_cache else None
     train_loader, val_loader = build_training_loaders(
-        train_samples, val_samples, val_list=args.val_list, num_classes=distiller.student.head.num_classes,
+        train_samples, val_samples, val_list=args.val_list or 'the validation split',
+        num_classes=distiller.student.head.num_classes,
         img_size=args.img_size, batch_size=args.batch_size, num_workers=args.num_workers, augment=args.augment,
         seed=args.seed, rank=rank, world_size=world_size, teacher_features=cache.path if cache else None,
         views=teacher_views(args) if cache else 0)
     logger.start()  # every start-up check has passed: from here on the run writes in its directory
+    if landmark_classes is not None:
+        utils.on_rank_zero(rank, lambda: gldv2.write_class_map(landmark_classes, place.run_dir))
     counts = parameter_counts(distiller)
     logger.info(f'student para trainable/sum {counts["student_trainable"]}/{counts["student_total"]}; '
                 f'teacher para trainable/sum {counts["teacher_trainable"]}/{counts["teacher_total"]}')
@@ -221,6 +225,35 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     return trainer.Trainer(args, parts, place, trajectory_flags(args), signals), test_samples
 
 
+def training_samples(args, place: trainer.RunPlace) -> tuple[list, list, int, dict | None]:
+    """(training samples, validation samples, the classes their labels span, GLDv2's landmark -> class or None) of the
+    lists or of GLDv2, without the --exclude_landmarks."""
+    excluded = gldv2.read_landmark_list(args.exclude_landmarks) if args.exclude_landmarks else set()
+    if args.train_format == 'gldv2':
+        root, index_dir = args.train_root[0], args.shard_index or os.path.join(args.save_dir, 'gldv2_shard_index')
+        utils.on_rank_zero(place.rank, lambda: gldv2.index_shards_of(root, index_dir, place.logger))
+        train, val, classes = gldv2.read_training(
+            root, clean=args.gldv2_csv == 'clean', excluded=excluded, val_share=args.gldv2_val_share, seed=args.seed,
+            run_dir=place.run_dir, index_dir=index_dir, logger=place.logger)
+        return train, val, len(classes), classes
+    train, listed_classes = datasets.read_train_samples(args.train_root, args.train_list, args.label_map)
+    if excluded:
+        kept = [sample for sample in train if sample.label not in excluded]
+        place.logger.info(f'--exclude_landmarks: {len(excluded & {sample.label for sample in train})} labels, '
+                          f'{len(train) - len(kept)} images left out of training')
+        train = kept
+    val = datasets.read_checked_list(args.val_root, args.val_list, '--val_root', place.rank, place.world_size)
+    return train, val, listed_classes, None
+
+
+def training_sources(args) -> list[str | None]:
+    """The files that say which images train with which labels: the lists and label map, or GLDv2's CSV file."""
+    if args.train_format == 'gldv2':
+        csv_name = 'train_clean.csv' if args.gldv2_csv == 'clean' else 'train.csv'
+        return [os.path.join(args.train_root[0], csv_name), args.exclude_landmarks]
+    return args.train_list + [args.label_map, args.exclude_landmarks]
+
+
 def trajectory_flags(args) -> dict:
     """The settings stored in every checkpoint, which a resume must repeat (TRAJECTORY_FLAGS, the cache's use)."""
     return dict({name: getattr(args, name) for name in TRAJECTORY_FLAGS}, teacher_cache=bool(args.teacher_cache))
@@ -230,7 +263,7 @@ def teacher_cache_of(args, samples, rank: int) -> feature_store.FeatureStore:
     """The --teacher_cache store of this run; rank 0 alone, which checks its manifest, digests the files it is for."""
     identity = {} if rank else {
         'teacher': args.teacher_backbone_class, 'teacher_file': utils.file_digest([args.teacher_init_weights]),
-        'training_lists': utils.file_digest(args.train_list + [args.label_map]), 'train_root': list(args.train_root),
+        'training_lists': utils.file_digest(training_sources(args)), 'train_root': list(args.train_root),
         'images': len(samples), 'img_size': args.img_size, 'width_divisor': args.demo_width_divisor,
         'augment': args.augment, 'views': teacher_views(args), 'seed': args.seed, 'dtype': args.teacher_cache_dtype,
         'teacher_mode': 'train' if draws_cache(args) else 'eval', 'chunk': feature_store.CHUNK}

@@ -117,6 +117,16 @@ def add_data_flags(add):
              'index.csv, test.csv, retrieval_solution_v2.1.csv, index/ and test/ (gldv2)')
     add('--benchmark_distractors', nargs=2, default=None, metavar=('ROOT', 'LIST'),
         help='roxford5k, rparis6k: extra database images (the 1M distractors), LIST one path under ROOT a line')
+    add('--train_format', default='lists', choices=('lists', 'gldv2'),
+        help='gldv2: Google Landmarks v2 as it ships in the one --train_root: train_clean.csv or train.csv, and train/ '
+             'with the images extracted (a/b/c/<id>.jpg) or in their tar shards (images_000.tar ...), read in place')
+    add('--gldv2_csv', default='clean', choices=('clean', 'full'), help='train_clean.csv or train.csv')
+    add('--gldv2_val_share', type=float, default=0.02,
+        help="the share of each GLDv2 landmark's images held out for validation, drawn by --seed (0: none)")
+    add('--shard_index', default=None, metavar='DIR', help='where the index of the GLDv2 tar shards is kept '
+                                                           '(default: SAVE_DIR/gldv2_shard_index)')
+    add('--exclude_landmarks', default=None, metavar='FILE',
+        help='GLDv2 landmark ids (or, with lists, labels), one a line, whose images are left out of training')
     add('--augment', action='store_true', help='random resized crop, flip and PCA lighting')
     add('--num_workers', type=int, default=8, help='data loading processes per training process')
     add('--max_bad_images', type=float, default=0.01, help='fraction of an epoch that may be unreadable')
@@ -131,7 +141,7 @@ def add_run_flags(add):
     add('--checkpoint_minutes', type=float, default=30.0,
         help='also write the resumable checkpoint within an epoch every this many minutes (0: at epoch ends only)')
     # the original's switches, accepted for old scripts: a run with a checkpoint always resumes, torchrun gives DDP
-    add('--resume', nargs='?', const=True, default=False, type=parse_bool, help=argparse.SUPPRESS)
+    add('--resume', nargs='?', const=True, default=False, type=utils.parse_bool, help=argparse.SUPPRESS)
     add('--multi_gpu', action='store_true', help=argparse.SUPPRESS)
     add('--test_only', action='store_true',
         help="evaluate --init_weights (weights of any supported format, or an exported .onnx) or the run's max_acc.pth")
@@ -159,7 +169,7 @@ def check_args(args, world_size: int):
 
 def combination_problems(args, world_size: int) -> list[str]:
     """Flags that need or exclude each other."""
-    benchmark = f'--benchmark {args.benchmark}'
+    benchmark, gldv2 = f'--benchmark {args.benchmark}', args.train_format == 'gldv2'
     rules = (
         (args.batch_size % world_size, f'--batch_size {args.batch_size} is the global batch and must be divisible by '
                                        f'the {world_size} processes'),
@@ -173,9 +183,12 @@ def combination_problems(args, world_size: int) -> list[str]:
          "--head_fixed shares the teacher's classifier: add --is_distill and a teacher"),
         (args.feature_kd_weight and not args.is_distill,
          "--feature_kd_weight pulls the student's features toward the teacher's: add --is_distill and a teacher"),
-        (len(args.train_root) != len(args.train_list), f'--train_root has {len(args.train_root)} entries, '
-                                                       f'--train_list {len(args.train_list)}: give one root per list'),
-        (not (args.test_only or args.export_onnx) and not args.train_list,
+        (gldv2 and (len(args.train_root) != 1 or args.train_list or args.val_list),
+         '--train_format gldv2 reads one --train_root (its CSV files, train/) and holds out its own validation '
+         'split (--gldv2_val_share): give one --train_root, and no --train_list or --val_list'),
+        (not gldv2 and len(args.train_root) != len(args.train_list), f'--train_root has {len(args.train_root)} '
+         f'entries, --train_list {len(args.train_list)}: give one root per list'),
+        (not (args.test_only or args.export_onnx or args.train_list or gldv2),
          'training needs --train_root and --train_list (or use --test_only or --export_onnx)'),
         (args.export_onnx and args.test_only,
          '--export_onnx and --test_only are two runs: export first, then test the .onnx file'),
@@ -215,7 +228,7 @@ def path_problems(args) -> list[str]:
             problems.append(f'--export_onnx {args.export_onnx}: cannot write a file there (a directory, or a folder '
                             'that does not exist or is not writable); give the path of the .onnx file to write')
     files = ('train_list', 'val_list', 'test_list', 'label_map', 'init_weights', 'teacher_init_weights',
-             'test_mask_coarse', 'test_mask_fine', 'calibration_list')
+             'test_mask_coarse', 'test_mask_fine', 'calibration_list', 'exclude_landmarks')
     for name in files + ('train_root', 'val_root', 'test_root', 'calibration_root', 'benchmark_root'):
         kind, exists = ('file', os.path.isfile) if name in files else ('directory', os.path.isdir)
         values = getattr(args, name)
@@ -240,7 +253,8 @@ def number_problems(args) -> list[str]:
                 'num_workers', 'max_bad_images', 'checkpoint_minutes'), 'not be negative', lambda value: value < 0),
               (('lr', 'min_lr', 'weight_decay', 'momentum', 'gamma', 'kd_weight', 'feature_kd_weight', 'max_bad_images',
                 'checkpoint_minutes'), 'be a finite number', lambda value: not math.isfinite(value)),
-              (('lr', 'gamma'), 'be positive', lambda value: value <= 0))
+              (('lr', 'gamma'), 'be positive', lambda value: value <= 0),
+              (('gldv2_val_share',), 'be at least 0 and below 1', lambda value: not 0 <= value < 1))
     problems = [f'--{name} must {rule}, not {getattr(args, name)}'
                 for names, rule, broken in ranges for name in names if broken(getattr(args, name))]
     swin_backbones = {args.backbone_class, args.teacher_backbone_class if args.is_distill else None}
@@ -261,21 +275,14 @@ def number_problems(args) -> list[str]:
     return problems
 
 
-def parse_bool(text) -> bool:
-    """'True'/'1'/'yes' -> True, 'False'/'0'/'no' -> False (the original's `--resume True`)."""
-    value = str(text).strip().lower()
-    if value not in ('true', '1', 'yes', 'y', 'false', '0', 'no', 'n'):
-        raise argparse.ArgumentTypeError(f'{text!r} is not a boolean; give True or False')
-    return value in ('true', '1', 'yes', 'y')
-
-
 def main(args):
     rank, world_size, device = utils.init_distributed()
     lock, logger, signals = None, None, trainer.StopSignals()
     try:
         run_dir, weights, notes = run_directory.training_directory(args), None, []
         if (args.test_only or args.export_onnx) and not path_problems(args):  # the checks see the file's values
-            weights = weights_to_use(args, run_dir)
+            weights = scoring.weights_to_score(args.init_weights, run_dir, '--test_only' if args.test_only
+                                               else '--export_onnx')
             updates, notes = scoring.described_flags(weights, args.teacher_init_weights, vars(args), given_flags(args),
                                                      other_size_allowed=args.test_only)
             vars(args).update(updates)
@@ -385,15 +392,6 @@ def given_flags(args) -> set[str]:
     given = getattr(args, 'given', None)
     defaults = vars(get_parser().parse_args([]))
     return given if given is not None else {name for name, value in defaults.items() if getattr(args, name) != value}
-
-
-def weights_to_use(args, run_dir: str) -> str:
-    """The weights to test or export: --init_weights, else the run's max_acc.pth; stops when neither exists."""
-    weights = args.init_weights or os.path.join(run_dir, checkpoints.BEST_NAME)
-    if not os.path.isfile(weights):
-        flag = '--test_only' if args.test_only else '--export_onnx'
-        raise utils.RunError(f'{flag} found no {weights}; give --init_weights or train this run first')
-    return weights
 
 
 if __name__ == '__main__':

@@ -1,6 +1,5 @@
 """The field's retrieval benchmarks end to end: the revisited Oxford/Paris and GLDv2 readers in their own layouts, their
 metrics (revisitop mAP and mP@k, GLDv2 mAP@100), ranking and the running top-k, and the benchmark report."""
-import csv
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import torch
 import datasets
 import evaluation
 import feature_store
+import gldv2
 import utils
 
 # ------------------------------------------------------------------------------- the field's benchmarks' images
@@ -126,12 +126,14 @@ def read_image_paths(root: str, list_path: str) -> list[datasets.Sample]:
 def read_gldv2(root: str) -> BenchmarkImages:
     """Google Landmarks v2 retrieval in its own layout: `index.csv`, `test.csv`, `retrieval_solution_v2.1.csv`
     (`id,images,Usage`), `index/a/b/c/<id>.jpg`, `test/a/b/c/<id>.jpg`; the queries are its Private and Public rows."""
-    index_ids = _unique_ids(os.path.join(root, 'index.csv'))
-    test_ids = set(_unique_ids(os.path.join(root, 'test.csv')))
+    hint = 'download the GLDv2 files again (--benchmark_root holds them as they are downloaded)'
+    index_ids = gldv2.unique_ids(os.path.join(root, 'index.csv'), hint)
+    test_ids = set(gldv2.unique_ids(os.path.join(root, 'test.csv'), hint))
     known_index = set(index_ids)
     solution_path = os.path.join(root, 'retrieval_solution_v2.1.csv')
     solution, usage, first_line = {}, {}, {}
-    for line, row in _csv_rows(solution_path, ('id', 'images', 'Usage')):
+    for line, values in gldv2.csv_rows(solution_path, ('id', 'images', 'Usage'), hint):
+        row = dict(zip(('id', 'images', 'Usage'), values))
         problem = (f"query {row['id']} again (first at line {first_line[row['id']]})" if row['id'] in first_line
                    else None)
         first_line[row['id']] = line
@@ -161,41 +163,6 @@ def _solution_problem(row: dict, images: list[str], test_ids: set, index_ids: se
     if not images or images == ['None']:
         return 'no ground-truth image'
     return next((f'index image {image} is not in index.csv' for image in images if image not in index_ids), None)
-
-
-def _unique_ids(path: str) -> list[str]:
-    """The `id` column of a GLDv2 csv file, refused where an id repeats."""
-    first_line = {}
-    for line, row in _csv_rows(path, ('id',)):
-        if row['id'] in first_line:
-            raise utils.RunError(f"{path}:{line}: id {row['id']} again (first at line {first_line[row['id']]}); "
-                                 'download the GLDv2 files again')
-        first_line[row['id']] = line
-    return list(first_line)
-
-
-def _csv_rows(path: str, columns: tuple[str, ...]):
-    """(line number, row dict) of a CSV file with a header naming at least `columns`; a row short of fields or a
-    file that is not UTF-8 is refused with its line."""
-    if not os.path.isfile(path):
-        raise utils.RunError(f'{path}: no such file; --benchmark_root must hold the GLDv2 csv files')
-    line = 1
-    try:
-        with open(path, encoding='utf-8-sig', newline='') as handle:
-            reader = csv.DictReader(handle)
-            missing = [column for column in columns if column not in (reader.fieldnames or ())]
-            if missing:
-                raise utils.RunError(f'{path}: no column {missing[0]!r} in its header {reader.fieldnames}')
-            for row in reader:
-                line = reader.line_num
-                if any(row[column] is None for column in columns):
-                    fields = sum(value is not None for key, value in row.items() if key is not None)
-                    raise utils.RunError(f'{path}:{line}: {fields} fields, fewer than its header names '
-                                         f'({len(reader.fieldnames)})')
-                yield line, row
-    except UnicodeDecodeError as error:
-        raise utils.RunError(f'{path}: near line {line + 1}: not UTF-8 text (byte {error.object[error.start]:#x}); '
-                             'download the GLDv2 files again') from None
 
 
 # ------------------------------------------------------------------------------- the field's retrieval metrics

@@ -2,6 +2,7 @@
 a weights file says of its own model (backbone, image size, widths), which fills the flags a user need not repeat."""
 import os
 
+import checkpoints
 import datasets
 import evaluation
 import helpers
@@ -102,6 +103,14 @@ def export(args, logger, weights: str):
     contract = serving.export(backbone, args.export_onnx, args.img_size, description, calibration)
     logger.info(f'exported {weights} to {args.export_onnx}: ' +
                 '; '.join(f'{key}: {value}' for key, value in contract.items()))
+
+
+def weights_to_score(init_weights: str | None, run_dir: str, flag: str) -> str:
+    """The weights to test or export: `init_weights`, else the run's max_acc.pth; stops when neither exists."""
+    weights = init_weights or os.path.join(run_dir, checkpoints.BEST_NAME)
+    if not os.path.isfile(weights):
+        raise utils.RunError(f'{flag} found no {weights}; give --init_weights or train this run first')
+    return weights
 
 
 def output_directory(weights: str, img_size: int, benchmark: str | None, distractors: list[str] | None,

@@ -10,7 +10,8 @@
 #   SAVE_DIR=...       where run directories go (default ./checkpoints)
 #   AMP=none           fp32 instead of autocast (default bf16 on Ampere and newer GPUs, fp16 before, none on a CPU)
 #   PYTHON=...         the interpreter (default python3, else python)
-#   Several training lists: TRAIN_ROOT="R1 R2" TRAIN_LIST="L1 L2" (paths without spaces).
+#   Several training lists: TRAIN_ROOT="R1 R2" TRAIN_LIST="L1 L2" (paths without spaces). Google Landmarks v2 as it
+#   ships: TRAIN_ROOT=/data/gldv2 (no TRAIN_LIST) and `sh start.sh --train_format gldv2`.
 #   Cluster: HOST_NUM, HOST_GPU_NUM, INDEX and CHIEF_IP (set by the scheduler) make a multi-host run;
 #   MASTER_PORT (default 29500). SAVE_DIR must then be storage that every host sees.
 #   Further arguments go to main.py as they are, e.g. `sh start.sh --num_workers 12` (recipe and test runs; the
@@ -77,9 +78,11 @@ run_demo() {
     "$PYTHON" "$here/demo.py" report "$runs" "$demo_dir"
 }
 
-test_only=0
+test_only=0 gldv2=0 previous=""
 for argument in "$@"; do
     [ "$argument" != --test_only ] || test_only=1
+    [ "$previous $argument" != "--train_format gldv2" ] || gldv2=1
+    previous=$argument
 done
 
 if [ "$test_only" = 0 ] && [ -z "${TEACHER:-}" ] && [ -z "${TRAIN_LIST:-}" ] && [ -z "${TEST_LIST:-}" ]; then
@@ -96,8 +99,8 @@ if [ "$test_only" = 1 ]; then
     : "${TEST_LIST:?set TEST_LIST to the test list}"
 else
     : "${TEACHER:?set TEACHER to the teacher checkpoint}"
-    : "${TRAIN_ROOT:?set TRAIN_ROOT to the training image root}"
-    : "${TRAIN_LIST:?set TRAIN_LIST to the training list}"
+    : "${TRAIN_ROOT:?set TRAIN_ROOT to the training image root (with --train_format gldv2: the GLDv2 directory)}"
+    [ "$gldv2" = 1 ] || : "${TRAIN_LIST:?set TRAIN_LIST to the training list}"
 fi
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 NPROC=${NPROC:-${HOST_GPU_NUM:-$gpus}}
@@ -118,6 +121,7 @@ esac
 
 data=""
 [ -z "${TRAIN_LIST:-}" ] || [ "$test_only" = 1 ] || data="--train_root ${TRAIN_ROOT:?set TRAIN_ROOT too} --train_list $TRAIN_LIST"
+[ "$gldv2" = 0 ] || data="--train_root $TRAIN_ROOT"
 [ -z "${VAL_LIST:-}" ] || [ "$test_only" = 1 ] || data="$data --val_root ${VAL_ROOT:?set VAL_ROOT too} --val_list $VAL_LIST"
 [ -z "${TEST_LIST:-}" ] || data="$data --test_root ${TEST_ROOT:?set TEST_ROOT too} --test_list $TEST_LIST"
 

@@ -1,4 +1,5 @@
 """Atomic file writes, plain-data loading, the collectives, digests, and the one error a run stops with."""
+import argparse
 import hashlib
 import json
 import math
@@ -250,3 +251,11 @@ def first_line(error: Exception) -> str:
     """'Type: first sentence' of an exception, without the paragraphs of advice torch appends."""
     lines = str(error).strip().splitlines()
     return f'{type(error).__name__}: {lines[0].split(". ")[0]}' if lines else type(error).__name__
+
+
+def parse_bool(text) -> bool:
+    """'True'/'1'/'yes' -> True, 'False'/'0'/'no' -> False (the original's `--resume True`)."""
+    value = str(text).strip().lower()
+    if value not in ('true', '1', 'yes', 'y', 'false', '0', 'no', 'n'):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a boolean; give True or False')
+    return value in ('true', '1', 'yes', 'y')

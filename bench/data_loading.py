@@ -6,11 +6,18 @@ temporary folder, then times, on the same files and one thread:
             BatchTransform (float, PCA lighting, normalisation) on whole batches, amortised per image;
   baseline: as the original: PIL full decode, RGB->BGR through numpy, torchvision RandomResizedCrop,
             RandomHorizontalFlip, ToTensor, PCA lighting and Normalize per image in float, then stacked.
-Last line: speedup_12mp=<x> speedup_small=<y>.
+Then GLDv2's shards: the same 800x600 JPEGs (GLDv2's typical size) read by the training dataset from extracted
+files and from a tar shard in place (the page cache warm for both, as a local disk's), images/s on one core; the
+shard index's time per 1,000 members; and, in a fresh process, the time and the memory added by parsing a synthetic
+4.1-million-row train.csv (the full GLDv2 list).
+Last line: speedup_12mp=<x> speedup_small=<y> shard_vs_files=<a> index_s_per_1000=<b> start_s_4m=<c>
+start_gb_4m=<d>.
 """
 import argparse
 import os
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -21,6 +28,17 @@ from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
+import gldv2  # noqa: E402
+
+PARSE_4M = """
+import resource, sys, time
+sys.path.insert(0, {root!r})
+import gldv2
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+begun = time.perf_counter()
+path, ids, landmarks, lines = gldv2.landmark_images({folder!r}, clean=False)
+print(time.perf_counter() - begun, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 20, len(ids))
+"""
 
 
 def write_smooth_jpeg(path: str, width: int, height: int, generator: np.random.Generator):
@@ -78,6 +96,51 @@ def ours_images_per_second(paths, count, img_size, batch_size):
     return count / (time.perf_counter() - start)
 
 
+def shard_figures(folder: str, paths: list[str], img_size: int, count: int, rounds: int) -> tuple[float, float]:
+    """(images/s from a tar shard / from the extracted files, seconds to index 1,000 shard members)."""
+    shard = os.path.join(folder, 'images_000.tar')
+    with tarfile.open(shard, 'w') as archive:
+        for number, path in enumerate(paths * 64):  # 1,024 members, the files repeated under other names
+            archive.add(path, arcname=f'a/b/c/{number:016x}.jpg')
+    begun = time.perf_counter()
+    index = gldv2.shard_index([shard], os.path.join(folder, 'index'), _Silent())
+    index_seconds = (time.perf_counter() - begun) * 1000 / len(index['ids'])
+    members = [f'{shard}{datasets.SHARD_MEMBER}{offset}:{size}'
+               for offset, size in zip(index['offsets'][:len(paths)].tolist(), index['sizes'][:len(paths)].tolist())]
+    rates = {'files': [], 'shard': []}
+    for _ in range(rounds):
+        for name, images in (('files', paths), ('shard', members)):
+            rates[name].append(ours_images_per_second(images, count // rounds, img_size, 32))
+    files, in_shard = float(np.median(rates['files'])), float(np.median(rates['shard']))
+    print(f'gldv2 shard: 800x600 JPEGs, files {files:.1f} img/s, tar shard in place {in_shard:.1f} img/s; '
+          f'index {index_seconds:.3f} s per 1,000 members')
+    return in_shard / files, index_seconds
+
+
+class _Silent:
+    def info(self, message):
+        pass
+
+
+def parse_figures(folder: str, rows: int = 4_100_000) -> tuple[float, float]:
+    """(seconds, GB added) to parse a synthetic full train.csv of `rows` rows in a fresh process."""
+    generator = np.random.default_rng(0)
+    with open(os.path.join(folder, 'train.csv'), 'w', encoding='utf-8') as handle:
+        handle.write('id,url,landmark_id\n')
+        for first in range(0, rows, 100_000):
+            ids = generator.integers(0, 2 ** 63, size=min(100_000, rows - first))
+            landmarks = generator.integers(0, 203_094, size=len(ids))
+            handle.write(''.join(f'{image:016x},https://upload.wikimedia.org/wikipedia/commons/{image % 97:x}/'
+                                 f'{image:x}.jpg,{landmark}\n' for image, landmark in zip(ids.tolist(),
+                                                                                        landmarks.tolist())))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    finished = subprocess.run([sys.executable, '-c', PARSE_4M.format(root=root, folder=folder)], check=True,
+                              capture_output=True, text=True)
+    seconds, gigabytes, parsed = finished.stdout.split()
+    print(f'gldv2 train.csv: {int(parsed):,} rows parsed in {float(seconds):.1f} s, {float(gigabytes):.2f} GB added')
+    return float(seconds), float(gigabytes)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--img_size', type=int, default=384)
@@ -86,6 +149,7 @@ def main():
     parser.add_argument('--count_small', type=int, default=320, help='images timed per method, 0.5 MP')
     parser.add_argument('--rounds', type=int, default=3, help='alternating timing rounds (median taken)')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--csv_rows', type=int, default=4_100_000, help='rows of the synthetic GLDv2 train.csv')
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(arguments.seed)
@@ -112,7 +176,12 @@ def main():
             speedups[name] = ours / baseline
             print(f"{name}: {width}x{height} JPEG, {bytes_per_pixel:.2f} bytes/pixel, {count} images: "
                   f"baseline {baseline:.1f} img/s, ours {ours:.1f} img/s, speedup {speedups[name]:.2f}x")
-    print(f"speedup_12mp={speedups['12mp']:.2f} speedup_small={speedups['small']:.2f}")
+        shard_vs_files, index_seconds = shard_figures(folder, paths, arguments.img_size, arguments.count_small,
+                                                      arguments.rounds)
+        start_seconds, start_gigabytes = parse_figures(folder, arguments.csv_rows)
+    print(f"speedup_12mp={speedups['12mp']:.2f} speedup_small={speedups['small']:.2f} "
+          f"shard_vs_files={shard_vs_files:.2f} index_s_per_1000={index_seconds:.3f} start_s_4m={start_seconds:.1f} "
+          f"start_gb_4m={start_gigabytes:.2f}")
 
 
 if __name__ == '__main__':
