@@ -366,7 +366,7 @@ class ImageDataset(Dataset):
             try:
                 return self._item(candidate, *decode_image(path, self.img_size, self.augment), '; '.join(problems))
             except IMAGE_READ_ERRORS as error:
-                problems.append(f"{path}: {image_problem(path, error)}")
+                problems.append(f"{path}: {image_problem(path, error)} ({self.origins[candidate]})")
         raise RuntimeError(f"{len(problems)} consecutive training images are unreadable, starting at "
                            f"{self.origins[index]}: {'; '.join(problems[:3])}; check --train_root")
 

@@ -169,6 +169,8 @@ def image_paths(root: str, ids: np.ndarray, where, index_dir: str, logger) -> li
         return [os.path.join(root, 'train', image[0], image[1], image[2], f'{image}.jpg')
                 for image in (image.decode() for image in ids.tolist())]
     index = shard_index(shards, index_dir, logger)
+    if not len(index['ids']):
+        raise utils.RunError(f'{root}/train: its {len(shards)} shards hold no .jpg member; download them again')
     found = np.minimum(np.searchsorted(index['ids'], ids), len(index['ids']) - 1)
     missing = np.flatnonzero(index['ids'][found] != ids)
     if len(missing):
@@ -179,9 +181,9 @@ def image_paths(root: str, ids: np.ndarray, where, index_dir: str, logger) -> li
             zip(index['shard'][found].tolist(), index['offsets'][found].tolist(), index['sizes'][found].tolist())]
 
 
-def class_map(landmarks: np.ndarray, saved_path: str) -> dict[int, int]:
-    """landmark id -> class: the run's saved map (a resume), else the landmarks in increasing order."""
-    if os.path.isfile(saved_path):
+def class_map(landmarks: np.ndarray, saved_path: str | None) -> dict[int, int]:
+    """landmark id -> class: the run's saved map (`saved_path`, a resume), else the landmarks in increasing order."""
+    if saved_path and os.path.isfile(saved_path):
         with open(saved_path, encoding='utf-8') as handle:
             return {int(landmark): int(label) for landmark, label in json.load(handle).items()}
     return {int(landmark): label for label, landmark in enumerate(np.unique(landmarks).tolist())}
@@ -205,16 +207,17 @@ def held_out(landmarks: np.ndarray, share: float, seed: int) -> np.ndarray:
 
 
 def read_training(root: str, *, clean: bool, excluded: set[int], val_share: float, seed: int, run_dir: str,
-                  index_dir: str, logger) -> tuple[list, list, dict]:
+                  resumed: bool, index_dir: str, logger) -> tuple[list, list, dict]:
     """(training samples, validation samples, landmark id -> class) of GLDv2 at `root`, the `excluded` landmarks'
-    images left out."""
+    images left out (their classes kept: a teacher trained with or without them numbers the same); a `resumed` run
+    keeps the map it began with."""
     path, ids, landmarks, lines = landmark_images(root, clean)
+    classes = class_map(landmarks, os.path.join(run_dir, CLASS_MAP_NAME) if resumed else None)
     if excluded:
         kept = ~np.isin(landmarks, np.asarray(sorted(excluded), dtype=np.int64))
         logger.info(f'--exclude_landmarks: {len(np.unique(landmarks[~kept]))} landmarks, {int((~kept).sum())} images '
                     'left out of training')
         ids, landmarks, lines = ids[kept], landmarks[kept], lines[kept]
-    classes = class_map(landmarks, os.path.join(run_dir, CLASS_MAP_NAME))
     unknown = [row for row, landmark in enumerate(landmarks.tolist()) if landmark not in classes]
     if unknown:
         raise utils.RunError(f'{path}:{lines[unknown[0]]}: landmark {landmarks[unknown[0]]} is not in this run\'s '

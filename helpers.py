@@ -232,18 +232,22 @@ def training_samples(args, place: trainer.RunPlace) -> tuple[list, list, int, di
     if args.train_format == 'gldv2':
         root, index_dir = args.train_root[0], args.shard_index or os.path.join(args.save_dir, 'gldv2_shard_index')
         utils.on_rank_zero(place.rank, lambda: gldv2.index_shards_of(root, index_dir, place.logger))
+        resumed = os.path.isfile(os.path.join(place.run_dir, checkpoints.CHECKPOINT_NAME))
         train, val, classes = gldv2.read_training(
             root, clean=args.gldv2_csv == 'clean', excluded=excluded, val_share=args.gldv2_val_share, seed=args.seed,
-            run_dir=place.run_dir, index_dir=index_dir, logger=place.logger)
-        return train, val, len(classes), classes
-    train, listed_classes = datasets.read_train_samples(args.train_root, args.train_list, args.label_map)
-    if excluded:
-        kept = [sample for sample in train if sample.label not in excluded]
-        place.logger.info(f'--exclude_landmarks: {len(excluded & {sample.label for sample in train})} labels, '
-                          f'{len(train) - len(kept)} images left out of training')
-        train = kept
-    val = datasets.read_checked_list(args.val_root, args.val_list, '--val_root', place.rank, place.world_size)
-    return train, val, listed_classes, None
+            run_dir=place.run_dir, resumed=resumed, index_dir=index_dir, logger=place.logger)
+        listed_classes, landmark_classes = len(classes), classes
+    else:
+        train, listed_classes = datasets.read_train_samples(args.train_root, args.train_list, args.label_map)
+        val = datasets.read_checked_list(args.val_root, args.val_list, '--val_root', place.rank, place.world_size)
+        landmark_classes, kept = None, [sample for sample in train if sample.label not in excluded]
+        if excluded:  # the labels keep their numbers, as a teacher trained on the lists has them
+            place.logger.info(f'--exclude_landmarks: {len(excluded & {sample.label for sample in train})} labels, '
+                              f'{len(train) - len(kept)} images left out of training and validation')
+        train, val = kept, [sample for sample in val if sample.label not in excluded]
+    if not train:
+        raise utils.RunError(f'--exclude_landmarks {args.exclude_landmarks} left no training image')
+    return train, val, listed_classes, landmark_classes
 
 
 def training_sources(args) -> list[str | None]:

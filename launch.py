@@ -16,7 +16,8 @@ def main(argv: list[str]) -> int:
     try:
         torchrun.run(torchrun.parse_args(argv))
     except ChildFailedError as failure:
-        return failure.get_first_failure()[1].exitcode or 1
+        code = failure.get_first_failure()[1].exitcode  # -N: killed by signal N, reported as a shell would
+        return 128 - code if code < 0 else code or 1
     except SignalException as stop:  # each process got the signal too, and said where it stopped
         return 128 + int(stop.sigval)
     return 0

@@ -391,7 +391,8 @@ def given_flags(args) -> set[str]:
     """The flags given on the command line (parse_args); without that record, those that differ from the defaults."""
     given = getattr(args, 'given', None)
     defaults = vars(get_parser().parse_args([]))
-    return given if given is not None else {name for name, value in defaults.items() if getattr(args, name) != value}
+    return given if given is not None else {name for name, value in defaults.items()
+                                            if getattr(args, name, value) != value}
 
 
 if __name__ == '__main__':

@@ -118,7 +118,7 @@ def output_directory(weights: str, img_size: int, benchmark: str | None, distrac
     """Where a --test_only run writes: `<test or benchmark(+distractors)>-<weights name>-<size>px` beside the weights
     it scores, or in `save_dir` (with a digest of the weights' path: two files of one name do not share it)."""
     test = (benchmark or 'test') + (f'+{os.path.splitext(os.path.basename(distractors[1]))[0]}' if distractors else '')
-    name = f'{test}-{os.path.splitext(os.path.basename(weights))[0]}'
+    name = f'{test}-{os.path.basename(weights).removesuffix(".tar").rsplit(".", 1)[0]}'
     if save_dir:
         return os.path.join(save_dir, f'{name}-{utils.text_digest(os.path.abspath(weights))[:8]}-{img_size}px')
     return os.path.join(os.path.dirname(os.path.abspath(weights)), f'{name}-{img_size}px')

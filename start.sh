@@ -81,7 +81,7 @@ run_demo() {
 test_only=0 gldv2=0 previous=""
 for argument in "$@"; do
     [ "$argument" != --test_only ] || test_only=1
-    [ "$previous $argument" != "--train_format gldv2" ] || gldv2=1
+    [ "$previous $argument" != "--train_format gldv2" ] && [ "$argument" != --train_format=gldv2 ] || gldv2=1
     previous=$argument
 done
 

@@ -223,15 +223,16 @@ def test_one_process_on_one_host_runs_main_py_itself(tmp_path):
     assert command.startswith(f'{ROOT}/main.py --backbone_class Swin_tiny') and 'torch.distributed.run' not in command
 
 
-def test_google_landmarks_as_it_ships_launches_without_a_list(tmp_path):
+@pytest.mark.parametrize('flag', [['--train_format', 'gldv2'], ['--train_format=gldv2']])
+def test_google_landmarks_as_it_ships_launches_without_a_list(tmp_path, flag):
     fake = tmp_path / 'python'
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     environment = demo_environment(tmp_path, PYTHON=str(fake), TEACHER='/t/teacher.pth', TRAIN_ROOT='/d/gldv2',
                                    NPROC='8')
-    finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh'), '--train_format', 'gldv2'], env=environment,
+    finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh'), *flag], env=environment,
                               capture_output=True, text=True, timeout=60)
     assert finished.returncode == 0, finished.stderr
     command = ' '.join(finished.stdout.split())
     assert '--train_root /d/gldv2 ' in command and '--train_list' not in command
-    assert command.endswith('--train_format gldv2')
+    assert command.endswith(' '.join(flag))

@@ -75,7 +75,7 @@ class Lines:
 
 
 def read(root, tmp_path, **options):
-    arguments = dict(clean=True, excluded=set(), val_share=0.25, seed=0, run_dir=str(tmp_path / 'run'),
+    arguments = dict(clean=True, excluded=set(), val_share=0.25, seed=0, run_dir=str(tmp_path / 'run'), resumed=False,
                      index_dir=str(tmp_path / 'index'), logger=Lines())
     arguments.update(options)
     return gldv2.read_training(root, **arguments)
@@ -191,7 +191,9 @@ def test_excluded_landmarks_leave_training_said_with_the_count(layouts, tmp_path
     excluded.write_text('# landmarks revisited Oxford shares\n15\n64, 1000\n', encoding='utf-8')
     logger = Lines()
     train, val, classes = read(root, tmp_path, excluded=gldv2.read_landmark_list(str(excluded)), logger=logger)
-    assert classes == {7: 0, 31: 1} and len(train) + len(val) == 12
+    # the classes keep their numbers: a teacher trained with or without the exclusion numbers them the same
+    assert classes == {7: 0, 15: 1, 31: 2, 64: 3} and len(train) + len(val) == 12
+    assert {sample.label for sample in train + val} == {0, 2}
     assert '--exclude_landmarks: 2 landmarks, 12 images left out of training' in logger.lines
     excluded.write_text('15\nseven\n', encoding='utf-8')
     with pytest.raises(Exception, match=re.escape(f"{excluded}:2: 'seven' is not a landmark id (an integer)")):
@@ -228,7 +230,8 @@ def test_a_resumed_run_keeps_its_landmark_classes_and_names_a_landmark_added_sin
     run_dir = tmp_path / 'run'
     os.makedirs(run_dir)
     gldv2.write_class_map({7: 3, 15: 2, 31: 1, 64: 0}, str(run_dir))  # as a run that began earlier wrote it
-    train, _, classes = read(root, tmp_path)
+    assert read(root, tmp_path)[2] == {7: 0, 15: 1, 31: 2, 64: 3}  # not a resume: a map left there is not this run's
+    train, _, classes = read(root, tmp_path, resumed=True)
     assert classes == {7: 3, 15: 2, 31: 1, 64: 0} and {sample.label for sample in train} == {0, 1, 2, 3}
     assert all(sample.label_note == f'landmark {landmark}' for sample in train for landmark, label in classes.items()
                if sample.label == label)
@@ -239,4 +242,31 @@ def test_a_resumed_run_keeps_its_landmark_classes_and_names_a_landmark_added_sin
     (copy / 'train_clean.csv').write_text(text + f'3,{image_id(7, 0)[::-1]}\n', encoding='utf-8')
     with pytest.raises(Exception, match=re.escape(f"{copy / 'train_clean.csv'}:6: landmark 3 is not in this run's "
                                                   'landmark_classes.json')):
-        read(str(copy), tmp_path)
+        read(str(copy), tmp_path, resumed=True)
+
+
+def test_an_undecodable_image_in_a_shard_is_named_and_replaced(tmp_path):
+    root = str(tmp_path / 'gldv2')
+    gldv2_layout(root, shards=True)
+    shard = os.path.join(root, 'train', 'images_000.tar')
+    with tarfile.open(shard) as archive:
+        broken = archive.getmembers()[3]
+    with open(shard, 'r+b') as handle:  # the member's bytes, no longer a JPEG; the archive itself is whole
+        handle.seek(broken.offset_data)
+        handle.write(b'\0' * broken.size)
+    run_main(SMALL + ['--train_root', root, '--num_workers', '0', '--gldv2_val_share', '0', '--max_bad_images', '0.1',
+                      '--save_dir', str(tmp_path / 'runs')])
+    record = open(os.path.join(only_run_dir(tmp_path / 'runs'), 'record.txt'), encoding='utf-8').read()
+    member = f'{shard}::{broken.offset_data}:{broken.size}'
+    line = rf'^bad image \(replaced\): {re.escape(member)}: not a decodable image \(.*train_clean\.csv:\d+\)$'
+    assert re.search(line, record, re.M), record
+    assert 'epoch 1: 1 bad images replaced' in record
+
+
+def test_an_exclusion_of_every_landmark_stops_in_one_line(layouts, tmp_path):
+    excluded = tmp_path / 'all.txt'
+    excluded.write_text(' '.join(map(str, LANDMARKS)) + '\n', encoding='utf-8')
+    with pytest.raises(SystemExit) as stopped:
+        run_main(SMALL + ['--train_root', layouts['extracted'][0], '--num_workers', '0', '--exclude_landmarks',
+                          str(excluded), '--save_dir', str(tmp_path / 'runs')])
+    assert str(stopped.value.code) == f'error: --exclude_landmarks {excluded} left no training image'
