@@ -98,7 +98,7 @@ def test_shards_and_extracted_images_train_to_the_same_weights(layouts, tmp_path
 
 def test_a_run_stopped_mid_epoch_reading_shards_resumes_to_an_uninterrupted_runs_weights(layouts, tmp_path):
     command = [sys.executable, os.path.join(ROOT, 'main.py')] + SMALL + [
-        '--train_root', layouts['shards'][0], '--num_workers', '1', '--max_epoch', '2', '--augment', '--seed', '3',
+        '--train_root', layouts['shards'][0], '--num_workers', '1', '--max_epoch', '4', '--augment', '--seed', '3',
         '--log_interval', '1']
     straight = subprocess.run(command + ['--save_dir', str(tmp_path / 'straight')], env=environment(),
                               capture_output=True, text=True)
