@@ -6,6 +6,7 @@ import json
 import os
 import tarfile
 import time
+import zipfile
 
 import numpy as np
 
@@ -139,9 +140,11 @@ def shard_index(shards: list[str], index_dir: str, logger) -> dict:
         stamp = [os.path.getsize(shard), os.stat(shard).st_mtime_ns]
         path = os.path.join(index_dir, os.path.basename(shard) + '.npz')
         part = None
-        if os.path.isfile(path):
+        try:  # an index part made from this very shard; one missing or damaged is made again
             with np.load(path) as saved:
                 part = {key: saved[key] for key in saved.files} if saved['stamp'].tolist() == stamp else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            part = None
         if part is None:
             part, scanned = dict(_scan_shard(shard), stamp=np.asarray(stamp)), scanned + 1
             utils.write_atomically(path, lambda file, part=part: np.savez(file, **part))
@@ -189,9 +192,9 @@ def class_map(landmarks: np.ndarray, saved_path: str | None) -> dict[int, int]:
     return {int(landmark): label for label, landmark in enumerate(np.unique(landmarks).tolist())}
 
 
-def held_out(landmarks: np.ndarray, share: float, seed: int) -> np.ndarray:
+def held_out(landmarks: np.ndarray, ids: np.ndarray, share: float, seed: int) -> np.ndarray:
     """Whether each image is in the validation split: of each landmark with two images or more, round(share x its
-    images) (at least one) drawn by (seed, landmark), whatever the order of the rows."""
+    images) (at least one) drawn by (seed, landmark) among its images in id order, whatever the order of the rows."""
     chosen = np.zeros(len(landmarks), dtype=bool)
     if share <= 0:
         return chosen
@@ -199,7 +202,7 @@ def held_out(landmarks: np.ndarray, share: float, seed: int) -> np.ndarray:
     starts = np.flatnonzero(np.r_[True, landmarks[order][1:] != landmarks[order][:-1]])
     for start, end in zip(starts, np.r_[starts[1:], len(order)]):
         if end - start >= 2:
-            rows = order[start:end]
+            rows = order[start:end][np.argsort(ids[order[start:end]], kind='stable')]
             count = max(1, round(share * len(rows)))
             generator = np.random.default_rng([seed, int(landmarks[rows[0]])])
             chosen[generator.choice(rows, size=min(count, len(rows) - 1), replace=False)] = True
@@ -223,7 +226,7 @@ def read_training(root: str, *, clean: bool, excluded: set[int], val_share: floa
         raise utils.RunError(f'{path}:{lines[unknown[0]]}: landmark {landmarks[unknown[0]]} is not in this run\'s '
                              f'{CLASS_MAP_NAME}: the CSV changed since the run began; give another --suffix')
     paths = image_paths(root, ids, lambda row: f'{path}:{lines[row]}', index_dir, logger)
-    validation = held_out(landmarks, val_share, seed)
+    validation = held_out(landmarks, ids, val_share, seed)
     samples = [[], []]
     for image, landmark, line, in_validation in zip(paths, landmarks.tolist(), lines.tolist(), validation.tolist()):
         samples[in_validation].append(datasets.Sample(image, classes[landmark], classes[landmark], f'{path}:{line}',

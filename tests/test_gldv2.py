@@ -133,6 +133,16 @@ def test_the_csv_files_give_each_image_its_landmark_and_a_split_fixed_by_the_see
     assert sorted(sample.path for sample in full_train) == sorted(sample.path for sample in train)
     other_train, _, _ = read(root, tmp_path, seed=1)
     assert sorted(sample.path for sample in other_train) != sorted(sample.path for sample in train)
+    # the same seed holds out the same images whatever the order of the CSV's rows and of the ids in a row
+    copy = tmp_path / 'reordered'
+    os.makedirs(copy)
+    os.symlink(os.path.join(root, 'train'), copy / 'train')
+    header, *rows = open(os.path.join(root, 'train_clean.csv'), encoding='utf-8').read().splitlines()
+    rows = [f"{row.split(',')[0]},{' '.join(row.split(',')[1].split()[::-1])}" for row in rows[::-1]]
+    (copy / 'train_clean.csv').write_text('\n'.join([header] + rows) + '\n', encoding='utf-8')
+    def members(samples):
+        return sorted(sample.path[sample.path.index('/train/'):] for sample in samples)
+    assert members(read(str(copy), tmp_path)[1]) == members(val)
 
 
 @pytest.mark.parametrize('fault', ['missing column', 'repeated id', 'not a landmark id', 'id in no shard',
@@ -215,8 +225,12 @@ def test_excluded_labels_leave_the_original_lists_too(tiny_data, tmp_path):
 def test_the_shard_index_is_made_once_and_again_for_a_changed_shard(layouts, tmp_path):
     root, _ = layouts['shards']
     shards = [os.path.join(root, 'train', f'images_00{number}.tar') for number in range(2)]
-    for expected, touch in (('indexed 2 of 2 shards', None), (None, None), ('indexed 1 of 2 shards', shards[1])):
-        if touch:
+    damaged = str(tmp_path / 'index' / 'images_000.tar.npz')
+    for expected, touch in (('indexed 2 of 2 shards', None), (None, None), ('indexed 1 of 2 shards', shards[1]),
+                            ('indexed 1 of 2 shards', damaged)):
+        if touch == damaged:  # a damaged index part is made again
+            open(damaged, 'wb').close()
+        elif touch:
             stamp = os.stat(touch).st_mtime_ns + 10 ** 9
             os.utime(touch, ns=(stamp, stamp))
         logger = Lines()
