@@ -11,8 +11,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 def main(argv: list[str]) -> int:
     """Launch as `torchrun argv` does; the exit status of the first process that failed, 128 + N for signal N."""
     # the launcher's warnings and per-process failure report repeat, in 30 lines, what rank 0 said in one
-    for logger in (logging.getLogger('torch.distributed'), torchrun.logger):
-        logger.setLevel(logging.CRITICAL)
+    for name in [name for name in logging.root.manager.loggerDict if name.startswith('torch.distributed')]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # each has its own level: the parent's does not reach it
     try:
         torchrun.run(torchrun.parse_args(argv))
     except ChildFailedError as failure:
