@@ -200,8 +200,13 @@ def read_weights(path: str, name: str) -> tuple[dict[str, torch.Tensor], torch.T
     """Any supported file -> (backbone state dict in this project's key layout, cosine head weight or None): the
     original teacher and student files (prefixed keys, older timm Swin layout), this project's ({'params': ...}) and
     official / timm Swin files (their linear classifier dropped). Only tensors are unpickled."""
-    state = {}
-    for key, value in _extract_state_dict(_load_file(path), path).items():
+    return _read_file(path, name)[:2]
+
+
+def _read_file(path: str, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict | None]:
+    """read_weights's (state dict, head weight), and the file's description (see describe) or None, from one load."""
+    loaded, state = _load_file(path), {}
+    for key, value in _extract_state_dict(loaded, path).items():
         if key.startswith(IGNORED_KEY_PREFIXES):
             continue
         while key.startswith(KEY_PREFIXES):  # each prefix is one word and its dot
@@ -215,7 +220,7 @@ def read_weights(path: str, name: str) -> tuple[dict[str, torch.Tensor], torch.T
     state = {key: value for key, value in state.items() if key not in LINEAR_CLASSIFIER_KEYS}
     if name in swin_transformer.SWIN_CONFIGS:
         state = swin_transformer.convert_old_layout(state)
-    return state, head_weight
+    return state, head_weight, _description_in(loaded, path)
 
 
 def _backbone_mismatch(backbone: nn.Module, state: dict) -> tuple[list, list, list]:
@@ -236,9 +241,10 @@ def _fits(state: dict, name: str) -> bool:
     return not any(_backbone_mismatch(candidate, converted))
 
 
-def _read_backbone(name: str, path: str, **options) -> tuple[nn.Module, torch.Tensor | None]:
-    """(backbone `name` with the file's weights, the file's head weight or None); a key that does not fit raises."""
-    state, head_weight = read_weights(path, name)
+def _read_backbone(name: str, path: str, **options) -> tuple[nn.Module, torch.Tensor | None, dict | None]:
+    """(backbone `name` with the file's weights, the file's head weight or None, its description or None); a key that
+    does not fit raises."""
+    state, head_weight, described = _read_file(path, name)
     backbone = create_backbone(name, **options)
     missing, unexpected, misshaped = _backbone_mismatch(backbone, state)
     if missing or unexpected or misshaped:
@@ -249,7 +255,7 @@ def _read_backbone(name: str, path: str, **options) -> tuple[nn.Module, torch.Te
         hint = f' (it fits {" / ".join(fitting)})' if fitting else ''
         raise utils.RunError(f'{path} does not fit backbone {name}{hint}: ' + '; '.join(problems))
     backbone.load_state_dict(state, strict=False)
-    return backbone, head_weight
+    return backbone, head_weight, described
 
 
 def load_backbone(name: str, path: str, img_size: int = 384, width_divisor: int = 1,
@@ -261,23 +267,24 @@ def load_backbone(name: str, path: str, img_size: int = 384, width_divisor: int 
 
 def load_classifier(name: str, path: str, img_size: int = 384, width_divisor: int = 1) -> Classifier:
     """Backbone and CosFace head from one file (e.g. the teacher); the file must hold the head weight."""
-    backbone, head_weight = _read_backbone(name, path, img_size=img_size, width_divisor=width_divisor)
-    return Classifier(backbone, _head_of(head_weight, backbone.feature_dim, name, path)).eval()
+    backbone, head_weight, described = _read_backbone(name, path, img_size=img_size, width_divisor=width_divisor)
+    return Classifier(backbone, _head_of(head_weight, backbone.feature_dim, name, path, described)).eval()
 
 
 def load_head(name: str, path: str, width_divisor: int = 1) -> 'CosFaceHead':
     """The CosFace head of a classifier file alone (for a teacher whose features are cached)."""
-    _, head_weight = read_weights(path, name)
-    return _head_of(head_weight, FEATURE_DIM // width_divisor, name, path)
+    _, head_weight, described = _read_file(path, name)
+    return _head_of(head_weight, FEATURE_DIM // width_divisor, name, path, described)
 
 
-def _head_of(head_weight: torch.Tensor | None, feature_dim: int, name: str, path: str) -> 'CosFaceHead':
+def _head_of(head_weight: torch.Tensor | None, feature_dim: int, name: str, path: str,
+             described: dict | None) -> 'CosFaceHead':
     if head_weight is None:
         raise utils.RunError(f'{path} holds no cosine head weight ({HEAD_KEY!r}, no bias) to build a {name} classifier')
     if head_weight.shape[1] != feature_dim:
         raise utils.RunError(f'{path}: head weight {tuple(head_weight.shape)} does not match the '
                              f'{feature_dim}-d features of {name}')
-    described = read_architecture(path) or {}  # the scale and margin it was trained with; the original's: 32, 0.1
+    described = described or {}  # the scale and margin it was trained with; the original's: 32, 0.1
     # build the head without allocating and initialising a second num_classes x feature_dim matrix
     with torch.device('meta'):
         head = CosFaceHead(head_weight.shape[0], head_weight.shape[1], scale=described.get('head_scale', 32.0),
@@ -311,7 +318,11 @@ def describe(head: CosFaceHead, backbone: str, img_size: int, width_divisor: int
 def read_architecture(path: str) -> dict | None:
     """The description a weights file of this suite holds (see describe); None for files without one (the original's,
     older ones of this suite, timm's), which are built from the flags."""
-    loaded = _load_file(path, mmap=True) if _is_zip(path) else _load_file(path)
+    return _description_in(_load_file(path, mmap=True) if _is_zip(path) else _load_file(path), path)
+
+
+def _description_in(loaded, path: str) -> dict | None:
+    """The checked description of a loaded weights file, or None."""
     described = loaded.get(ARCHITECTURE_KEY) if isinstance(loaded, dict) else None
     if described is None:
         return None

@@ -154,3 +154,12 @@ def test_the_readme_is_in_the_order_a_user_needs_it():
         'Layout and benchmarks']
     assert 'GPU status' in text[:text.index('## Two commands')]
     assert 'jizhi_client`, the job-submission command' in text
+
+
+def test_a_described_teacher_keeps_the_head_scale_and_margin_it_was_trained_with(tmp_path):
+    backbone = model.create_backbone('Resnet12', 32, 8)
+    path = str(tmp_path / 'teacher.pth')
+    torch.save(model.student_weights(model.Classifier(backbone, model.CosFaceHead(4, 128, scale=16.0, margin=0.25)),
+                                     True, {'backbone': 'Resnet12', 'img_size': 32, 'width_divisor': 8}), path)
+    for head in (model.load_classifier('Resnet12', path, 32, 8).head, model.load_head('Resnet12', path, 8)):
+        assert (head.scale, head.margin) == (16.0, 0.25)
