@@ -1,17 +1,21 @@
 """The CPU demo: a synthetic landmark data set in the real list format, and the demo's results table and figure.
 
-    python demo.py data OUT_DIR [--num_train_landmarks 100 ...]   writes the data set (deterministic to the byte)
+    python demo.py data OUT_DIR [--num_train_landmarks 100 ...]   writes the data set (deterministic to the byte), or
+                                                                  reuses the one there when whole
     python demo.py report RUNS_DIR OUT_DIR                        writes results.md and summary.png from the runs
 """
 import argparse
 import glob
+import json
 import multiprocessing
 import os
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 import run_directory
+import utils
 
 # Synthetic landmarks
 #
@@ -381,6 +385,50 @@ def make_synthetic_landmarks(out_dir, seed=0, num_train_landmarks=150, train_vie
     return dict(lists, root=out_dir, num_classes=len(train_landmarks))
 
 
+DATA_MANIFEST = 'manifest.json'
+
+
+def data_digest(out_dir: str) -> str:
+    """sha256 over the lists and the bytes of every image they name, in list order."""
+    lists = [os.path.join(out_dir, name) for name in ('train.txt', 'val.txt', 'test.txt')]
+    images = []
+    for list_path in lists:
+        with open(list_path, encoding='utf-8') as handle:
+            images += [os.path.join(out_dir, line.split('\t')[0]) for line in handle if line.strip()]
+    return utils.file_digest(lists + images)
+
+
+def reusable_data(out_dir: str, options: dict) -> dict | None:
+    """The lists of a data set made before in out_dir with these options, if its manifest says so and every file
+    still has the bytes it was written with; else None (missing, partial, damaged or made with other options)."""
+    try:
+        with open(os.path.join(out_dir, DATA_MANIFEST), encoding='utf-8') as handle:
+            manifest = json.load(handle)
+        if manifest.get('options') != options or manifest.get('digest') != data_digest(out_dir):
+            return None
+    except (OSError, ValueError):
+        return None
+    return manifest['lists']
+
+
+def synthetic_landmarks_once(out_dir, **options) -> tuple[dict, bool]:
+    """make_synthetic_landmarks(out_dir, **options) unless out_dir holds that very data set, whole (checked by its
+    digest, not trusted); (its lists, whether it was reused). The manifest is written last: a set cut short by a
+    kill has none and is made again."""
+    out_dir = os.path.abspath(out_dir)
+    recorded = {key: value for key, value in options.items() if key != 'processes'}
+    lists = reusable_data(out_dir, recorded)
+    if lists is not None:
+        return lists, True
+    os.makedirs(out_dir, exist_ok=True)
+    manifest_path = os.path.join(out_dir, DATA_MANIFEST)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)
+    lists = make_synthetic_landmarks(out_dir, **options)
+    utils.write_json({'options': recorded, 'digest': data_digest(out_dir), 'lists': lists}, manifest_path)
+    return lists, False
+
+
 # The demo's report
 
 # (row title, run key, test figures): a run key is the backbone, or 'Swin_tiny-untrained' for the floor
@@ -492,7 +540,10 @@ def main(argv=None):
     if arguments.command == 'data':
         options = vars(arguments)
         del options['command']
-        result = make_synthetic_landmarks(**options)
+        out_dir = options.pop('out_dir')
+        result, reused = synthetic_landmarks_once(out_dir, **options)
+        print(f'demo: the data set in {out_dir} ' + ('was made before with these settings and is whole: reused'
+                                                   if reused else 'made'), file=sys.stderr)
         print('\n'.join(f'{key}: {value}' for key, value in result.items()))
         return
     runs = read_runs(arguments.runs_dir)

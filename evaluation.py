@@ -3,6 +3,7 @@ feature extraction, and the test report of a run (student, teacher, and student 
 import math
 import os
 from collections.abc import Mapping
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as functional
 from tqdm import tqdm
 
 import datasets
+import precision
 import utils
 import verification
 
@@ -44,8 +46,9 @@ def evaluate_features(features, coarse_labels, fine_labels, gallery_features=Non
                       fine_mask=None, fars=verification.DEFAULT_FARS, num_thresholds=2000, device=None,
                       tile_elements=verification.DEFAULT_TILE_ELEMENTS) -> dict:
     """Per level L of 'coarse' and 'fine': {L: [TARs], 'L_curve': (far, tar), 'L_undefined': why the TARs are NaN or
-    None, 'L_nn_accuracy', 'L_gap' (None without labels)}, the curves from one pass over the pair scores. A level's
-    mask replaces its labels as the positive pairs; no fine labels nor mask means fine is coarse."""
+    None, 'L_impostor_pairs' (the FARs' denominator), 'L_nn_accuracy', 'L_gap' (None without labels)}, the curves from
+    one pass over the pair scores. A level's mask replaces its labels as the positive pairs; no fine labels nor mask
+    means fine is coarse."""
     if fine_labels is None and fine_mask is None:
         fine_labels, fine_mask = coarse_labels, coarse_mask
     label_pairs = [(None if coarse_mask is not None else coarse_labels, coarse_mask),
@@ -54,13 +57,50 @@ def evaluate_features(features, coarse_labels, fine_labels, gallery_features=Non
                                           tile_elements)
     best_index, best_score = nearest_neighbours(features, gallery_features, device, tile_elements)
     result = {}
-    for level, (far, tar), labels in zip(('coarse', 'fine'), curves, (coarse_labels, fine_labels)):
+    for level, (far, tar), labels, pairs in zip(('coarse', 'fine'), curves, (coarse_labels, fine_labels), label_pairs):
         result[level] = verification._tars_from_curve(far, tar, fars)
         result[f'{level}_curve'] = (far, tar)
         result[f'{level}_undefined'] = verification.undefined_reason((far, tar))
+        result[f'{level}_impostor_pairs'] = impostor_pair_count(len(features), *pairs, tile_elements=tile_elements)
         result[f'{level}_nn_accuracy'] = None if labels is None else _accuracy_of(best_index, labels)
         result[f'{level}_gap'] = None if labels is None else nearest_neighbour_gap(best_index, best_score, labels)
     return result
+
+
+def impostor_pair_count(num_items: int, labels=None, mask=None,
+                        tile_elements=verification.DEFAULT_TILE_ELEMENTS) -> int:
+    """Impostor (negative) pairs i < j of a list of `num_items` images, the denominator of its FARs: every pair less
+    the positive ones, which come from `mask` (verification.PairMask's form, counted a block of rows at a time) or
+    else from `labels` (by class sizes). Never a pair matrix; cross figures score the same pairs, so the same count."""
+    all_pairs = num_items * (num_items - 1) // 2
+    if mask is not None:
+        pair_mask = verification.PairMask(mask, num_items)
+        rows_per_block = max(1, int(tile_elements) // max(num_items, 1))
+        positive_pairs = sum(int(np.count_nonzero(pair_mask.rows(first_row, min(first_row + rows_per_block,
+                                                                                num_items))))
+                             for first_row in range(0, num_items, rows_per_block))
+    else:
+        class_sizes = np.bincount(verification.label_tensor(labels, num_items, 'cpu').numpy())
+        positive_pairs = int((class_sizes * (class_sizes - 1) // 2).sum())
+    return all_pairs - positive_pairs
+
+
+def fars_below_resolution(impostor_pairs: int, fars=verification.DEFAULT_FARS) -> list[float]:
+    """The FARs below 1 / impostor_pairs, the smallest nonzero FAR the list can measure (every FAR without an
+    impostor pair): their TARs come from the published rule, not from a measured threshold."""
+    # Exact decimal arithmetic: FAR 1e-1 over 10 pairs is measurable, whatever 0.1's binary rounding.
+    return [far for far in fars if Fraction(str(float(far))) * impostor_pairs < 1]
+
+
+def resolution_note(name: str, grain: str, impostor_pairs: int) -> str | None:
+    """The line naming the default FARs below the list's resolution (see fars_below_resolution), or None."""
+    below = fars_below_resolution(impostor_pairs)
+    if not below or not impostor_pairs:
+        return None
+    labels = far_label(below[0]) if len(below) == 1 else f'{far_label(below[0])}..{far_label(below[-1])}'
+    return (f'note: {name} {grain}: {impostor_pairs} impostor pairs resolve FARs down to 1/{impostor_pairs} = '
+            f'{1 / impostor_pairs:.1e}; for {labels} the FAR is below that: values of the published rule, not '
+            f'measurements')
 
 
 def nearest_neighbour_gap(best_index: np.ndarray, best_score: np.ndarray, labels) -> float:
@@ -150,7 +190,7 @@ def extract_features(backbone, loader, device: torch.device, amp: str, show_prog
         if problems:
             break
         images = batch_transform(batch['image'].to(device, non_blocking=True), train=False)
-        with utils.autocast_context(device, amp):
+        with precision.autocast_context(device, amp):
             output = backbone(images)
         features.append(functional.normalize(output.float(), dim=1))
         indices.append(batch['index'].to(device))
@@ -206,6 +246,15 @@ def run_test(loader, student_backbone, teacher_backbone=None, *, device: torch.d
     log_report(logger, report, os.path.join(output_dir, 'roc.png'))
 
 
+def resolution_figures(result: dict) -> dict:
+    """results.json's {'impostor_pairs': {grain: count}, 'below_resolution': {grain: ['TAR@1e-3', ...]}} of a figure
+    set: the tar_at_far names whose FAR is below 1 / impostor pairs."""
+    pairs = {grain: result[f'{grain}_impostor_pairs'] for grain in ('coarse', 'fine')}
+    return {'impostor_pairs': pairs,
+            'below_resolution': {grain: [far_label(far) for far in fars_below_resolution(count)]
+                                 for grain, count in pairs.items()}}
+
+
 def log_report(logger, report: dict, roc_path: str):
     """The TAR lines and nearest-neighbour lines of record.txt, tensorboard scalars, results.json and roc.png."""
     names = {'student': 'test acc', 'teacher': 'teacher acc', 'cross': 'cross acc'}
@@ -213,6 +262,11 @@ def log_report(logger, report: dict, roc_path: str):
     for name, result in report.items():
         logger.info(format_tar_line(names[name], result['coarse'], result['fine']))  # the original's line
         logger.info(format_labelled_tars(name, result))
+        for grain in ('coarse', 'fine'):
+            note = resolution_note(name, grain, result[f'{grain}_impostor_pairs'])
+            # Undefined TARs are nan, not values of the rule: their own line below says why.
+            if note and not result[f'{grain}_undefined']:
+                logger.info(note)
         logger.info(f'{name} nearest-neighbour top-1: coarse={result["coarse_nn_accuracy"]:.5f}, '
                     f'fine={result["fine_nn_accuracy"]:.5f}; GAP: coarse={result["coarse_gap"]:.5f}, '
                     f'fine={result["fine_gap"]:.5f}')
@@ -227,6 +281,7 @@ def log_report(logger, report: dict, roc_path: str):
     logger.result('test', {name: dict(result, **{f'{grain}_curve': dict(zip(('far', 'tar'), result[f'{grain}_curve']))
                                                  for grain in ('coarse', 'fine')},
                                       tar_at_far={grain: dict(zip(map(far_label, verification.DEFAULT_FARS),
-                                                                  result[grain])) for grain in ('coarse', 'fine')})
+                                                                  result[grain])) for grain in ('coarse', 'fine')},
+                                      **resolution_figures(result))
                            for name, result in report.items()})
     plot_roc(curves, roc_path)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 import datasets
 import model
+import precision
 import utils
 
 
@@ -243,7 +244,7 @@ def teacher_chunk(teacher_backbone, batch: dict, batch_transform, *, stochastic:
         torch.default_generator.manual_seed(seed)
         if device.type == 'cuda':
             torch.cuda.manual_seed(seed)
-        with utils.autocast_context(device, amp):
+        with precision.autocast_context(device, amp):
             output = teacher_backbone(images).float()
     if not bool(torch.isfinite(output).all()):
         raise utils.RunError('the teacher gives non-finite features: check the teacher file and --amp')

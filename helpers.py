@@ -178,7 +178,10 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     num_classes = args.num_classes
     if num_classes is None and not args.is_distill:  # no teacher's classifier to decide: the lists do
         num_classes = listed_classes
-        logger.info(f"classes: {num_classes}, the training lists' largest label + 1 (--num_classes gives another)")
+        csv_name = 'train_clean.csv' if args.gldv2_csv == 'clean' else 'train.csv'
+        source = (f'one per landmark of {csv_name}' if args.train_format == 'gldv2' else
+                  "the training lists' largest label + 1")
+        logger.info(f'classes: {num_classes}, {source} (--num_classes gives another)')
     datasets.check_training_roots(train_samples)
     # what would only fail after the last epoch (or after the teacher cache's pre-pass) is found now
     test_samples = datasets.read_checked_list(args.test_root, args.test_list, '--test_root', rank, world_size)

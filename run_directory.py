@@ -122,7 +122,9 @@ class Logger:
 # 'best_accuracy', 'test': {'student' | 'teacher' | 'cross': {'coarse', 'fine' (TARs at FAR 1e-1 ... 1e-8, null where
 # undefined), '<grain>_undefined' (why, or null), '<grain>_nn_accuracy', '<grain>_gap' (of the nearest-neighbour
 # predictions), '<grain>_curve' ({'far': [...], 'tar': [...]}), 'tar_at_far' ({'coarse' | 'fine': {'TAR@1e-1': ...}},
-# the names the printed lines use)}}; a --benchmark's figures under its name (see retrieval.benchmark_report).
+# the names the printed lines use), 'impostor_pairs' ({grain: count}), 'below_resolution' ({grain: the tar_at_far
+# names whose FAR is below 1 / impostor pairs})}}; a --benchmark's figures under its name (see
+# retrieval.benchmark_report).
 RESULTS_NAME = 'results.json'
 
 
@@ -164,6 +166,7 @@ class RunLock:
         self.path = os.path.join(run_dir, 'run.lock')
         self.holder = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
         self._stop, self._thread = threading.Event(), None
+        self.created_directories = []  # made for this run: removed again if it leaves them empty (a refused start)
 
     def acquire(self) -> 'RunLock':
         """Take the lock or raise RunDirectoryBusy naming the holder."""
@@ -230,6 +233,9 @@ class RunLock:
             if self._read_holder() == self.holder:
                 with suppress(FileNotFoundError):
                     os.remove(self.path)
+        for directory in reversed(self.created_directories):
+            with suppress(OSError):  # not empty: the run wrote there, and it stays
+                os.rmdir(directory)
 
     def _heartbeat(self):
         while not self._stop.wait(self.HEARTBEAT_SECONDS):
@@ -243,6 +249,10 @@ def hold_run_directory(run_dir: str, rank: int, world_size: int) -> RunLock | No
     lock = RunLock(run_dir)  # acquired on rank 0 alone; releasing an unacquired lock does nothing
 
     def take():
+        missing = os.path.abspath(run_dir)
+        while not os.path.exists(missing) and os.path.dirname(missing) != missing:
+            lock.created_directories.insert(0, missing)
+            missing = os.path.dirname(missing)
         try:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as error:

@@ -8,7 +8,8 @@
 #   STUDENT=Resnet12   the ResNet12 recipe (40 epochs, SGD 0.01) instead of Swin_tiny (200, AdamW 0.001)
 #   NPROC=4            processes on this host (default: HOST_GPU_NUM when set, else every visible GPU, else 1)
 #   SAVE_DIR=...       where run directories go (default ./checkpoints)
-#   AMP=none           fp32 instead of autocast (default bf16 on Ampere and newer GPUs, fp16 before, none on a CPU)
+#   AMP=none           fp32 instead of autocast (default auto: bf16 where the device computes it natively, i.e.
+#                      Ampere and newer GPUs or a CPU with avx512_bf16 or AMX; else fp16 on a GPU, fp32 on a CPU)
 #   PYTHON=...         the interpreter (default python3, else python)
 #   Several training lists: TRAIN_ROOT="R1 R2" TRAIN_LIST="L1 L2" (paths without spaces). Google Landmarks v2 as it
 #   ships: TRAIN_ROOT=/data/gldv2 (no TRAIN_LIST) and `sh start.sh --train_format gldv2`.
@@ -23,14 +24,16 @@
 #   TEST_ROOT=/data/test TEST_LIST=/data/test.txt [TEACHER=...] [STUDENT=Resnet12] \
 #   sh start.sh --test_only --init_weights /path/max_acc.pth
 #
-#   With none of TEACHER, TRAIN_LIST, TEST_LIST and --test_only: the demo (synthetic landmarks, CPU, about 5
-#   minutes on 2 cores), written to DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md, its
-#   figure DEMO_DIR/summary.png.
-#   Smaller or larger demos:
-#   DEMO_LANDMARKS (300), DEMO_VIEWS (40 per training landmark), DEMO_TEST_LANDMARKS (50), DEMO_IMG_SIZE (32),
-#   DEMO_WIDTH_DIVISOR (4), DEMO_TEACHER_EPOCHS (7), DEMO_STUDENT_EPOCHS (3, Swin-tiny), DEMO_RESNET12_EPOCHS (4),
-#   DEMO_AMP (bf16; set none on a CPU without bf16), DEMO_SEED (0: the seed of the demo's data and of every run in
-#   it, so that other seeds show how much of the table is the seed).
+#   With none of TEACHER, TRAIN_LIST, TEST_LIST and --test_only: the demo (synthetic landmarks, CPU, sized to finish
+#   within 8 minutes on this machine), written to DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md,
+#   its figure DEMO_DIR/summary.png. It first times a few training steps of each model and takes the largest size
+#   predicted to fit (demo_size.py: full, narrow, small), said in a line and kept in DEMO_DIR/size.txt for
+#   reruns, which reuse the data set (checked) and the finished runs.
+#   DEMO_SIZE (a size by name, nothing measured), DEMO_MINUTES (8), DEMO_AMP (auto: bf16 where the CPU computes it
+#   natively, else float32), DEMO_SEED (0: the seed of the demo's data and of every run in it, so that other seeds
+#   show how much of the table is the seed). One setting of the size: DEMO_LANDMARKS, DEMO_VIEWS (per training
+#   landmark), DEMO_TEST_LANDMARKS (50), DEMO_IMG_SIZE (32), DEMO_WIDTH_DIVISOR, DEMO_BATCH, DEMO_TEACHER_EPOCHS,
+#   DEMO_STUDENT_EPOCHS (Swin-tiny), DEMO_RESNET12_EPOCHS.
 set -eu
 # paths stay relative to the caller's directory; the project's scripts are found beside this file
 here=$(dirname "$0")
@@ -38,19 +41,40 @@ PYTHON=${PYTHON:-$(command -v python3 || command -v python || echo python)}
 
 run_demo() {
     demo_dir=${DEMO_DIR:-./demo_output}
-    size=${DEMO_IMG_SIZE:-32}
-    landmarks=${DEMO_LANDMARKS:-300}
     seed=${DEMO_SEED:-0}
-    data="$demo_dir/data"
-    runs="$demo_dir/runs"
+    mkdir -p "$demo_dir"
+    # the size: DEMO_SIZE, else the one chosen on the first run in DEMO_DIR (a rerun reuses its data and runs), else
+    # measured: a few steps of each model, then the largest demo predicted to finish within DEMO_MINUTES
+    size_file="$demo_dir/size.txt"
+    if [ -n "${DEMO_SIZE:-}" ]; then
+        plan=$("$PYTHON" "$here/demo_size.py" --size "$DEMO_SIZE" --amp "${DEMO_AMP:-auto}")
+    elif [ -s "$size_file" ]; then
+        plan=$(cat "$size_file")
+        echo "demo: the size chosen on this directory's first run ($size_file; DEMO_SIZE or removing it chooses again)"
+    else
+        plan=$("$PYTHON" "$here/demo_size.py" --budget_minutes "${DEMO_MINUTES:-8}" --amp "${DEMO_AMP:-auto}")
+        echo "$plan" > "$size_file"
+    fi
+    # shellcheck disable=SC2086
+    set -- $plan
+    [ "$#" = 9 ] || { echo "demo: demo_size.py gave no size ('$plan')" >&2; exit 1; }
+    landmarks=${DEMO_LANDMARKS:-$2} views=${DEMO_VIEWS:-$3} divisor=${DEMO_WIDTH_DIVISOR:-$4} batch=${DEMO_BATCH:-$5}
+    teacher_epochs=${DEMO_TEACHER_EPOCHS:-$6} swin_epochs=${DEMO_STUDENT_EPOCHS:-$7}
+    resnet_epochs=${DEMO_RESNET12_EPOCHS:-$8} amp=$9 size=${DEMO_IMG_SIZE:-32} test_landmarks=${DEMO_TEST_LANDMARKS:-50}
+    echo "demo: size $1: $landmarks landmarks x $views views, widths / $divisor, batch $batch, epochs" \
+         "$teacher_epochs (teacher), $swin_epochs (Swin-tiny), $resnet_epochs (ResNet12), --amp $amp, seed $seed"
+    # one data set per seed and size, made once; one set of runs per seed, size and widths
+    key="seed$seed-${landmarks}x$views-test$test_landmarks"
+    data="$demo_dir/data/$key"
+    runs="$demo_dir/runs/$key-w$divisor-b$batch-e$teacher_epochs.$swin_epochs.$resnet_epochs-$size"px
     echo "demo: synthetic landmarks in $data, runs in $runs"
-    teacher_epochs=${DEMO_TEACHER_EPOCHS:-7}
     "$PYTHON" "$here/demo.py" data "$data" --seed "$seed" --num_train_landmarks "$landmarks" \
-        --train_views "${DEMO_VIEWS:-40}" --num_test_landmarks "${DEMO_TEST_LANDMARKS:-50}" > /dev/null
-    # the CPU demo narrows every width by DEMO_WIDTH_DIVISOR; the architectures are otherwise the real ones.
-    # Batches of 128 keep two CPU cores busy (tiny widths leave small batches to per-operation overheads).
-    common="--dataset Synthetic --img_size $size --demo_width_divisor ${DEMO_WIDTH_DIVISOR:-4} --amp ${DEMO_AMP:-bf16}
-            --num_workers 1 --batch_size 128 --optim AdamW --weight_decay 0.05 --warmup_epoch 1 --eval_interval 1
+        --train_views "$views" --num_test_landmarks "$test_landmarks" > /dev/null
+    # the CPU demo narrows every width by the divisor; the architectures are otherwise the real ones.
+    # Batches of 128 keep two CPU cores busy (tiny widths leave small batches to per-operation overheads); the
+    # smallest size takes 64 for as many steps on half the images.
+    common="--dataset Synthetic --img_size $size --demo_width_divisor $divisor --amp $amp
+            --num_workers 1 --batch_size $batch --optim AdamW --weight_decay 0.05 --warmup_epoch 1 --eval_interval 1
             --log_interval 10 --seed $seed
             --save_dir $runs --train_root $data --train_list $data/train.txt --val_root $data
             --val_list $data/val.txt --test_root $data --test_list $data/test.txt"
@@ -58,7 +82,7 @@ run_demo() {
     # shellcheck disable=SC2086
     "$PYTHON" "$here/main.py" $common --backbone_class Swin_base --num_classes "$landmarks" \
         --max_epoch "$teacher_epochs" --lr 0.001
-    teacher="$runs/Synthetic-Swin_base-no_distill-NoAug/lr0.001_AdamW_cosine_epoch${teacher_epochs}_warmup1_bs128/max_acc.pth"
+    teacher="$runs/Synthetic-Swin_base-no_distill-NoAug/lr0.001_AdamW_cosine_epoch${teacher_epochs}_warmup1_bs$batch/max_acc.pth"
     distill="--is_distill --teacher_backbone_class Swin_base --teacher_init_weights $teacher --head_fixed
              --kd_loss KD --kd_weight 1.0"
     # both students read the teacher's features from one cache (the eval-mode teacher's, computed by the first: no
@@ -67,11 +91,11 @@ run_demo() {
     echo "demo: Swin_tiny student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
     "$PYTHON" "$here/main.py" $common $distill $cached --backbone_class Swin_tiny --lr 0.001 \
-        --max_epoch "${DEMO_STUDENT_EPOCHS:-3}"
+        --max_epoch "$swin_epochs"
     echo "demo: Resnet12 student distilled with the teacher's frozen head"
     # shellcheck disable=SC2086
     "$PYTHON" "$here/main.py" $common $distill $cached --backbone_class Resnet12 --lr 0.002 \
-        --max_epoch "${DEMO_RESNET12_EPOCHS:-4}"
+        --max_epoch "$resnet_epochs"
     echo "demo: untrained Swin_tiny student (the floor)"
     # shellcheck disable=SC2086
     "$PYTHON" "$here/main.py" $common $distill --backbone_class Swin_tiny --lr 0.001 --max_epoch 0 --suffix=-untrained
@@ -108,10 +132,7 @@ case "$NPROC" in
     ''|*[!0-9]*) echo "NPROC must be a number of processes, not '$NPROC'" >&2; exit 2 ;;
 esac
 [ "$NPROC" -ge 1 ] || NPROC=1
-# bf16 autocast where GPUs compute it natively (compute capability 8.0, Ampere, and newer), fp16 with a gradient
-# scaler before (V100: is_bf16_supported() answers True there, for an emulation without tensor cores)
-bf16=$("$PYTHON" -c 'import torch; bf16 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8; print(int(bf16))')
-if [ "$gpus" -lt 1 ]; then AMP=${AMP:-none}; elif [ "$bf16" = 1 ]; then AMP=${AMP:-bf16}; else AMP=${AMP:-fp16}; fi
+AMP=${AMP:-auto}  # main.py says what it chose and why
 
 case "${STUDENT:-Swin_tiny}" in
     Swin_tiny) recipe="--backbone_class Swin_tiny --max_epoch 200 --warmup_epoch 10 --lr 0.001 --optim AdamW" ;;

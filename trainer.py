@@ -17,6 +17,7 @@ from tqdm import tqdm
 import checkpoints
 import datasets
 import losses
+import precision
 import utils
 from checkpoints import EpochState, RunProgress
 
@@ -166,7 +167,7 @@ def validate(classifier, loader, batch_transform, device: torch.device, amp: str
             break
         images = batch_transform(batch['image'].to(device, non_blocking=True), train=False)
         labels = batch['label'].to(device, non_blocking=True)
-        with utils.autocast_context(device, amp):
+        with precision.autocast_context(device, amp):
             _, logits = classifier(images)
         samples += labels.numel()
         sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction='sum'),
@@ -231,7 +232,7 @@ def training_step(parts: TrainingParts, batch: dict, device: torch.device, amp: 
                                    lighting=batch.get('lighting'))
     labels = batch['label'].to(device, non_blocking=True)
     distiller, teacher_features, teacher_logits = parts.distiller, None, None
-    with utils.autocast_context(device, amp):
+    with precision.autocast_context(device, amp):
         if 'teacher_feature' in batch:  # from the teacher's cache: its logits through its classifier
             teacher_features = batch['teacher_feature'].to(device, non_blocking=True)
             teacher_logits = distiller.teacher_logits(teacher_features, labels)

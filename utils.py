@@ -197,11 +197,6 @@ def on_rank_zero(rank: int, action):
     return result
 
 
-def autocast_context(device: torch.device, amp: str):
-    """torch.autocast for `--amp bf16|fp16`, disabled for `none`."""
-    return torch.autocast(device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=amp != 'none')
-
-
 def default_device():
     """The GPU when there is one, else the CPU: where the pair scores are computed."""
     return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')

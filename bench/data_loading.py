@@ -29,6 +29,7 @@ from torchvision import transforms
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 import gldv2  # noqa: E402
+import precision  # noqa: E402
 
 PARSE_4M = """
 import resource, sys, time
@@ -151,6 +152,7 @@ def main():
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--csv_rows', type=int, default=4_100_000, help='rows of the synthetic GLDv2 train.csv')
     arguments = parser.parse_args()
+    print(precision.environment_line(torch.device('cpu')))  # which CPU the figures come from
     torch.set_num_threads(1)
     torch.manual_seed(arguments.seed)
     generator = np.random.default_rng(arguments.seed)

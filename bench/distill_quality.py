@@ -24,11 +24,15 @@ import sys
 import tempfile
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import precision  # noqa: E402
 # the demo's epochs and the flags every run shares (start.sh); its data sizes are the script's defaults
 TEACHER_EPOCHS, STUDENT_EPOCHS = 7, {'Swin_tiny': 3, 'Resnet12': 4}
 STUDENT_LR = {'Swin_tiny': '0.001', 'Resnet12': '0.002'}
-COMMON = ('--dataset Synthetic --img_size 32 --demo_width_divisor 4 --amp bf16 --num_workers 1 --batch_size 128 '
+COMMON = ('--dataset Synthetic --img_size 32 --demo_width_divisor 4 --amp auto --num_workers 1 --batch_size 128 '
           '--optim AdamW --weight_decay 0.05 --warmup_epoch 1 --eval_interval 1 --log_interval 10').split()
 DISTILL = '--is_distill --teacher_backbone_class Swin_base --head_fixed --kd_loss KD --kd_weight 1.0'.split()
 CONFIGURATIONS = {
@@ -132,6 +136,7 @@ def main():
     parser.add_argument('--train_views', type=int, default=40, help='views of each (the demo: 40)')
     parser.add_argument('--epochs', type=int, default=None, help="every run's epochs (default: the demo's)")
     args = parser.parse_args()
+    print(precision.environment_line(torch.device('cpu')))  # which CPU the figures come from
     with tempfile.TemporaryDirectory() as temporary:
         work = args.work or temporary
         os.makedirs(work, exist_ok=True)

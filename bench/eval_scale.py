@@ -16,6 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import precision  # noqa: E402
 import retrieval  # noqa: E402
 import utils  # noqa: E402
 import verification  # noqa: E402
@@ -68,6 +69,7 @@ def main():
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--gldv2', action='store_true', help='the GLDv2 retrieval shape instead')
     arguments = parser.parse_args()
+    print(precision.environment_line(torch.device('cpu')))  # which CPU the figures come from
     if arguments.gldv2:
         return gldv2(arguments)
 

@@ -30,8 +30,8 @@ import datasets  # noqa: E402
 import helpers  # noqa: E402
 import losses  # noqa: E402
 import model  # noqa: E402
+import precision  # noqa: E402
 import trainer  # noqa: E402
-import utils  # noqa: E402
 
 
 class OriginalCosFace(nn.Module):
@@ -104,7 +104,7 @@ def prepass_step_function(args):
 
     @torch.no_grad()
     def step(images, labels):
-        with utils.autocast_context(device, args.amp):
+        with precision.autocast_context(device, args.amp):
             teacher(images)
     return step
 
@@ -147,6 +147,9 @@ def measure(args):
     torch.manual_seed(0)
     baseline_gb = resident_gb() if args.device == 'cpu' else 0.0
     device = torch.device(args.device)
+    args.amp, precision_line = precision.choose_amp(args.amp, device)
+    print(precision.environment_line(device))
+    print(precision_line)
     step = (original_step_function(args) if args.original else prepass_step_function(args) if args.prepass
             else project_step_function(args))
     images = torch.randint(0, 256, (args.batch, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
@@ -226,7 +229,8 @@ def main():
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--img_size', type=int, default=384)
     parser.add_argument('--num_classes', type=int, default=252903)
-    parser.add_argument('--amp', default='bf16', choices=('bf16', 'fp16', 'none'))
+    parser.add_argument('--amp', default='auto', choices=precision.AMP_CHOICES,
+                        help="auto: bf16 where the device computes it natively, else fp16 (GPU) or float32 (CPU)")
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--fused_attention', action='store_true', help="Swin: torch's fused attention kernels")
     parser.add_argument('--mfu', action='store_true', help='also count the step\'s FLOPs against a bf16 matmul')

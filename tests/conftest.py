@@ -86,8 +86,9 @@ def data_args(tiny_data) -> list[str]:
 
 def run_main(argv: list[str]):
     """Parse `argv` as main.py would and run it in this process."""
+    import flags
     import main
-    return main.main(main.parse_args(argv))
+    return main.main(flags.parse_args(argv))
 
 
 # A main.py run with dropout and drop-path off, so that one process and several take the same steps; with
@@ -99,7 +100,7 @@ import sys
 import torch
 import torch.distributed as dist
 sys.path[:0] = [{root!r}, os.path.join({root!r}, 'tests')]
-import helpers, main, model
+import flags, helpers, main, model
 from regularisers import regularisers_off
 
 create_backbone = model.create_backbone
@@ -122,7 +123,7 @@ def with_summed_gradients(classifier, device):
 model.create_backbone = lambda *arguments, **keywords: regularisers_off(create_backbone(*arguments, **keywords))
 if os.environ.get('WRONG_REDUCTION'):
     helpers.distributed_student = with_summed_gradients
-main.main(main.parse_args(sys.argv[1:]))
+main.main(flags.parse_args(sys.argv[1:]))
 '''
 
 # Two runs take the same steps when their updates (trained - initial weights) differ by less than this fraction of

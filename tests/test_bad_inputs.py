@@ -136,13 +136,13 @@ def test_a_full_disk_during_the_test_keeps_the_previous_features(tiny_data, tmp_
 SIGNAL_IN_TEST_RUNNER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import evaluation, main
+import evaluation, flags, main
 extract = evaluation.extract_features
 def extract_then_signal(*arguments, **keywords):
     os.kill(os.getpid(), signal.SIGTERM)  # the final test is under way
     return extract(*arguments, **keywords)
 evaluation.extract_features = extract_then_signal
-main.main(main.parse_args(sys.argv[1:]))
+main.main(flags.parse_args(sys.argv[1:]))
 """
 
 
@@ -165,13 +165,13 @@ def test_sigterm_during_the_final_test_ends_with_one_line_and_a_clean_directory(
 SIGNAL_IN_EXPORT_RUNNER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import main, serving
+import flags, main, serving
 export = serving.export_onnx
 def signal_then_export(*arguments, **keywords):
     os.kill(os.getpid(), signal.SIGTERM)  # the export is under way
     return export(*arguments, **keywords)
 serving.export_onnx = signal_then_export
-main.main(main.parse_args(sys.argv[1:]))
+main.main(flags.parse_args(sys.argv[1:]))
 """
 
 
@@ -282,17 +282,11 @@ def test_a_pair_mask_of_the_wrong_size_stops_before_training(tiny_data, tmp_path
     assert not glob.glob(str(tmp_path / 'runs' / '**' / 'checkpoint.pth.tar'), recursive=True)
 
 
-def test_fp16_on_a_cpu_says_bf16_is_the_fast_choice(tiny_data, tmp_path):
-    run_main(train_argv(tiny_data, tmp_path, '--amp', 'fp16'))
-    run_dir, = run_dirs(tmp_path)
-    assert 'note: --amp fp16 on a CPU runs many times slower than fp32' in read(os.path.join(run_dir, 'record.txt'))
-
-
 def test_the_original_ignored_flags_are_accepted_but_not_shown():
-    import main
-    shown = main.get_parser().format_help()
+    import flags
+    shown = flags.get_parser().format_help()
     assert '--resume' not in shown and '--multi_gpu' not in shown
-    args = main.get_parser().parse_args(['--resume', 'True', '--multi_gpu'])
+    args = flags.get_parser().parse_args(['--resume', 'True', '--multi_gpu'])
     assert args.resume is True and args.multi_gpu
 
 

@@ -78,7 +78,7 @@ LOSS_RUNNER = '''
 import os
 import sys
 sys.path[:0] = [{root!r}, os.path.join({root!r}, 'tests')]
-import main, model, trainer
+import flags, main, model, trainer
 from regularisers import regularisers_off
 
 step, create_backbone = trainer.training_step, model.create_backbone
@@ -92,7 +92,7 @@ def recording(*arguments, **keywords):
 
 trainer.training_step = recording
 model.create_backbone = lambda *arguments, **keywords: regularisers_off(create_backbone(*arguments, **keywords))
-main.main(main.parse_args(sys.argv[1:]))
+main.main(flags.parse_args(sys.argv[1:]))
 '''
 
 

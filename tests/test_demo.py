@@ -11,7 +11,8 @@ from conftest import ROOT
 
 
 def demo_environment(tmp_path, **extra) -> dict:
-    environment = dict(os.environ, PYTHON=sys.executable, DEMO_DIR=str(tmp_path / 'demo'), OMP_NUM_THREADS='1')
+    environment = dict(os.environ, PYTHON=sys.executable, REAL_PYTHON=sys.executable, DEMO_DIR=str(tmp_path / 'demo'),
+                       OMP_NUM_THREADS='1')
     for name in ('TEACHER', 'TRAIN_ROOT', 'TRAIN_LIST', 'TEST_ROOT', 'TEST_LIST', 'RANK', 'WORLD_SIZE',
                  'LOCAL_RANK'):
         environment.pop(name, None)
@@ -20,12 +21,14 @@ def demo_environment(tmp_path, **extra) -> dict:
 
 
 def test_demo_runs_every_stage_and_writes_the_table(tmp_path):
-    environment = demo_environment(tmp_path, DEMO_LANDMARKS='6', DEMO_TEST_LANDMARKS='5', DEMO_WIDTH_DIVISOR='16',
-                                   DEMO_TEACHER_EPOCHS='1', DEMO_STUDENT_EPOCHS='1', DEMO_RESNET12_EPOCHS='1',
-                                   DEMO_VIEWS='22')
+    environment = demo_environment(tmp_path, DEMO_SIZE='small', DEMO_LANDMARKS='6', DEMO_TEST_LANDMARKS='5',
+                                   DEMO_WIDTH_DIVISOR='16', DEMO_TEACHER_EPOCHS='1', DEMO_STUDENT_EPOCHS='1',
+                                   DEMO_RESNET12_EPOCHS='1', DEMO_VIEWS='22', DEMO_BATCH='128')
     finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True,
                               text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
+    assert ('demo: size small: 6 landmarks x 22 views, widths / 16, batch 128, epochs 1 (teacher), 1 (Swin-tiny), '
+            '1 (ResNet12)') in finished.stdout
     with open(tmp_path / 'demo' / 'results.md', encoding='utf-8') as handle:
         table = handle.read()
     assert table.split('\n![')[0] in finished.stdout
@@ -40,11 +43,22 @@ def test_demo_runs_every_stage_and_writes_the_table(tmp_path):
                         rows[title]), rows.get(title)
     assert rows['untrained Swin-tiny (floor)'].split('|')[3].strip() == '0'
     assert rows['Swin-tiny student'].split('|')[3].strip() == '1'
-    runs = tmp_path / 'demo' / 'runs'
+    runs, = (tmp_path / 'demo' / 'runs').iterdir()
+    assert runs.name == 'seed0-6x22-test5-w16-b128-e1.1.1-32px'
     assert sorted(os.listdir(runs)) == ['Synthetic-Resnet12-KD-1.0-NoAug', 'Synthetic-Swin_base-no_distill-NoAug',
                                         'Synthetic-Swin_tiny-KD-1.0-NoAug', 'teacher_cache']
     with open(runs / 'teacher_cache' / 'manifest.json', encoding='utf-8') as handle:
         assert json.load(handle)['complete']  # the students trained from it
+    # a rerun reuses the data set (checked) and the finished runs: nothing is made again
+    data = tmp_path / 'demo' / 'data' / 'seed0-6x22-test5'
+    written = {path: path.stat().st_mtime_ns for path in data.rglob('*.jpg')}
+    again = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f'demo: the data set in {data} was made before with these settings and is whole: reused' in again.stderr
+    assert again.stdout.count('this run is finished') == 3  # the untrained floor, a test alone, tests again
+    assert {path: path.stat().st_mtime_ns for path in data.rglob('*.jpg')} == written
+    assert table.split('\n![')[0] in again.stdout
 
 
 def test_recipe_launch_refuses_an_unknown_student(tmp_path):
@@ -57,14 +71,13 @@ def test_recipe_launch_refuses_an_unknown_student(tmp_path):
 
 
 FAKE_PYTHON = '''#!/bin/sh
-# stands in for python: reports 8 GPUs (bf16-capable unless FAKE_BF16=0), prints the command start.sh would run
-# (and appends it to FAKE_LOG when set: the demo sends some output to /dev/null)
-if [ "$1" = "-c" ]; then
-    case "$2" in *bf16*) echo "${FAKE_BF16:-1}" ;; *) echo 8 ;; esac
-else
-    echo "$@"
-    [ -z "${FAKE_LOG:-}" ] || echo "$@" >> "$FAKE_LOG"
-fi
+# stands in for python: reports 8 GPUs, prints the command start.sh would run (and appends it to FAKE_LOG when set:
+# the demo sends some output to /dev/null); the demo's sizing is the real one
+case "$1" in
+    -c) echo 8 ;;
+    *demo_size.py) exec "$REAL_PYTHON" "$@" ;;
+    *) echo "$@"; [ -z "${FAKE_LOG:-}" ] || echo "$@" >> "$FAKE_LOG" ;;
+esac
 '''
 
 
@@ -89,10 +102,9 @@ def test_recipes_launch_torchrun_on_every_gpu(tmp_path):
                            '--backbone_class Swin_tiny --max_epoch 200 --warmup_epoch 10 --lr 0.001 --optim AdamW')
     for flag in ('--batch_size 256', '--lr_scheduler cosine', '--augment', '--is_distill',
                  '--teacher_backbone_class Swin_base', '--teacher_init_weights /t/teacher.pyth', '--kd_loss KD',
-                 '--kd_weight 1.0', '--head_fixed', '--amp bf16', '--test_root /d/test --test_list /d/test.txt'):
-        assert flag in swin
+                 '--kd_weight 1.0', '--head_fixed', '--amp auto', '--test_root /d/test --test_list /d/test.txt'):
+        assert flag in swin  # auto: main.py takes bf16 where the GPU computes it natively (tests/test_precision.py)
     assert swin.endswith('--num_workers 12')
-    assert '--amp fp16' in launched_command(tmp_path, FAKE_BF16='0')
     assert '--save_dir ./checkpoints' in swin
     several = launched_command(tmp_path, TRAIN_ROOT='/r1 /r2', TRAIN_LIST='/l1.txt /l2.txt', SAVE_DIR='/runs')
     assert '--train_root /r1 /r2 --train_list /l1.txt /l2.txt' in several and '--save_dir /runs' in several
@@ -154,22 +166,40 @@ def test_test_only_through_start_sh_scores_a_student(tiny_data, tmp_path):
     assert re.search(r'^test acc: coarsegrained:\[[0-9., ]+\]--finegrained:\[[0-9., ]+\]$', finished.stdout, re.M)
 
 
-def test_the_demo_runs_with_the_settings_the_readme_gives(tmp_path):
+def native_bf16_here() -> bool:
+    """Whether this machine's CPU flags (read here, not by the product) include native bf16."""
+    with open('/proc/cpuinfo', encoding='utf-8') as handle:
+        flags = next((set(line.split(':', 1)[1].split()) for line in handle if line.startswith(('flags', 'Features'))),
+                     set())
+    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
+
+
+def fake_demo(tmp_path, **extra) -> tuple[dict, object]:
+    """The demo's environment with python standing in for main.py and demo.py (demo_size.py runs), and its log."""
     fake = tmp_path / 'python'
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     log = tmp_path / 'commands.txt'
     environment = demo_environment(tmp_path, PYTHON=str(fake), FAKE_LOG=str(log))
     for name in ('DEMO_LANDMARKS', 'DEMO_VIEWS', 'DEMO_TEST_LANDMARKS', 'DEMO_IMG_SIZE', 'DEMO_WIDTH_DIVISOR',
-                 'DEMO_AMP', 'DEMO_TEACHER_EPOCHS', 'DEMO_STUDENT_EPOCHS', 'DEMO_RESNET12_EPOCHS'):
+                 'DEMO_AMP', 'DEMO_TEACHER_EPOCHS', 'DEMO_STUDENT_EPOCHS', 'DEMO_RESNET12_EPOCHS', 'DEMO_SIZE',
+                 'DEMO_MINUTES', 'DEMO_SEED'):
         environment.pop(name, None)
+    environment.update(extra)
+    return environment, log
+
+
+def test_the_demo_runs_with_the_settings_the_readme_gives(tmp_path):
+    environment, log = fake_demo(tmp_path, DEMO_SIZE='full')
     finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
     data, teacher, swin, resnet, floor, report = [' '.join(line.split()) for line in log.read_text().splitlines()]
+    assert f'demo.py data {tmp_path}/demo/data/seed0-300x40-test50 --seed 0 ' in data
     assert '--num_train_landmarks 300 --train_views 40 --num_test_landmarks 50' in data
+    amp = 'bf16' if native_bf16_here() else 'none'  # auto: bf16 only where the CPU computes it natively
     for command in (teacher, swin, resnet, floor):
-        assert ('--img_size 32 --demo_width_divisor 4 --amp bf16 --num_workers 1 --batch_size 128 --optim AdamW '
+        assert (f'--img_size 32 --demo_width_divisor 4 --amp {amp} --num_workers 1 --batch_size 128 --optim AdamW '
                 '--weight_decay 0.05 --warmup_epoch 1') in command
     assert '--backbone_class Swin_base --num_classes 300 --max_epoch 7 --lr 0.001' in teacher
     for student in (swin, resnet):
@@ -178,14 +208,33 @@ def test_the_demo_runs_with_the_settings_the_readme_gives(tmp_path):
     assert '--backbone_class Swin_tiny --lr 0.001 --max_epoch 3' in swin
     assert '--backbone_class Resnet12 --lr 0.002 --max_epoch 4' in resnet
     assert '--max_epoch 0 --suffix=-untrained' in floor
-    assert 'demo.py data' in data and '--seed 0 ' in data
     assert all('--seed 0 ' in command for command in (teacher, swin, resnet, floor))
+    runs = f'{tmp_path}/demo/runs/seed0-300x40-test50-w4-b128-e7.3.4-32px'
+    assert report.split()[-3:] == ['report', runs, f'{tmp_path}/demo']
     environment['DEMO_SEED'] = '3'  # one seed for the data and every run
     log.unlink()
-    assert subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, timeout=60).returncode == 0
+    assert subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, timeout=120).returncode == 0
     commands = [' '.join(line.split()) for line in log.read_text().splitlines()]
     assert all('--seed 3 ' in command for command in commands[:5]) and '--seed 0' not in ' '.join(commands)
-    assert report.split()[-3:] == ['report', f'{tmp_path}/demo/runs', f'{tmp_path}/demo']
+    assert 'data/seed3-300x40-test50' in commands[0]
+
+
+def test_the_demo_measures_this_machine_and_keeps_the_size_it_chose(tmp_path):
+    # a budget no machine meets: the smallest size, said with its predicted time; kept for the reruns
+    environment, log = fake_demo(tmp_path, DEMO_MINUTES='0.01', OMP_NUM_THREADS='2')
+    finished = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True,
+                              text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert re.search(r"demo: a teacher step takes [0-9.]+ s here; the size 'small' \(150 landmarks x 40 views, "
+                     r"widths / 8, batch 64, epochs 7 / 5 / 6\) is the smallest; it does not fit 0.01 minutes "
+                     r"\(about [0-9.]+ predicted\)", finished.stderr), finished.stderr
+    assert '--num_train_landmarks 150 --train_views 40' in log.read_text()
+    assert (tmp_path / 'demo' / 'size.txt').read_text().split()[:8] == ['small', '150', '40', '8', '64', '7', '5', '6']
+    log.unlink()
+    again = subprocess.run(['sh', os.path.join(ROOT, 'start.sh')], env=environment, capture_output=True, text=True,
+                           timeout=60)
+    assert "demo: the size chosen on this directory's first run" in again.stdout
+    assert 'a teacher step takes' not in again.stderr and '--num_train_landmarks 150' in log.read_text()
 
 
 def test_the_cluster_job_runs_the_recipe_on_every_host(tmp_path):
@@ -236,3 +285,28 @@ def test_google_landmarks_as_it_ships_launches_without_a_list(tmp_path, flag):
     command = ' '.join(finished.stdout.split())
     assert '--train_root /d/gldv2 ' in command and '--train_list' not in command
     assert command.endswith(' '.join(flag))
+
+
+def steps_scaled(factor: float) -> dict:
+    """Step seconds of the development machine (2 cores, float32) times `factor`."""
+    measured = {'Swin_base': (0.199, 0.087, 0.063), 'Swin_tiny': (0.100, 0.050, 0.040),
+                'Resnet12': (0.146, 0.051, 0.038)}
+    return {(name, divisor, batch): seconds[index] * factor for name, seconds in measured.items()
+            for index, (divisor, batch) in enumerate(((4, 128), (8, 128), (8, 64)))}
+
+
+def test_a_slower_machine_gets_a_smaller_demo_that_fits_its_budget():
+    import demo_size
+    chosen = []
+    for factor in (1, 2, 4, 6, 100):
+        size, seconds = demo_size.choose_size(480, steps_scaled(factor), 0.002 * factor, 2)
+        chosen.append(demo_size.DEMO_SIZES.index(size))
+        larger = demo_size.DEMO_SIZES[:chosen[-1]]
+        assert all(demo_size.predicted_seconds(other, steps_scaled(factor), 0.002 * factor, 2) > 480
+                   for other in larger)  # the largest that fits
+        assert seconds <= 480 or size is demo_size.DEMO_SIZES[-1]
+    assert chosen[0] == 0 and chosen == sorted(chosen) and chosen[-1] == len(demo_size.DEMO_SIZES) - 1
+    # twice the steps' time, about twice the demo's (data and start-up aside)
+    full = demo_size.DEMO_SIZES[0]
+    one, two = (demo_size.predicted_seconds(full, steps_scaled(factor), 0.002, 2) for factor in (1, 2))
+    assert 1.7 < two / one < 2.0

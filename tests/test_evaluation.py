@@ -5,6 +5,8 @@ The reference below scores every pair at once and follows the original's steps l
 against the original code's own outputs (tests/data/original_tar_cases.npz), so that the tiled, chunked and
 masked paths of utils are compared with something proven, not with a second copy of our reading.
 """
+import itertools
+import json
 import os
 
 import numpy as np
@@ -414,3 +416,103 @@ def test_format_tar_line_and_roc_plot(tmp_path):
     evaluation.plot_roc({'student coarse': curve, 'student fine': curve}, path)
     with open(path, 'rb') as image:
         assert image.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FARs below the test list's resolution (1 / impostor pairs)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# 24 images: 4 landmarks x 6 views (60 positive of 276 pairs); fine splits them unevenly into 3 + 2 + 1 views.
+RESOLUTION_COARSE = np.repeat(np.arange(4), 6)
+RESOLUTION_FINE = np.array([3 * label + view for label in range(4) for view in (0, 0, 0, 1, 1, 2)])
+BELOW_1_OVER_216 = ['TAR@1e-3', 'TAR@1e-4', 'TAR@1e-5', 'TAR@1e-6', 'TAR@1e-7', 'TAR@1e-8']
+
+
+def brute_force_impostor_pairs(labels):
+    return sum(first != second for first, second in itertools.combinations(list(labels), 2))
+
+
+def test_impostor_pairs_and_fars_below_resolution_of_24_images():
+    assert brute_force_impostor_pairs(RESOLUTION_COARSE) == 216
+    fine_pairs = brute_force_impostor_pairs(RESOLUTION_FINE)
+    assert fine_pairs == 276 - 4 * (3 + 1)
+    features = sign_features(RESOLUTION_FINE, seed=24)
+    result = evaluation.evaluate_features(features, RESOLUTION_COARSE, RESOLUTION_FINE)
+    assert result['coarse_impostor_pairs'] == 216 and result['fine_impostor_pairs'] == fine_pairs
+    assert isinstance(result['coarse_impostor_pairs'], int)
+    labels = [evaluation.far_label(far) for far in evaluation.fars_below_resolution(216)]
+    assert labels == BELOW_1_OVER_216
+    # the printed TARs are still the published rule's, below the resolution as well
+    assert result['coarse'] == verification.tar_at_far(features, labels=RESOLUTION_COARSE)
+    assert result['fine'] == verification.tar_at_far(features, labels=RESOLUTION_FINE)
+
+
+def test_report_names_fars_below_resolution_in_record_and_results(tmp_path):
+    features = sign_features(RESOLUTION_COARSE, seed=24)
+    teacher = sign_features(RESOLUTION_COARSE, flip=0.3, seed=24)
+    report = evaluation.test_report(features, RESOLUTION_COARSE, RESOLUTION_FINE, teacher)
+    run_dir = os.path.join(tmp_path, 'run')
+    logger = run_directory.Logger(run_dir, tensorboard=False)
+    logger.start()
+    evaluation.log_report(logger, report, os.path.join(run_dir, 'roc.png'))
+    with open(os.path.join(run_dir, 'record.txt'), encoding='utf-8') as record:
+        lines = record.read().splitlines()
+    student_coarse = ('note: student coarse: 216 impostor pairs resolve FARs down to 1/216 = 4.6e-03; for '
+                      'TAR@1e-3..TAR@1e-8 the FAR is below that: values of the published rule, not measurements')
+    # right after the student's TAR lines
+    assert lines.index(student_coarse) == lines.index(evaluation.format_labelled_tars('student', report['student'])) + 1
+    notes = [line for line in lines if line.startswith('note: ')]
+    assert [line.split(':')[1] for line in notes] == [f' {name} {grain}' for name in ('student', 'teacher', 'cross')
+                                                      for grain in ('coarse', 'fine')]
+    assert notes[-1].startswith('note: cross fine: 260 impostor pairs resolve FARs down to 1/260 = 3.8e-03; '
+                                'for TAR@1e-3..TAR@1e-8 the FAR is below that')
+    with open(os.path.join(run_dir, 'results.json'), encoding='utf-8') as file:
+        results = json.load(file)['test']
+    for name in ('student', 'teacher', 'cross'):
+        assert results[name]['impostor_pairs'] == {'coarse': 216, 'fine': 260}
+        assert results[name]['below_resolution'] == {'coarse': BELOW_1_OVER_216, 'fine': BELOW_1_OVER_216}
+        assert list(results[name]['tar_at_far']['coarse'].values()) == report[name]['coarse']
+
+
+def test_ten_impostor_pairs_resolve_far_one_tenth_and_nine_do_not():
+    ten, nine = [0] * 5 + [1] * 2, [0] * 3 + [1] * 3
+    assert (brute_force_impostor_pairs(ten), brute_force_impostor_pairs(nine)) == (10, 9)
+    assert evaluation.impostor_pair_count(len(ten), labels=ten) == 10
+    assert evaluation.impostor_pair_count(len(nine), labels=np.array(['a', 'a', 'a', 'b', 'b', 'b'])) == 9
+    assert 1e-1 not in evaluation.fars_below_resolution(10) and 1e-2 in evaluation.fars_below_resolution(10)
+    assert evaluation.fars_below_resolution(9) == list(verification.DEFAULT_FARS)
+    assert evaluation.fars_below_resolution(10 ** 8) == []
+    assert 'for TAR@1e-1..TAR@1e-8 the FAR' in evaluation.resolution_note('student', 'fine', 9)
+    assert 'for TAR@1e-8 the FAR' in evaluation.resolution_note('student', 'fine', 10 ** 7)
+    assert evaluation.resolution_note('student', 'fine', 10 ** 8) is None
+
+
+def test_no_resolution_line_for_undefined_tars(tmp_path):
+    labels = np.arange(20)  # no positive pair: nan TARs, already explained by their own line
+    report = evaluation.test_report(sign_features(labels), labels, None)
+    assert report['student']['coarse_impostor_pairs'] == 190
+    run_dir = os.path.join(tmp_path, 'run')
+    logger = run_directory.Logger(run_dir, tensorboard=False)
+    logger.start()
+    evaluation.log_report(logger, report, os.path.join(run_dir, 'roc.png'))
+    with open(os.path.join(run_dir, 'record.txt'), encoding='utf-8') as record:
+        text = record.read()
+    assert 'TARs are nan (undefined)' in text and 'impostor pairs' not in text
+
+
+def test_mask_impostor_pairs_are_the_pairs_it_leaves_out(tmp_path):
+    num_items = 23
+    pairs = list(itertools.combinations(range(num_items), 2))  # numpy.triu_indices(N, 1) order
+    positive = np.array([(first * second) % 7 == 1 for first, second in pairs])
+    expected = sum(not (first * second) % 7 == 1 for first, second in pairs)
+    path = os.path.join(tmp_path, 'mask.npy')
+    np.save(path, positive.astype(np.uint8))
+    # Tiny tiles: one or two rows a block, so that every block boundary counts.
+    for mask in (positive, path):
+        for tile_elements in (1, 40, 10 ** 6):
+            assert evaluation.impostor_pair_count(num_items, mask=mask, tile_elements=tile_elements) == expected
+    labels = np.arange(num_items)  # no label pair: the mask alone defines the positives
+    features = sign_features(labels, seed=23)
+    result = evaluation.evaluate_features(features, labels, None, coarse_mask=path, fine_mask=positive,
+                                          tile_elements=50)
+    assert result['coarse_impostor_pairs'] == result['fine_impostor_pairs'] == expected

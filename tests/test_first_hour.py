@@ -147,7 +147,7 @@ def test_a_finished_run_run_again_says_so_and_changes_nothing(trained, capsys):
 
 def test_the_readme_is_in_the_order_a_user_needs_it():
     text = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
-    assert len(text.splitlines()) <= 320
+    assert len(text.splitlines()) <= 360  # read in one sitting; new features add their lines, nothing else
     assert re.findall('^## (.*)$', text, re.M) == [
         'Two commands', 'Quick start on your own images', 'Training', 'Test only', "The field's benchmarks",
         'Export and serving', 'Outputs and resume', 'The cluster', 'The method, and what differs from the original',

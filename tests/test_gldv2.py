@@ -90,7 +90,7 @@ def test_shards_and_extracted_images_train_to_the_same_weights(layouts, tmp_path
     with open(os.path.join(run_dir, 'landmark_classes.json'), encoding='utf-8') as handle:
         assert json.load(handle) == {'7': 0, '15': 1, '31': 2, '64': 3}
     record = open(os.path.join(run_dir, 'record.txt'), encoding='utf-8').read()
-    assert 'indexed 2 of 2 shards in ' in record and "classes: 4, the training lists' largest label + 1" in record
+    assert 'indexed 2 of 2 shards in ' in record and "classes: 4, one per landmark of train_clean.csv (--num_classes gives another)" in record
     # 4 landmarks x 6 images: 2 of each held out for validation, 16 images in 4 batches of 4
     assert torch.load(os.path.join(run_dir, 'max_acc.pth'), weights_only=True)['architecture']['num_classes'] == 4
     assert re.search(r'^epoch 1 .*eval_acc=', record, re.M)

@@ -1,12 +1,13 @@
 """The synthetic landmark generator: determinism, the real list format, decodable images."""
 import collections
+import glob
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from demo import make_synthetic_landmarks
+from demo import make_synthetic_landmarks, synthetic_landmarks_once
 
 SIZES = dict(num_train_landmarks=6, train_views=3, val_views=2, num_test_landmarks=10, test_views=10,
              image_size=48)
@@ -124,3 +125,38 @@ def test_rejects_empty_sizes(tmp_path):
         make_synthetic_landmarks(str(tmp_path), image_size=8)
     with pytest.raises(ValueError, match='seed'):
         make_synthetic_landmarks(str(tmp_path), seed=-1)
+
+
+SMALL_SET = dict(seed=0, num_train_landmarks=3, train_views=2, num_test_landmarks=2, test_views=2, image_size=32,
+                 val_views=1)
+
+
+def image_times(root) -> dict:
+    return {path: os.stat(path).st_mtime_ns for path in glob.glob(os.path.join(root, '*', '*', '*.jpg'))}
+
+
+def test_a_data_set_is_made_once_and_reused_while_whole(tmp_path):
+    root = str(tmp_path / 'data')
+    lists, reused = synthetic_landmarks_once(root, **SMALL_SET)
+    assert not reused and len(image_times(root)) == 3 * 3 + 2 * 2
+    made = image_times(root)
+    again, reused = synthetic_landmarks_once(root, **SMALL_SET)
+    assert reused and again == lists and image_times(root) == made
+
+
+def test_a_damaged_partial_or_other_data_set_is_made_again(tmp_path):
+    root = str(tmp_path / 'data')
+    synthetic_landmarks_once(root, **SMALL_SET)
+    first = sorted(image_times(root))[0]
+    with open(first, 'rb') as handle:
+        original = handle.read()
+    with open(first, 'r+b') as handle:  # the same size, one byte changed
+        handle.seek(len(original) // 2)
+        handle.write(bytes([original[len(original) // 2] ^ 0xFF]))
+    assert not synthetic_landmarks_once(root, **SMALL_SET)[1]
+    with open(first, 'rb') as handle:
+        assert handle.read() == original  # made again, to the byte
+    os.remove(os.path.join(root, 'manifest.json'))  # a set cut short before its manifest was written
+    assert not synthetic_landmarks_once(root, **SMALL_SET)[1]
+    assert not synthetic_landmarks_once(root, **dict(SMALL_SET, seed=1))[1]  # another seed: another data set
+    assert synthetic_landmarks_once(root, **dict(SMALL_SET, seed=1))[1]

@@ -375,11 +375,11 @@ def test_training_from_the_cache_holds_no_teacher_and_reads_its_features(tiny_da
 SEPARATE_CACHE_RUNNER = """
 import os, sys
 sys.path.insert(0, {root!r})
-import main
+import flags, main
 argv = sys.argv[1:]
 if os.environ['RANK'] == '1':  # this process's --teacher_cache is another disk, as on a host without shared storage
     argv[argv.index('--teacher_cache') + 1] += '_elsewhere'
-main.main(main.parse_args(argv))
+main.main(flags.parse_args(argv))
 """
 
 
@@ -401,13 +401,13 @@ def test_a_cache_directory_that_processes_do_not_share_is_refused(tiny_data, tea
 SIGNAL_IN_PRE_PASS_RUNNER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import feature_store, main
+import feature_store, flags, main
 fill = feature_store.fill_teacher_cache
 def signal_then_fill(*arguments, **keywords):
     os.kill(os.getpid(), signal.SIGTERM)  # the pre-pass is under way: an eviction
     return fill(*arguments, **keywords)
 feature_store.fill_teacher_cache = signal_then_fill
-main.main(main.parse_args(sys.argv[1:]))
+main.main(flags.parse_args(sys.argv[1:]))
 """
 
 

@@ -29,8 +29,10 @@ import datasets  # noqa: E402
 import evaluation
 import helpers
 import losses  # noqa: E402
+import flags
 import main
 import model as models
+import precision
 import trainer
 import utils
 import verification  # noqa: E402
@@ -112,11 +114,11 @@ def test_the_feature_term_is_one_minus_the_cosine_summed_and_pulls_toward_the_te
 
 
 def test_the_feature_term_needs_a_teacher():
-    args = main.get_parser().parse_args(['--train_list', 'l', '--train_root', 'r', '--feature_kd_weight', '0.5'])
+    args = flags.get_parser().parse_args(['--train_list', 'l', '--train_root', 'r', '--feature_kd_weight', '0.5'])
     assert "--feature_kd_weight pulls the student's features toward the teacher's: add --is_distill and a teacher" \
-        in main.combination_problems(args, 1)
-    args = main.get_parser().parse_args(['--feature_kd_weight', '-1'])
-    assert '--feature_kd_weight must not be negative, not -1.0' in main.number_problems(args)
+        in flags.combination_problems(args, 1)
+    args = flags.get_parser().parse_args(['--feature_kd_weight', '-1'])
+    assert '--feature_kd_weight must not be negative, not -1.0' in flags.number_problems(args)
 
 
 def test_main_hands_the_feature_weight_to_the_step(tiny_data, teacher_file, tmp_path, monkeypatch):
@@ -204,10 +206,10 @@ def test_bad_arguments_are_refused_with_the_fix(tiny_data, tmp_path, extra, mess
 
 
 def test_global_batch_must_divide_among_processes():
-    args = main.get_parser().parse_args(['--batch_size', '5', '--test_only', '--test_root', '.', '--test_list',
+    args = flags.get_parser().parse_args(['--batch_size', '5', '--test_only', '--test_root', '.', '--test_list',
                                          __file__])
     with pytest.raises(utils.RunError, match='divisible by the 2 processes'):
-        main.check_args(args, world_size=2)
+        flags.check_args(args, world_size=2)
 
 
 # -------------------------------------------------------------------------------------------- end to end
@@ -632,6 +634,8 @@ SWITCHES = [
 def test_precision_and_memory_switches_take_the_float32_runs_steps(tiny_data, tmp_path, float32_losses, backbone,
                                                                    switches, first_tolerance, steps, tolerance,
                                                                    monkeypatch):
+    if '--amp' in switches:
+        allow_fp16_on_the_cpu(monkeypatch)
     if '--compile' in switches:
         # the compiled blocks as dynamo and AOT autograd trace them; inductor's C++ code generation alone takes a
         # minute on 2 cores, and its kernels are torch's to test
@@ -663,17 +667,17 @@ def test_channels_last_batches_hold_the_same_values():
 
 # ---------------------------------------------------------------------------- the published runs' behaviour
 def test_defaults_are_the_published_runs():
-    args = main.get_parser().parse_args([])
+    args = flags.get_parser().parse_args([])
     assert args.min_lr == 1e-6 and args.drop_block == 'published' and not args.teacher_eval
     assert not args.init_head_from_teacher
     # the README's stated defaults of this project's own flags
     assert (args.max_bad_images, args.checkpoint_minutes, args.teacher_cache_views, args.teacher_cache_dtype) == (
         0.01, 30.0, 8, 'float16')
     for value, expected in (('True', True), ('False', False), ('1', True)):
-        assert main.get_parser().parse_args(['--resume', value]).resume is expected
-    assert main.get_parser().parse_args(['--resume']).resume is True
+        assert flags.get_parser().parse_args(['--resume', value]).resume is expected
+    assert flags.get_parser().parse_args(['--resume']).resume is True
     with pytest.raises(SystemExit):
-        main.get_parser().parse_args(['--resume', 'maybe'])
+        flags.get_parser().parse_args(['--resume', 'maybe'])
 
 
 def test_ties_go_to_the_later_epoch_and_unvalidated_epochs_have_no_figures(tiny_data, tmp_path, monkeypatch):
@@ -789,7 +793,14 @@ def test_two_processes_validate_and_save_one_and_the_same_model(tiny_data, tmp_p
     assert float(logged.group(2)) == pytest.approx(validation['accuracy'], abs=1e-4)
 
 
+def allow_fp16_on_the_cpu(monkeypatch):
+    """main.py refuses fp16 on a CPU (no fp16 kernels: many times slower); its gradient scaler and skipped steps
+    work there all the same, and are tested there."""
+    monkeypatch.setattr(precision, 'choose_amp', lambda requested, device: (requested, f'precision: {requested}'))
+
+
 def test_fp16_skips_non_finite_steps_and_stops_only_when_they_persist(tiny_data, tmp_path, monkeypatch):
+    allow_fp16_on_the_cpu(monkeypatch)
     # steps 2-3 of epoch 1 overflow (skipped), then from the second step of epoch 2 every step does
     spoil_losses(monkeypatch, lambda step: step in (2, 3) or step >= 8, float('inf'))
     monkeypatch.setattr(trainer.NonFiniteWatch, 'FP16_SKIPS_ALLOWED', 3)
@@ -804,6 +815,7 @@ def test_fp16_skips_non_finite_steps_and_stops_only_when_they_persist(tiny_data,
 
 
 def test_fp16_epoch_averages_leave_out_the_steps_the_scaler_skipped(tiny_data, tmp_path, monkeypatch):
+    allow_fp16_on_the_cpu(monkeypatch)
     steps = []
     original_forward = losses.DistillationLoss.forward
 
