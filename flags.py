@@ -10,7 +10,6 @@ import model
 import precision
 import resnet12
 import retrieval
-import swin_transformer
 import trainer
 import utils
 
@@ -275,7 +274,8 @@ def path_problems(args) -> list[str]:
 
 
 def number_problems(args) -> list[str]:
-    """Numbers out of range, an --img_size Swin does not take, an unusable --step_size, a run with nothing to do."""
+    """Numbers out of range, an --img_size or --demo_width_divisor a backbone does not take, an unusable --step_size, a
+    run with nothing to do."""
     ranges = ((('eval_interval', 'log_interval', 'img_size', 'batch_size', 'demo_width_divisor', 'teacher_cache_views'),
                'be at least 1', lambda value: value < 1),
               (('max_epoch', 'warmup_epoch', 'min_lr', 'weight_decay', 'momentum', 'kd_weight', 'feature_kd_weight',
@@ -286,10 +286,7 @@ def number_problems(args) -> list[str]:
               (('gldv2_val_share',), 'be at least 0 and below 1', lambda value: not 0 <= value < 1))
     problems = [f'--{name} must {rule}, not {getattr(args, name)}'
                 for names, rule, broken in ranges for name in names if broken(getattr(args, name))]
-    swin_backbones = {args.backbone_class, args.teacher_backbone_class if args.is_distill else None}
-    if args.img_size >= 1 and swin_backbones & set(swin_transformer.SWIN_CONFIGS) and (
-            message := swin_transformer.image_size_message(args.img_size)):
-        problems.append(f'--img_size {args.img_size}: {message}')
+    problems += backbone_problems(args)
     if not args.test_only and args.max_epoch == 0 and not args.test_list:
         problems.append('--max_epoch 0 trains nothing and there is no --test_list to evaluate: nothing to do')
     if args.num_classes is not None and args.num_classes < 1:
@@ -301,6 +298,21 @@ def number_problems(args) -> list[str]:
     elif args.lr_scheduler == 'step' and len(sizes) > 1:
         problems.append(f'--step_size {args.step_size}: `step` decays every N epochs; give one N, or use '
                         '--lr_scheduler multistep for a list of epochs')
+    return problems
+
+
+def backbone_problems(args) -> list[str]:
+    """An --img_size or --demo_width_divisor that a backbone of the run (the student's, a teacher's in use) cannot be
+    built with, naming the values it can."""
+    uses_teacher = args.is_distill or (args.test_only and args.teacher_init_weights)
+    names = list(dict.fromkeys([args.backbone_class] + ([args.teacher_backbone_class] if uses_teacher else [])))
+    problems = list(dict.fromkeys(f'--img_size {args.img_size}: {message}' for name in names if args.img_size >= 1 and
+                                  (message := model.image_size_problem(name, args.img_size))))
+    divisors = [divisor for divisor in model.width_divisors(names[0])
+                if all(divisor in model.width_divisors(name) for name in names)]
+    if args.demo_width_divisor >= 1 and args.demo_width_divisor not in divisors:
+        problems.append(f'--demo_width_divisor {args.demo_width_divisor} does not divide the channel widths of '
+                        f'{" and ".join(names)}: give one of {", ".join(map(str, divisors))}')
     return problems
 
 

@@ -182,6 +182,9 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
         source = (f'one per landmark of {csv_name}' if args.train_format == 'gldv2' else
                   "the training lists' largest label + 1")
         logger.info(f'classes: {num_classes}, {source} (--num_classes gives another)')
+    if num_classes is not None and not args.is_distill:  # a fresh head of that many classes is allocated below
+        feature_dim = model.FEATURE_DIM // args.demo_width_divisor
+        check_head_fits(num_classes, feature_dim, classes_cause(args, train_samples))
     datasets.check_training_roots(train_samples)
     # what would only fail after the last epoch (or after the teacher cache's pre-pass) is found now
     test_samples = datasets.read_checked_list(args.test_root, args.test_list, '--test_root', rank, world_size)
@@ -228,6 +231,36 @@ def build_training(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
     return trainer.Trainer(args, parts, place, trajectory_flags(args), signals), test_samples
 
 
+def physical_memory_bytes() -> int | None:
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_head_fits(num_classes: int, feature_dim: int, cause: tuple[str, str]):
+    """Refuse, before it is allocated, a classifier head whose float32 weight alone is larger than this machine's
+    memory (it could never be built); `cause` is (what set its number of classes, how to fix that)."""
+    head_bytes, memory = num_classes * feature_dim * 4, physical_memory_bytes()
+    if memory is not None and head_bytes > memory:
+        raise utils.RunError(f'{cause[0]} makes a classifier head of {num_classes:,} classes x {feature_dim}-d '
+                             f'features, {utils.size_text(head_bytes)} of float32, more than the '
+                             f"{utils.size_text(memory)} of this machine's memory: {cause[1]}")
+
+
+def classes_cause(args, train_samples) -> tuple[str, str]:
+    """(What set the head's number of classes, how to fix it), for check_head_fits: --num_classes, or the largest
+    training label (its list file and line)."""
+    if args.num_classes is not None:
+        return f'--num_classes {args.num_classes}', 'give the number of landmarks the training labels count'
+    largest = max(train_samples, key=lambda sample: sample.label)
+    how = f' ({largest.label_note})' if largest.label_note else ''
+    return (f'{largest.origin or "the training data"}: label {largest.label}{how}',
+            'labels number the landmarks 0..N-1 (one class each); renumber the list, or map its labels with '
+            '--label_map')
+
+
 def training_samples(args, place: trainer.RunPlace) -> tuple[list, list, int, dict | None]:
     """(training samples, validation samples, the classes their labels span, GLDv2's landmark -> class or None) of the
     lists or of GLDv2, without the --exclude_landmarks."""
@@ -262,8 +295,11 @@ def training_sources(args) -> list[str | None]:
 
 
 def trajectory_flags(args) -> dict:
-    """The settings stored in every checkpoint, which a resume must repeat (TRAJECTORY_FLAGS, the cache's use)."""
-    return dict({name: getattr(args, name) for name in TRAJECTORY_FLAGS}, teacher_cache=bool(args.teacher_cache))
+    """The settings stored in every checkpoint, which a resume must repeat (TRAJECTORY_FLAGS, the cache's use, and
+    the exclusion file's contents: one edited in place is another exclusion)."""
+    excluded = utils.file_digest([args.exclude_landmarks]) if args.exclude_landmarks else None
+    return dict({name: getattr(args, name) for name in TRAJECTORY_FLAGS}, teacher_cache=bool(args.teacher_cache),
+                exclude_landmarks_sha256=excluded)
 
 
 def teacher_cache_of(args, samples, rank: int) -> feature_store.FeatureStore:

@@ -78,9 +78,18 @@ def main(args):
 
 def train_and_test(args, place: trainer.RunPlace, signals: trainer.StopSignals) -> bool:
     """Train (resuming where the run directory left off), then test the best epoch's student; False (and a line) for a
-    run that finished before, which is left as it was."""
+    run that finished before, which is left as it was. A finished run whose test figures are of another test list is
+    tested again on this one (said in a line), its training not redone."""
     if finished_before(args, place):
         return False
+    best_file = os.path.join(place.run_dir, checkpoints.BEST_NAME)
+    finished = finished_training(args, place) if args.test_list else None
+    if finished and 'test' in finished and os.path.isfile(best_file):
+        # tested before on another list than this one (else finished_before said so): this list is tested instead
+        signals.at_once = ("during the test: the run's checkpoints and max_acc.pth are whole; the same command tests "
+                           'again')
+        scoring.test_again(args, place, best_file)
+        return True
     signals.at_once = ('during start-up: the teacher cache keeps the rows computed so far; the same command starts '
                        'again')
     run, test_samples = helpers.build_training(args, place, signals)
@@ -100,24 +109,37 @@ def train_and_test(args, place: trainer.RunPlace, signals: trainer.StopSignals) 
 
 def finished_before(args, place: trainer.RunPlace) -> bool:
     """Whether the run directory holds this run finished (its last epoch's checkpoint, and the final test's figures
-    when there is a test list), said in a line; a checkpoint of other settings stops. Either way nothing is written."""
+    of this test list when there is one), said in a line; a checkpoint of other settings stops. Either way nothing is
+    written."""
+    results = finished_training(args, place)
+    if results is None:
+        return False
+    tested = not args.test_list or ('test' in results and  # else the test runs, of this list
+                                    results.get(scoring.TESTED_LIST_KEY) == scoring.test_list_identity(args))
+    if not tested:
+        return False
+    place.logger.info(f'this run is finished ({args.max_epoch} epochs{", tested" if args.test_list else ""}); nothing '
+                      f'was changed: its results are in {os.path.join(place.run_dir, run_directory.RESULTS_NAME)}')
+    return True
+
+
+def finished_training(args, place: trainer.RunPlace) -> dict | None:
+    """The results of the run directory's training when it is finished (its last epoch's checkpoint; with a test list,
+    max_acc.pth there when a best epoch was recorded), else None; a checkpoint of other settings stops."""
     latest = checkpoints.latest_progress(place.run_dir, place.rank)
     if latest is None:
-        return False
+        return None
     progress, stored_flags = latest
     checkpoints.check_flags(stored_flags, helpers.trajectory_flags(args),
                             os.path.join(place.run_dir, checkpoints.CHECKPOINT_NAME))
     try:
         results = run_directory.read_results(place.run_dir)
     except utils.RunError:  # a damaged results.json: the run goes on, and its logger sets the file aside
-        return False
+        return None
     best_lost = results.get('best_epoch') and not os.path.isfile(os.path.join(place.run_dir, checkpoints.BEST_NAME))
-    tested = not args.test_list or ('test' in results and not best_lost)  # else the test runs (or names the loss)
-    if progress['epoch'] < args.max_epoch or progress['iteration'] or not tested:
-        return False
-    place.logger.info(f'this run is finished ({args.max_epoch} epochs{", tested" if args.test_list else ""}); nothing '
-                      f'was changed: its results are in {os.path.join(place.run_dir, run_directory.RESULTS_NAME)}')
-    return True
+    if progress['epoch'] < args.max_epoch or progress['iteration'] or (args.test_list and best_lost):
+        return None  # not finished, or its test would score other weights: the training path names the loss
+    return results
 
 
 def output_directory(args, run_dir: str, weights: str | None) -> str | None:

@@ -1,4 +1,5 @@
 """Backbones, the CosFace head, the distillation model, and loading of every supported weights file."""
+import math
 import pickle
 import zipfile
 
@@ -6,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import resnet12
 import swin_transformer
 import utils
 from resnet12 import ResNet12
@@ -22,6 +24,11 @@ STATE_DICT_CONTAINERS = ('model_state', 'params', 'model', 'state_dict', 'studen
 # beside the weights in this suite's files: how to build the model again (see describe)
 ARCHITECTURE_KEY = 'architecture'
 _LISTED_KEYS = 6
+# the largest image side built: a 4096 px image is 200 MB as float32 before any activation; a mistyped size beyond it
+# (100000 px: 120 GB an image) would exhaust the memory instead of stopping
+MAX_IMG_SIZE = 4096
+# ResNet12's stride-2 stem halves the side, then its four 2x2 max-pools need 16 px: 30 px ends in an empty map
+RESNET12_SMALLEST_IMAGE = 2 * 2 ** len(resnet12.WIDTHS) - 1
 
 
 def create_backbone(name: str, img_size: int = 384, width_divisor: int = 1,
@@ -34,6 +41,35 @@ def create_backbone(name: str, img_size: int = 384, width_divisor: int = 1,
     if name == 'Resnet12':
         return ResNet12(width_divisor=width_divisor, drop_block_schedule=drop_block_schedule)
     raise utils.RunError(f'unknown backbone {name!r}; choose one of {", ".join(BACKBONE_NAMES)}')
+
+
+def width_divisors(name: str) -> list[int]:
+    """The --demo_width_divisor values backbone `name` is built with: the divisors of its narrowest width (Swin's
+    embedding, ResNet12's first stage), which divide every other width too."""
+    narrowest = swin_transformer.EMBED_DIM if name in swin_transformer.SWIN_CONFIGS else math.gcd(*resnet12.WIDTHS)
+    return [divisor for divisor in range(1, narrowest + 1) if narrowest % divisor == 0]
+
+
+def image_sizes_text(name: str) -> str:
+    """The image sizes backbone `name` takes, in words: '31 to 4096' or Swin's list."""
+    if name in swin_transformer.SWIN_CONFIGS:
+        return ', '.join(map(str, swin_transformer.fitting_image_sizes(MAX_IMG_SIZE)))
+    return f'{RESNET12_SMALLEST_IMAGE} to {MAX_IMG_SIZE}'
+
+
+def image_size_problem(name: str, img_size: int) -> str | None:
+    """Why backbone `name` cannot take images of `img_size` px, naming the sizes it takes; None when it can."""
+    if img_size > MAX_IMG_SIZE:
+        return (f'over {MAX_IMG_SIZE} px, the largest image this suite builds; {name} takes --img_size '
+                f'{image_sizes_text(name)}')
+    if img_size < 1:
+        return f'not a positive size; {name} takes --img_size {image_sizes_text(name)}'
+    if name == 'Resnet12' and img_size < RESNET12_SMALLEST_IMAGE:
+        return (f'too small: the stride-2 stem and four 2x2 max-pools of Resnet12 leave no pixel of an image under '
+                f'{RESNET12_SMALLEST_IMAGE} px; Resnet12 takes --img_size {image_sizes_text(name)}')
+    if name in swin_transformer.SWIN_CONFIGS:
+        return swin_transformer.image_size_message(img_size)
+    return None
 
 
 class CosFaceHead(nn.Module):
@@ -322,16 +358,53 @@ def read_architecture(path: str) -> dict | None:
 
 
 def _description_in(loaded, path: str) -> dict | None:
-    """The checked description of a loaded weights file, or None."""
+    """The checked description of a loaded weights file, or None; a field out of range stops in one line."""
     described = loaded.get(ARCHITECTURE_KEY) if isinstance(loaded, dict) else None
     if described is None:
         return None
-    numbers = ('img_size', 'width_divisor', 'feature_dim', 'num_classes')
-    if not (isinstance(described, dict) and described.get('backbone') in BACKBONE_NAMES and
-            all(isinstance(described.get(name), int) and described[name] >= 1 for name in numbers)):
+    if not isinstance(described, dict):
         raise WeightsFileError(f'{path}: its {ARCHITECTURE_KEY!r} entry is not a description this suite wrote '
                                f'({str(described)[:80]}); remove it to build the model from the flags')
+    if problem := next(_architecture_problems(described), None):
+        field, value, why = problem
+        raise WeightsFileError(f'{path}: its {ARCHITECTURE_KEY!r} record gives {field} {value!r}, {why}: the '
+                               'record does not describe a model this suite builds; save the file again with this '
+                               'suite, or remove the record to build the model from the flags')
     return described
+
+
+def _is_whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a size
+
+
+def _architecture_problems(described: dict):
+    """(field, value, why it is wrong) of each field of a description (see describe) out of its type or range."""
+    backbone = described.get('backbone')
+    if backbone not in BACKBONE_NAMES:
+        yield 'backbone', backbone, f'not one of {", ".join(BACKBONE_NAMES)}'
+        return
+    divisor = described.get('width_divisor')
+    if not _is_whole_number(divisor) or divisor not in width_divisors(backbone):
+        yield 'width_divisor', divisor, (f'not a divisor of the {backbone} widths (one of '
+                                         f'{", ".join(map(str, width_divisors(backbone)))})')
+        return
+    img_size = described.get('img_size')
+    if not _is_whole_number(img_size):
+        yield 'img_size', img_size, f'not a whole number; {backbone} takes --img_size {image_sizes_text(backbone)}'
+    elif problem := image_size_problem(backbone, img_size):
+        yield 'img_size', img_size, problem
+    feature_dim = described.get('feature_dim')
+    if not _is_whole_number(feature_dim) or feature_dim != FEATURE_DIM // divisor:
+        yield 'feature_dim', feature_dim, (f'but a {backbone} of width_divisor {divisor} gives '
+                                           f'{FEATURE_DIM // divisor}-d features')
+    classes = described.get('num_classes')
+    if not _is_whole_number(classes) or classes < 1:
+        yield 'num_classes', classes, 'not a positive whole number'
+    for field in ('head_scale', 'head_margin'):  # absent from older files: the original's 32 and 0.1 then
+        value = described.get(field, 1.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (
+                field == 'head_scale' and value <= 0):
+            yield field, value, 'not a finite number' + (' above 0' if field == 'head_scale' else '')
 
 
 def _is_zip(path: str) -> bool:

@@ -123,8 +123,8 @@ class Logger:
 # undefined), '<grain>_undefined' (why, or null), '<grain>_nn_accuracy', '<grain>_gap' (of the nearest-neighbour
 # predictions), '<grain>_curve' ({'far': [...], 'tar': [...]}), 'tar_at_far' ({'coarse' | 'fine': {'TAR@1e-1': ...}},
 # the names the printed lines use), 'impostor_pairs' ({grain: count}), 'below_resolution' ({grain: the tar_at_far
-# names whose FAR is below 1 / impostor pairs})}}; a --benchmark's figures under its name (see
-# retrieval.benchmark_report).
+# names whose FAR is below 1 / impostor pairs})}}, 'test_list' (the list and masks those figures are of); a
+# --benchmark's figures under its name (see retrieval.benchmark_report).
 RESULTS_NAME = 'results.json'
 
 

@@ -14,6 +14,8 @@ import utils
 # what a weights file's description sets: its entry -> the flag, for the student and for the teacher
 STUDENT_FLAGS = {'backbone': 'backbone_class', 'img_size': 'img_size', 'width_divisor': 'demo_width_divisor'}
 TEACHER_FLAGS = {'backbone': 'teacher_backbone_class', 'width_divisor': 'demo_width_divisor'}
+# results.json's entry naming the test list its test figures are of (see test_list_identity)
+TESTED_LIST_KEY = 'test_list'
 
 
 def architecture_of(path: str) -> dict | None:
@@ -49,12 +51,38 @@ def described_flags(weights: str, teacher_weights: str | None, flags: dict, give
 
 
 def final_test(args, place, samples, student_backbone, teacher_backbone):
-    """The test of `student_backbone` (and of the teacher's, with the cross figures) on the test list's `samples`."""
+    """The test of `student_backbone` (and of the teacher's, with the cross figures) on the test list's `samples`;
+    results.json says which test list its figures are of (test_list_identity)."""
     loader = helpers.build_test_loader(samples, args.img_size, args.batch_size, args.num_workers, place.rank,
                                        place.world_size)
+    place.logger.result(TESTED_LIST_KEY, None)  # a test stopped half-way leaves figures of no known list
     evaluation.run_test(loader, student_backbone, teacher_backbone, device=place.device, amp=args.amp,
                         rank=place.rank, logger=place.logger, output_dir=place.run_dir,
                         coarse_mask=args.test_mask_coarse, fine_mask=args.test_mask_fine)
+    place.logger.result(TESTED_LIST_KEY, test_list_identity(args))
+
+
+def test_list_identity(args) -> dict:
+    """What the test figures depend on besides the model: the test list's and pair masks' bytes, the image root."""
+    return {'test_root': os.path.abspath(args.test_root),
+            **{f'{name}_sha256': utils.file_digest([getattr(args, name)]) if getattr(args, name) else None
+               for name in ('test_list', 'test_mask_coarse', 'test_mask_fine')}}
+
+
+def test_again(args, place, weights: str):
+    """Test a finished run's `weights` (its max_acc.pth) on the test list again, the training not redone: its test
+    figures are of another list. Said in a line; the new figures replace the earlier ones."""
+    samples = datasets.read_checked_list(args.test_root, args.test_list, '--test_root', place.rank, place.world_size)
+    evaluation.check_test_list(samples, args.test_mask_coarse, args.test_mask_fine, place.logger)
+    student = helpers.backbone_of(args, weights).to(place.device)
+    teacher = (helpers.backbone_of(args, args.teacher_init_weights, args.teacher_backbone_class).to(place.device)
+               if args.is_distill else None)
+    place.logger.info(f'this run is finished ({args.max_epoch} epochs) and its test figures are of another test list '
+                      f'(or of one not recorded): testing {weights} on --test_list {args.test_list} again, the '
+                      'training not redone; its figures replace the earlier ones in results.json, opensetFeat.npy '
+                      'and roc.png')
+    place.logger.start()
+    final_test(args, place, samples, student, teacher)
 
 
 def test_only(args, place, weights: str, feature_dir: str):

@@ -1,7 +1,9 @@
 """Serving: the exported ONNX graph (BGR images in [0, 1] in, L2-normalised features out), its int8 form, and an
 exported file scored where the test expects a backbone."""
+import collections
 import logging
 import os
+import re
 import shutil
 import tempfile
 
@@ -11,6 +13,8 @@ from torch import nn
 
 import datasets
 import model
+import resnet12
+import swin_transformer
 import utils
 
 # Images calibration reads at most: enough for stable activation ranges, and each is held with all its activations;
@@ -117,19 +121,60 @@ def calibration_images(root: str, list_path: str, img_size: int) -> list:
 
 
 def read_architecture(path: str) -> dict | None:
-    """What an export says of its model: the backbone its metadata names and the image size its input takes; None for
-    a file that is not ONNX (OnnxBackbone names the problem)."""
+    """What an export holds, read from its graph: the image size its input takes, the size of the features it gives
+    and the backbone its layers are of (see graph_backbone); metadata that says otherwise stops in one line naming
+    both. None for a file that is not ONNX (OnnxBackbone names the problem)."""
     import onnx
     try:
-        graph = onnx.load(path, load_external_data=False)
+        exported = onnx.load(path, load_external_data=False)
     except Exception:  # not an ONNX file
         return None
-    metadata = {entry.key: entry.value for entry in graph.metadata_props}
-    described = {'backbone': metadata['backbone']} if metadata.get('backbone') in model.BACKBONE_NAMES else {}
-    dimensions = graph.graph.input[0].type.tensor_type.shape.dim if graph.graph.input else []
-    if len(dimensions) == 4 and dimensions[3].dim_value:
-        described['img_size'] = dimensions[3].dim_value
-    return described
+    held = {name: value for name, value in graph_facts(exported.graph).items() if value is not None}
+    claimed = metadata_claims({entry.key: entry.value for entry in exported.metadata_props})
+    for name, value in claimed.items():
+        if name in held and held[name] != value:
+            raise model.WeightsFileError(
+                f'{path}: its metadata says {name} {value}, its graph holds {name} {held[name]}: the metadata does '
+                'not describe this graph; export the weights again with --export_onnx')
+    return dict(claimed, **held)
+
+
+def graph_facts(graph) -> dict:
+    """{'img_size', 'feature_dim', 'backbone'} of a serving graph, each None where the graph does not show it."""
+    images, features = shape_of(graph.input), shape_of(graph.output)  # (batch, 3, S, S) and (batch, d)
+    return {'img_size': images[3] if len(images) == 4 else None,
+            'feature_dim': features[1] if len(features) == 2 else None, 'backbone': graph_backbone(graph)}
+
+
+def shape_of(values) -> list[int | None]:
+    """The shape of the first of a graph's inputs or outputs, None for a dimension it leaves open (the batch)."""
+    dimensions = values[0].type.tensor_type.shape.dim if len(values) else []
+    return [dimension.dim_value or None for dimension in dimensions]
+
+
+def graph_backbone(graph) -> str | None:
+    """The backbone whose layers a graph holds: a Swin has one attention softmax per block (12 in Swin_tiny, 24 in
+    Swin_base), ResNet12 none and a max-pool per stage; None for any other graph. Export and int8 quantization keep
+    both counts."""
+    operations = collections.Counter(node.op_type for node in graph.node)
+    for name, config in swin_transformer.SWIN_CONFIGS.items():
+        if operations['Softmax'] == sum(config['depths']):
+            return name
+    if operations['Softmax'] == 0 and operations['MaxPool'] == len(resnet12.WIDTHS):
+        return 'Resnet12'
+    return None
+
+
+def metadata_claims(metadata: dict) -> dict:
+    """What the metadata export() writes says of the graph: its backbone, image size and feature size (those given)."""
+    claims = {}
+    if metadata.get('backbone') in model.BACKBONE_NAMES:
+        claims['backbone'] = metadata['backbone']
+    if size := re.search(r'\(batch, 3, (\d+), \1\)', metadata.get('input', '')):
+        claims['img_size'] = int(size.group(1))
+    if width := re.search(r'\(batch, (\d+)\)', metadata.get('output', '')):
+        claims['feature_dim'] = int(width.group(1))
+    return claims
 
 
 class OnnxBackbone(nn.Module):

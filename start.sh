@@ -27,7 +27,7 @@
 #   With none of TEACHER, TRAIN_LIST, TEST_LIST and --test_only: the demo (synthetic landmarks, CPU, sized to finish
 #   within 8 minutes on this machine), written to DEMO_DIR (default ./demo_output); its table is DEMO_DIR/results.md,
 #   its figure DEMO_DIR/summary.png. It first times a few training steps of each model and takes the largest size
-#   predicted to fit (demo_size.py: full, narrow, small), said in a line and kept in DEMO_DIR/size.txt for
+#   predicted to fit (demo_size.py: full, small), said in a line and kept in DEMO_DIR/size.txt for
 #   reruns, which reuse the data set (checked) and the finished runs.
 #   DEMO_SIZE (a size by name, nothing measured), DEMO_MINUTES (8), DEMO_AMP (auto: bf16 where the CPU computes it
 #   natively, else float32), DEMO_SEED (0: the seed of the demo's data and of every run in it, so that other seeds

@@ -1,6 +1,6 @@
 """The demo at each size start.sh may choose, over seeds: its time, and whether its students meet the demo's targets.
 
-    python bench/demo_sizes.py [--sizes full narrow small] [--seeds 0 1 2] [--amp auto] [--work DIR]
+    python bench/demo_sizes.py [--sizes full small] [--seeds 0 1 2] [--amp auto] [--work DIR]
 
 Each (size, seed) is `sh start.sh` with DEMO_SIZE, DEMO_SEED and DEMO_AMP in its own DEMO_DIR under --work (a rerun
 reuses what is there). Per size, over the seeds, mean and standard deviation of: coarse TAR at FAR 1e-2 of each
@@ -60,7 +60,7 @@ def spread(values: list[float]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--sizes', nargs='+', default=['full', 'narrow', 'small'])
+    parser.add_argument('--sizes', nargs='+', default=['full', 'small'])
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--amp', default='auto', choices=('auto', 'none', 'bf16'))
     parser.add_argument('--work', default=os.path.join(ROOT, 'demo_sizes_work'))

@@ -3,34 +3,33 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, data_args, run_main
+import flags
+from conftest import data_args, run_main
 from test_bad_inputs import SMALL, read, run_dirs, stops_with, train_argv
 
 
-def main_py(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *argv], capture_output=True, text=True,
-                          timeout=120)
+def parse_error(capsys, *argv) -> str:
+    """What main.py's parser prints when it refuses `argv` (it exits with status 2)."""
+    with pytest.raises(SystemExit) as stopped:
+        flags.parse_args(list(argv))
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
 
 
-def test_a_mistyped_flag_is_answered_in_one_line_with_the_nearest_flag():
-    finished = main_py('--max_epochs', '3', '--lr', '0.1')
-    assert finished.returncode == 2 and finished.stdout == ''
-    assert finished.stderr == ('main.py: error: unrecognized arguments: --max_epochs 3 (--max_epochs: did you mean '
-                               '--max_epoch?)\n')
-    nothing_near = main_py('--colour', 'red')
-    assert nothing_near.stderr.splitlines() == [
+def test_a_mistyped_flag_is_answered_in_one_line_with_the_nearest_flag(capsys):
+    assert parse_error(capsys, '--max_epochs', '3', '--lr', '0.1') == (
+        'main.py: error: unrecognized arguments: --max_epochs 3 (--max_epochs: did you mean --max_epoch?)\n')
+    assert parse_error(capsys, '--colour', 'red').splitlines() == [
         'main.py: error: unrecognized arguments: --colour red (python main.py --help lists every flag)']
-    bad_value = main_py('--amp', 'fp32')
-    assert len(bad_value.stderr.splitlines()) == 1 and "invalid choice: 'fp32'" in bad_value.stderr
+    bad_value = parse_error(capsys, '--amp', 'fp32')
+    assert len(bad_value.splitlines()) == 1 and "invalid choice: 'fp32'" in bad_value
 
 
 def test_help_shows_each_default_once():
-    shown = main_py('--help').stdout
+    shown = flags.get_parser().format_help()
     # one entry per flag: from its name to the next flag's at the start of a line
     entries = re.split(r'\n  (?=--)', shown.split('model and schedule:', 1)[1])
     assert len(entries) > 60
