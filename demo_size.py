@@ -50,8 +50,8 @@ class DemoSize:
                 f'batch {self.batch_size}, epochs {self.teacher_epochs} / {self.swin_epochs} / {self.resnet_epochs})')
 
 
-# Largest first. Quality follows the teacher's steps: a quarter of the images at batch 128 (a quarter of the steps)
-# missed the targets over seeds 0-2, and so did widths / 8 at the full size with the students' 3 and 4 epochs;
+# Largest first. Quality follows the teacher's steps: fewer images at batch 128 (fewer steps) missed the targets (an
+# eighth over seeds 0-2, a quarter on seed 0), and so did widths / 8 at the full size with 3 and 4 student epochs;
 # half the images at batch 64 (the teacher's steps kept), widths / 8 and more student epochs (cheap at that width)
 # meet them (bench/demo_sizes.py, README), at about half the full size's time.
 DEMO_SIZES = (DemoSize('full', 300, 40, 4, 128, 7, 3, 4),

@@ -72,12 +72,15 @@ def interrupt_mid_epoch(command, save_dir, signal_number):
     SIGINT goes to the whole process group, loader workers included, as Ctrl-C in a terminal does."""
     process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 300  # it only ends a hung run: the run's own progress decides when the signal goes
     while time.time() < deadline and process.poll() is None:
         progress = checkpoint_progress(save_dir)
         if progress and progress[0] == 1 and progress[1] >= 1:
             break
         time.sleep(0.01)
+    else:
+        process.kill()
+        pytest.fail(f'the run {"ended" if process.poll() is not None else "hung"} before a checkpoint within epoch 2')
     if signal_number == signal.SIGINT:
         os.killpg(process.pid, signal_number)
     else:
