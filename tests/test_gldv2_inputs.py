@@ -12,21 +12,12 @@ import tarfile
 import numpy as np
 import pytest
 from conftest import run_main
+from test_bad_inputs import stops_with
 from test_gldv2 import SMALL, gldv2_layout, image_id
 from test_reliability import only_run_dir
 
 PADDED_SIZE = 8192  # every JPEG padded to this many bytes: shards of as many members have the same size
 FILLERS = 200  # .jpg members no CSV row names, as GLDv2's shards hold images train_clean.csv leaves out
-
-
-def stops_with(argv, pattern) -> str:
-    """main.py must stop with one line, `error: ...`, matching the regular expression `pattern`."""
-    with pytest.raises(SystemExit) as stopped:
-        run_main(argv)
-    message = str(stopped.value.code)
-    assert len(message.splitlines()) == 1 and message.startswith('error: '), message
-    assert re.search(pattern, message), message
-    return message
 
 
 def train_argv(root, save_dir, *extra) -> list[str]:

@@ -3,7 +3,6 @@ resume with another exclusion or feature term refused, the default eval-mode tea
 teacher's features, a run stopped during its final test tested again, a teacher file's stored backbone used at test
 time, launch.py's exit status of a killed process, and a signal sent mid-epoch by the run's own progress."""
 import glob
-import json
 import os
 import re
 import signal
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, classifier_file, data_args, run_main
+from test_gldv2_settings import only_run_dir, read_json, read_text
 from PIL import Image
 
 import evaluation  # noqa: E402
@@ -30,22 +30,6 @@ def environment() -> dict:
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
         variables.pop(name, None)
     return variables
-
-
-def only_run_dir(save_dir) -> str:
-    records = glob.glob(os.path.join(str(save_dir), '*', '*', 'record.txt'))
-    assert len(records) == 1, records
-    return os.path.dirname(records[0])
-
-
-def read_text(path) -> str:
-    with open(path, encoding='utf-8') as handle:
-        return handle.read()
-
-
-def read_json(path):
-    with open(path, encoding='utf-8') as handle:
-        return json.load(handle)
 
 
 def listing(run_dir) -> dict:
